@@ -1,0 +1,325 @@
+"""One typed config tree for a run: defaults < YAML file < `--section.key=value` overrides.
+
+Everything a run needs outside DeepSpeed's own settings lives here; DeepSpeed settings (batch
+sizes, ZeRO stage, precision, clipping) live only in configs/ds/*.json and are checked against
+this tree by `megagpt2.training.ds_config`. `validate` runs before any process group exists, so a
+bad value fails fast with a message that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 shape and numerics."""
+
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    n_positions: int = 1024  # context length
+    vocab_size: int = 50257  # real tokens; the embedding is padded (see padded_vocab_size)
+    make_vocab_size_divisible_by: int = 128
+    dropout: float = 0.1  # embedding and residual dropout
+    attn_dropout: float = 0.1  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    attention: str = "flash"  # flash | fused_softmax | torch
+    kernels: str = "auto"  # auto | triton | torch | apex
+    activation_checkpointing: bool = False
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up so that the embedding splits evenly; extra rows never win."""
+        m = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallelism is whatever is left of the world."""
+
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"  # none | gpipe | 1f1b | interleaved (used when pp > 1)
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    partition: str = "uniform"  # uniform | parameters
+    timeout_seconds: int = 600  # collective timeout: a dead rank ends the job instead of a hang
+
+
+@dataclass
+class TokenizerConfig:
+    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* options)."""
+
+    tokenizer_type: str = "GPT2BPETokenizer"
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from."""
+
+    path: str = ""  # "prefix" or a blend "0.7 prefixA 0.3 prefixB" (prefixes without .bin/.idx)
+    split: str = "969,30,1"  # train,valid,test weights
+    seq_length: int = 1024
+    cache_dir: Optional[str] = None  # index caches; default: next to the data
+    format: str = "pretrain"  # pretrain | dialogue | instruction (fine-tuning jsonl)
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (warmup, then cosine or linear decay)."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1  # never applied to biases, LayerNorm or embeddings' padding
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # default: train.steps
+    decay_style: str = "cosine"  # cosine | linear | constant
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 1000
+    seed: int = 1234
+    eval_interval: int = 100
+    eval_steps: int = 10
+    init_from: Optional[str] = None  # megagpt2 checkpoint dir or Hugging Face GPT-2 dir
+    on_nonfinite: str = "stop"  # stop | skip
+    device: str = "auto"  # auto | cpu | cuda
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = off
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and when to save; resuming from `dir`'s latest is automatic."""
+
+    dir: Optional[str] = None
+    interval: int = 0  # steps between saves; 0 = only at the end and on signals
+    keep_last: int = 3
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    """What is printed and written."""
+
+    interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    plot: bool = True  # PNG of the loss curves at the end (in the checkpoint dir)
+    sample_prompt: str = ""  # if set, print a generated sample at the end
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.attention": ("flash", "fused_softmax", "torch"),
+    "model.kernels": ("auto", "triton", "torch", "apex"),
+    "parallel.schedule": ("none", "gpipe", "1f1b", "interleaved"),
+    "parallel.partition": ("uniform", "parameters"),
+    "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer"),
+    "data.format": ("pretrain", "dialogue", "instruction"),
+    "optim.decay_style": ("cosine", "linear", "constant"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML or CLI value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+    sub = getattr(cfg, section)
+    types_ = _field_types(type(sub))
+    if key not in types_:
+        raise ConfigError(
+            f"{source}: unknown key {section}.{key}; valid keys in {section}: {', '.join(types_)}"
+        )
+    setattr(sub, key, _coerce(value, types_[key], f"{section}.{key} ({source})"))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `section.key=value` overrides (CLI wins)."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist (pass --config configs/gpt2/<preset>.yaml)")
+        with p.open() as f:
+            try:
+                doc = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in doc.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for item in overrides or []:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.steps=100")
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, yaml.safe_load(value) if value.strip() else "", f"override {item!r}")
+    return cfg
+
+
+def config_from_dict(doc: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. one stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in doc.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "stored config")
+    return cfg
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Check every field and their combinations; raise ConfigError naming the field and fix."""
+    errors: list[str] = []
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            errors.append(f"{dotted}={value!r} is not one of {', '.join(choices)}")
+    m, par = cfg.model, cfg.parallel
+    for dotted in ("model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
+                   "model.vocab_size", "model.make_vocab_size_divisible_by", "parallel.tp",
+                   "parallel.pp", "parallel.virtual_stages", "data.seq_length", "train.steps",
+                   "train.eval_interval", "logging.interval", "parallel.timeout_seconds"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 1:
+            errors.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), key)}")
+    for dotted in ("model.dropout", "model.attn_dropout"):
+        section, key = dotted.split(".")
+        if not 0.0 <= getattr(getattr(cfg, section), key) < 1.0:
+            errors.append(f"{dotted} must be in [0, 1)")
+    if m.n_head >= 1 and m.n_embd % m.n_head:
+        errors.append(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd} "
+                      f"(pick n_embd a multiple of n_head)")
+    if par.tp >= 1:
+        if m.n_head % par.tp:
+            errors.append(f"model.n_head={m.n_head} is not divisible by parallel.tp={par.tp}")
+        if m.n_embd % par.tp:
+            errors.append(f"model.n_embd={m.n_embd} is not divisible by parallel.tp={par.tp}")
+        if m.make_vocab_size_divisible_by >= 1 and m.padded_vocab_size % par.tp:
+            errors.append(f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tp="
+                          f"{par.tp}; set model.make_vocab_size_divisible_by to a multiple of {par.tp}")
+    if par.pp >= 1 and par.virtual_stages >= 1 and m.n_layer % (par.pp * par.virtual_stages):
+        errors.append(f"model.n_layer={m.n_layer} is not divisible by parallel.pp x "
+                      f"parallel.virtual_stages = {par.pp * par.virtual_stages}")
+    if par.virtual_stages > 1 and par.schedule != "interleaved":
+        errors.append("parallel.virtual_stages > 1 needs parallel.schedule=interleaved")
+    if par.sequence_parallel and par.tp >= 1 and cfg.data.seq_length % par.tp:
+        errors.append(f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tp="
+                      f"{par.tp} with parallel.sequence_parallel")
+    if cfg.data.seq_length > m.n_positions:
+        errors.append(f"data.seq_length={cfg.data.seq_length} exceeds model.n_positions={m.n_positions}")
+    if world_size is not None and par.tp >= 1 and par.pp >= 1 and world_size % (par.tp * par.pp):
+        errors.append(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                      f"{par.tp * par.pp}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        errors.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.optim.warmup_steps < 0:
+        errors.append("optim.warmup_steps must be >= 0")
+    if cfg.checkpoint.keep_last < 1:
+        errors.append("checkpoint.keep_last must be >= 1")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (written next to every checkpoint)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
