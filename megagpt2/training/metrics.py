@@ -1,0 +1,99 @@
+"""Throughput, model FLOPs utilisation, memory, TensorBoard and the loss-curve plot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per device (vendor data sheets, without sparsity).
+_BF16_PEAK = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
+              ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("L40S", 362.0), ("L4", 121.0),
+              ("V100", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("MI300X", 1307.0),
+              ("MI250X", 383.0))
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), attention included.
+
+    Forward per token: 2 x (weights touched by matmuls) + attention scores and weighted sum,
+    2 x 2 x T x C per layer; the output head counts as a (C x V) matmul.
+    """
+    C, L, V = cfg.n_embd, cfg.n_layer, cfg.padded_vocab_size
+    matmul_params = L * 12 * C * C + C * V
+    forward = 2 * matmul_params + L * 4 * seq_length * C
+    return 3.0 * forward
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    """bf16 dense peak of a known CUDA device, else None (no MFU on CPU or unknown devices)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _BF16_PEAK:
+        if key in name:
+            return peak
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or this process's resident set size on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:  # not Linux
+        return 0.0
+
+
+class Scalars:
+    """TensorBoard scalars (rank 0 only) plus an in-memory history for the final plot."""
+
+    def __init__(self, tb_dir: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.writer = None
+        if enabled and tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tb_dir)
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        if not self.enabled:
+            return
+        self.history.setdefault(tag, []).append((step, float(value)))
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def plot(self, path: Path) -> Optional[Path]:
+        """PNG of train and validation loss against step."""
+        if not self.enabled or "train/loss" not in self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for tag, label in (("train/loss", "train"), ("valid/loss", "validation")):
+            if tag in self.history:
+                steps, values = zip(*self.history[tag])
+                ax.plot(steps, values, label=label, marker="o" if tag.startswith("valid") else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

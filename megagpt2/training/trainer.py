@@ -1,0 +1,268 @@
+"""The training loop: model + DeepSpeed engine, data, evaluation, logging, checkpoints, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, dump_yaml
+from ..parallel import ParallelState
+from . import checkpoint as ckpt
+from .data import DataState, build_data
+from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops
+from .model_setup import build_engine
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN/inf and train.on_nonfinite=stop."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: Optional[float]
+    lr: float
+    nonfinite: bool
+
+
+@dataclass
+class Run:
+    """What one training run holds: built by `Trainer.__init__`, used by its loop."""
+
+    cfg: Config
+    ds: dict
+    ps: ParallelState
+    device: torch.device
+    log_rank0: bool = True
+    history: dict = field(default_factory=dict)
+
+
+class _Signals:
+    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) set a flag the loop polls."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def log(msg: str, run: Run) -> None:
+    if run.log_rank0:
+        print(msg, flush=True)
+
+
+class Trainer:
+    """Builds everything for `cfg` on this rank and runs `train()`."""
+
+    def __init__(self, cfg: Config, ds: dict, ps: ParallelState, device: torch.device):
+        self.run = Run(cfg, ds, ps, device, log_rank0=(ps.rank == 0))
+        self.micro = ds["train_micro_batch_size_per_gpu"]
+        self.accum = ds["gradient_accumulation_steps"]
+        self.global_batch = ds["train_batch_size"]
+        torch.manual_seed(cfg.train.seed)
+        self.engine, self.model, self.tokenizer = build_engine(cfg, ds, ps, device)
+        self.data: DataState = build_data(cfg, ps, self.micro, self.global_batch, self.tokenizer)
+        self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=ps.rank == 0)
+        self.step = 0
+        self.signals = _Signals()
+        self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
+        self.peak = peak_tflops(device)
+        self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
+
+    def _record(self, **values: Any) -> None:
+        """Append one JSON line of exact values (rank 0): the machine-readable training log."""
+        if self.metrics_path is None or self.run.ps.rank != 0:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")
+
+    # -- one optimizer step -------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        engine, cfg = self.engine, self.run.cfg
+        total, nonfinite = torch.zeros((), dtype=torch.float64), False
+        for _ in range(self.accum):
+            x, y, mask = self.data.next_train(self.run.device)
+            loss = engine(x, y, mask)
+            if not torch.isfinite(loss):
+                nonfinite = True
+                if cfg.train.on_nonfinite == "skip":  # keep the engine's accounting, add no gradient
+                    loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().double().cpu()
+        mean = total / self.accum
+        if self.run.ps.dp_size > 1:
+            dist.all_reduce(mean, group=self.run.ps.dp_group)
+            mean /= self.run.ps.dp_size
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        if norm is not None and not math.isfinite(norm):
+            nonfinite = True
+        lr = engine.get_lr()[0]
+        return StepResult(float(mean), norm, lr, nonfinite)
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean validation loss over train.eval_steps global batches (the same ones each time)."""
+        if self.data.valid is None:
+            return None
+        self.engine.eval()
+        total, n = torch.zeros((), dtype=torch.float64), 0
+        for x, y, mask in self.data.valid_batches(self.run.device):
+            total += self.engine(x, y, mask).double().cpu()
+            n += 1
+        self.engine.train()
+        mean = total / max(n, 1)
+        if self.run.ps.dp_size > 1:
+            dist.all_reduce(mean, group=self.run.ps.dp_group)
+            mean /= self.run.ps.dp_size
+        return float(mean)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self) -> Optional[str]:
+        cfg = self.run.cfg
+        if not cfg.checkpoint.dir:
+            return None
+        ps = self.run.ps
+        state = {"consumed_samples": self.data.consumed, "config": cfg.to_dict(), "config_yaml": dump_yaml(cfg),
+                 "tokenizer": self.tokenizer.identity(), "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size},
+                 "history": self.scalars.history if ps.rank == 0 else {},
+                 "versions": {"torch": torch.__version__, "deepspeed": _ds_version()}}
+        t0 = time.time()
+        tag = ckpt.save(self.engine, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last, self.model.tracker)
+        log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)", self.run)
+        return tag
+
+    def maybe_resume(self) -> bool:
+        cfg = self.run.cfg
+        if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
+            return False
+        tag = ckpt.find_latest(cfg.checkpoint.dir)
+        if tag is None:
+            return False
+        state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.run.ps, self.model.tracker)
+        from ..tokenizer.base import check_same_identity
+
+        check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
+        self.step = int(state["step"])
+        self.data.seek(int(state["consumed_samples"]))
+        self.scalars.history = {k: [tuple(v) for v in vs] for k, vs in state.get("history", {}).items()}
+        log(f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, "
+            f"{self.data.consumed} samples consumed", self.run)
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _agree(self, *flags: bool) -> list[bool]:
+        """Every rank learns whether any rank raised each flag (signals reach ranks unevenly)."""
+        t = torch.tensor([float(f) for f in flags])
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _log_step(self, r: StepResult, dt: float) -> None:
+        cfg, run = self.run.cfg, self.run
+        tokens = self.global_batch * cfg.data.seq_length
+        tok_s = tokens / dt
+        parts = [f"step {self.step:>6}/{cfg.train.steps}", f"loss {r.loss:.4f}", f"lr {r.lr:.3e}"]
+        if r.grad_norm is not None:
+            parts.append(f"grad norm {r.grad_norm:.3f}")
+        parts.append(f"{tok_s:,.0f} tok/s")
+        tflops = self.flops_token * tok_s / run.ps.world_size / 1e12
+        if self.peak:
+            parts += [f"{tflops:.1f} TFLOP/s/dev", f"MFU {100 * tflops / self.peak:.1f}%"]
+        parts += [f"mem {memory_gb(run.device):.2f} GiB", f"{dt:.2f} s/step"]
+        log(" | ".join(parts), run)
+        for tag, v in (("train/loss", r.loss), ("train/lr", r.lr), ("train/grad_norm", r.grad_norm),
+                       ("perf/tokens_per_s", tok_s), ("perf/tflops_per_device", tflops)):
+            if v is not None:
+                self.scalars.add(tag, v, self.step)
+
+    def _eval_and_log(self) -> Optional[float]:
+        v = self.evaluate()
+        if v is not None:
+            log(f"validation at step {self.step}: loss {v:.4f} | perplexity {math.exp(min(v, 50)):.2f}", self.run)
+            self.scalars.add("valid/loss", v, self.step)
+            self._record(valid_loss=v)
+            self.scalars.add("valid/ppl", math.exp(min(v, 50)), self.step)
+        return v
+
+    def train(self) -> dict[str, Any]:
+        cfg, run = self.run.cfg, self.run
+        resumed = self.maybe_resume()
+        if not resumed and cfg.train.eval_interval:
+            self._eval_and_log()  # the step-0 reference point
+        start, stopped_by = time.time(), None
+        last_saved = self.step if resumed else None
+        interval_t, interval_steps = time.time(), 0
+        while self.step < cfg.train.steps:
+            r = self.train_step()
+            self.step += 1
+            self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
+            interval_steps += 1
+            over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
+            nonfinite, stop = self._agree(r.nonfinite, self.signals.received is not None or over_time)
+            if nonfinite and cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {self.step}: loss {r.loss} / grad norm {r.grad_norm} is not finite; "
+                                     f"stopping without a checkpoint (train.on_nonfinite=skip skips such steps)")
+            if nonfinite:
+                log(f"step {self.step}: non-finite loss or grad norm, update skipped", run)
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                self._log_step(r, (time.time() - interval_t) / interval_steps)
+                interval_t, interval_steps = time.time(), 0
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
+                self._eval_and_log()
+            if stop:
+                stopped_by = "signal" if self.signals.received is not None else "time limit"
+                log(f"stopping at step {self.step} ({stopped_by}); checkpointing", run)
+                self.save()
+                last_saved = self.step
+                break
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save()
+                last_saved = self.step
+        if stopped_by is None and cfg.train.eval_interval and self.step % cfg.train.eval_interval:
+            self._eval_and_log()
+        if last_saved != self.step:
+            self.save()
+        return self._finish(stopped_by)
+
+    def _finish(self, stopped_by: Optional[str]) -> dict[str, Any]:
+        cfg, run = self.run.cfg, self.run
+        out: dict[str, Any] = {"step": self.step, "stopped_by": stopped_by, "history": self.scalars.history}
+        if cfg.logging.plot and cfg.checkpoint.dir:
+            png = self.scalars.plot(Path(cfg.checkpoint.dir) / "loss.png")
+            if png:
+                log(f"loss curves: {png}", run)
+        self.scalars.close()
+        if cfg.logging.sample_prompt and stopped_by is None:
+            from .sample import print_sample
+
+            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, run.ps, run.device)
+        return out
+
+
+def _ds_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def describe(cfg: Config, ds: dict, ps: ParallelState, n_params: int) -> str:
+    return (f"megagpt2: {cfg.model.n_layer} layers, hidden {cfg.model.n_embd}, {cfg.model.n_head} heads, "
+            f"{n_params / 1e6:.1f}M parameters per rank | world {ps.world_size} = tp {ps.tp_size} x pp {ps.pp_size} "
+            f"x dp {ps.dp_size} | ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)} | global batch "
+            f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
+            f"{ds['gradient_accumulation_steps']} x dp {ps.dp_size} | seq {cfg.data.seq_length}")
+
