@@ -108,7 +108,7 @@ class TrainConfig:
 
     steps: int = 1000
     seed: int = 1234
-    eval_interval: int = 100
+    eval_interval: int = 100  # 0 = no evaluation
     eval_steps: int = 10
     init_from: Optional[str] = None  # megagpt2 checkpoint dir or Hugging Face GPT-2 dir
     on_nonfinite: str = "stop"  # stop | skip
@@ -278,7 +278,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for dotted in ("model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
                    "model.vocab_size", "model.make_vocab_size_divisible_by", "parallel.tp",
                    "parallel.pp", "parallel.virtual_stages", "data.seq_length", "train.steps",
-                   "train.eval_interval", "logging.interval", "parallel.timeout_seconds"):
+                   "logging.interval", "parallel.timeout_seconds"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             errors.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), key)}")
@@ -312,6 +312,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                       f"{par.tp * par.pp}")
     if cfg.optim.min_lr > cfg.optim.lr:
         errors.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.train.eval_interval < 0 or cfg.train.eval_steps < 1:
+        errors.append("train.eval_interval must be >= 0 (0 = off) and train.eval_steps >= 1")
     if cfg.optim.warmup_steps < 0:
         errors.append("optim.warmup_steps must be >= 0")
     if cfg.checkpoint.keep_last < 1:

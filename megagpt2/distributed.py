@@ -142,3 +142,15 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_seconds: floa
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_seconds), rank=env.rank,
                                world_size=env.world_size)
+
+
+def all_reduce_small(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """All-reduce a small tensor wherever the backend needs it (GPU for NCCL), return it on CPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
+    x = t.to(dev)
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x.cpu()

@@ -16,27 +16,30 @@ import torch
 
 
 class RNGTracker:
-    """A second random stream per TP rank, swapped in and out of the default generator."""
+    """A second random stream per TP rank (CPU and, when present, the current CUDA device),
+    swapped in and out of the default generators."""
 
     OFFSET = 2718
 
-    def __init__(self, seed: int, tp_rank: int, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
+    def __init__(self, seed: int, tp_rank: int):
         saved = self._get()
         torch.manual_seed(seed + self.OFFSET + tp_rank)
         self.state = self._get()
         self._set(saved)
 
-    def _get(self):
-        if self.device.type == "cuda":
-            return torch.cuda.get_rng_state(self.device)
-        return torch.get_rng_state()
+    @staticmethod
+    def _get() -> torch.Tensor:
+        cpu = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cat([cpu, torch.cuda.get_rng_state()])
+        return cpu
 
-    def _set(self, state) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+    @staticmethod
+    def _set(state: torch.Tensor) -> None:
+        n = torch.get_rng_state().numel()
+        torch.set_rng_state(state[:n])
+        if state.numel() > n and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state[n:])
 
     def get_state(self) -> torch.Tensor:
         return self.state.clone()

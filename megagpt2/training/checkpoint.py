@@ -107,10 +107,10 @@ def sharding_of(model: torch.nn.Module) -> dict[str, list]:
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
-    ok = torch.tensor([float(all(torch.isfinite(p).all() for p in model.parameters()))])
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    from ..distributed import all_reduce_small
+
+    ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))])
+    return bool(all_reduce_small(ok, op=dist.ReduceOp.MIN).item())
 
 
 def save(engine, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int, tracker=None) -> str:

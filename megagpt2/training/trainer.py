@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, dump_yaml
+from ..distributed import all_reduce_small
 from ..parallel import ParallelState
 from . import checkpoint as ckpt
 from .data import DataState, build_data
@@ -71,7 +72,7 @@ class Trainer:
         self.accum = ds["gradient_accumulation_steps"]
         self.global_batch = ds["train_batch_size"]
         torch.manual_seed(cfg.train.seed)
-        self.engine, self.model, self.tokenizer = build_engine(cfg, ds, ps, device)
+        self.engine, self.model, self.tokenizer, self.pipe = build_engine(cfg, ds, ps, device)
         self.data: DataState = build_data(cfg, ps, self.micro, self.global_batch, self.tokenizer)
         self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=ps.rank == 0)
         self.step = 0
@@ -91,6 +92,10 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> StepResult:
         engine, cfg = self.engine, self.run.cfg
+        if self.pipe is not None:  # the pipeline schedule runs the micro-batches of this step
+            total, nonfinite = self.pipe.train_step(engine, self.data, self.run.device, self.accum,
+                                                    cfg.train.on_nonfinite)
+            return self._finish_step(total, nonfinite)
         total, nonfinite = torch.zeros((), dtype=torch.float64), False
         for _ in range(self.accum):
             x, y, mask = self.data.next_train(self.run.device)
@@ -102,10 +107,14 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             total += loss.detach().double().cpu()
-        mean = total / self.accum
+        return self._finish_step(total / self.accum, nonfinite)
+
+    def _finish_step(self, mean: torch.Tensor, nonfinite: bool) -> StepResult:
+        """Average the replica's mean loss over DP; read grad norm and learning rate."""
+        engine = self.engine
+        mean = mean.detach().double().cpu().clone()
         if self.run.ps.dp_size > 1:
-            dist.all_reduce(mean, group=self.run.ps.dp_group)
-            mean /= self.run.ps.dp_size
+            mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
         norm = engine.get_global_grad_norm()
         norm = None if norm is None else float(norm)
         if norm is not None and not math.isfinite(norm):
@@ -119,15 +128,18 @@ class Trainer:
         if self.data.valid is None:
             return None
         self.engine.eval()
-        total, n = torch.zeros((), dtype=torch.float64), 0
-        for x, y, mask in self.data.valid_batches(self.run.device):
-            total += self.engine(x, y, mask).double().cpu()
-            n += 1
+        if self.pipe is not None:
+            mean = self.pipe.evaluate(self.engine, self.data.valid_batches(self.run.device))
+        else:
+            total, n = torch.zeros((), dtype=torch.float64), 0
+            for x, y, mask in self.data.valid_batches(self.run.device):
+                total += self.engine(x, y, mask).double().cpu()
+                n += 1
+            mean = total / max(n, 1)
         self.engine.train()
-        mean = total / max(n, 1)
+        mean = mean.detach().double().cpu().clone()
         if self.run.ps.dp_size > 1:
-            dist.all_reduce(mean, group=self.run.ps.dp_group)
-            mean /= self.run.ps.dp_size
+            mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
         return float(mean)
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -153,6 +165,8 @@ class Trainer:
         if tag is None:
             return False
         state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.run.ps, self.model.tracker)
+        if self.pipe is not None:  # the last stage's copy of the tied embedding is in no checkpoint
+            self.pipe.sync_tied_weight_from_first_stage(self.model)
         from ..tokenizer.base import check_same_identity
 
         check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
@@ -166,9 +180,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def _agree(self, *flags: bool) -> list[bool]:
         """Every rank learns whether any rank raised each flag (signals reach ranks unevenly)."""
-        t = torch.tensor([float(f) for f in flags])
-        if dist.is_initialized():
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = all_reduce_small(torch.tensor([float(f) for f in flags]), op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
 
     def _log_step(self, r: StepResult, dt: float) -> None:
