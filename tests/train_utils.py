@@ -65,8 +65,10 @@ def ds_config(stage: int = 2, micro: int = 4, accum: int = 1, clip: float = 1.0,
 
 
 def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
-                 return_params: bool = True) -> dict[str, Any]:
-    """Run Trainer.train() on this rank; return records and (gathered by the caller) params."""
+                 return_params: bool = True, patch=None) -> dict[str, Any]:
+    """Run Trainer.train() on this rank; return records and (gathered by the caller) params.
+
+    `patch(trainer)`, a module-level function, may alter the trainer before it runs."""
     import torch
 
     from megagpt2.parallel import ParallelState
@@ -89,6 +91,8 @@ def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
         original(**values)
 
     trainer._record = record
+    if patch is not None:
+        patch(trainer)
     trainer.train()
     out: dict[str, Any] = {"records": records, "ps": (ps.tp_rank, ps.pp_rank, ps.dp_rank)}
     if return_params:

@@ -86,9 +86,8 @@ class CausalSelfAttention(nn.Module):
         p = self.cfg.attn_dropout if self.training else 0.0
         ctx = self.tracker.fork() if (self.tracker is not None and p > 0) else _nullcontext()
         with ctx:  # heads differ per TP rank: their dropout streams must too
-            extra = {} if mask is None else {"mask": mask}
             y = attention(q, k, v, path=self.cfg.attention, kernels=self.cfg.kernels,
-                          dropout_p=p, training=self.training, **extra)  # (B, h, T, D)
+                          dropout_p=p, training=self.training, mask=mask)  # (B, h, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C/tp)
         return self.c_proj(y), (k, v)
 
@@ -170,8 +169,11 @@ class GPT2(nn.Module):
                 # Pipeline: the last stage's copy of the tied embedding. A plain tensor, not a
                 # parameter: the first stage owns it in the optimizer (see megagpt2.pipeline).
                 self.register_buffer("head_weight", torch.empty(V // ps.tp_size, C), persistent=False)
-        for p in self.parameters():  # DeepSpeed's grad-norm rule: count each rank's own params
-            p.model_parallel = True
+        # DeepSpeed counts a parameter in the global grad norm when p.model_parallel is set or the
+        # rank is tensor-parallel rank 0 (ZeRO 1/2) / model-parallel rank 0 (ZeRO 0). So: shards
+        # are marked everywhere; TP-replicated parameters only on tp_rank 0, once per stage.
+        for p in self.parameters():
+            p.model_parallel = getattr(p, "tp_dim", None) is not None or ps.tp_rank == 0
         self.init_weights(seed)
 
     # -- init -----------------------------------------------------------------------------
@@ -223,10 +225,12 @@ class GPT2(nn.Module):
         return self.emb_dropout(tok + pos)
 
     def run_blocks(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                   mask: Optional[torch.Tensor] = None):
-        """All blocks this model owns; returns (x, new_kv_cache or None)."""
+                   mask: Optional[torch.Tensor] = None, block_ids: Optional[Sequence[int]] = None):
+        """The blocks this model owns (or those of `block_ids`, global indices, for one
+        pipeline chunk); returns (x, new_kv_cache or None)."""
         new_cache = [] if kv_cache is not None else None
-        for j, block in enumerate(self.h.values()):
+        blocks = self.h.values() if block_ids is None else [self.h[str(i)] for i in block_ids]
+        for j, block in enumerate(blocks):
             if self.cfg.activation_checkpointing and self.training and kv_cache is None:
                 x = _checkpointed(block, x, self.tracker)
                 continue

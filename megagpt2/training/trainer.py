@@ -97,7 +97,8 @@ class Trainer:
                                                     cfg.train.on_nonfinite)
             return self._finish_step(total, nonfinite)
         total, nonfinite = torch.zeros((), dtype=torch.float64), False
-        for _ in range(self.accum):
+        self._own_norm = None
+        for i in range(self.accum):
             x, y, mask = self.data.next_train(self.run.device)
             loss = engine(x, y, mask)
             if not torch.isfinite(loss):
@@ -105,9 +106,16 @@ class Trainer:
                 if cfg.train.on_nonfinite == "skip":  # keep the engine's accounting, add no gradient
                     loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
             engine.backward(loss)
+            if i == self.accum - 1 and self._engine_reports_no_norm():
+                self._own_norm = grad_norm(engine.module, self.run.ps)  # before step() clips
             engine.step()
             total += loss.detach().double().cpu()
         return self._finish_step(total / self.accum, nonfinite)
+
+    def _engine_reports_no_norm(self) -> bool:
+        """DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm: we compute it then."""
+        e = self.engine
+        return e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled())
 
     def _finish_step(self, mean: torch.Tensor, nonfinite: bool) -> StepResult:
         """Average the replica's mean loss over DP; read grad norm and learning rate."""
@@ -116,7 +124,7 @@ class Trainer:
         if self.run.ps.dp_size > 1:
             mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
         norm = engine.get_global_grad_norm()
-        norm = None if norm is None else float(norm)
+        norm = getattr(self, "_own_norm", None) if norm is None else float(norm)
         if norm is not None and not math.isfinite(norm):
             nonfinite = True
         lr = engine.get_lr()[0]
@@ -263,6 +271,20 @@ class Trainer:
 
             print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, run.ps, run.device)
         return out
+
+
+def grad_norm(model: torch.nn.Module, ps: ParallelState) -> float:
+    """Global L2 norm of the gradients, each parameter counted once across TP x PP x DP.
+
+    Parameters marked `model_parallel` are this rank's own (shards, and TP-replicated ones on
+    tp_rank 0 only); gradients are identical across DP after the all-reduce."""
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None and getattr(p, "model_parallel", True):
+            sq += p.grad.detach().double().pow(2).sum().cpu()
+    if ps.mp_group is not None:
+        sq = all_reduce_small(sq, group=ps.mp_group)
+    return float(sq.sqrt())
 
 
 def _ds_version() -> str:

@@ -1,0 +1,61 @@
+"""Start real training processes (one per rank, as a launcher would) for process-level tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from megagpt2.config import Config, dump_yaml
+from tests.dist_utils import dist_env, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "tests" / "resume_wrapper.py"
+
+
+def write_run_files(tmp: Path, cfg: Config, ds: dict) -> tuple[Path, Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "cfg.yaml").write_text(dump_yaml(cfg))
+    (tmp / "ds.json").write_text(json.dumps(ds))
+    return tmp / "cfg.yaml", tmp / "ds.json"
+
+
+def start_ranks(world: int, cfg_path: Path, ds_path: Path, extra_env: Optional[dict] = None,
+                args: tuple = (), log_dir: Optional[Path] = None) -> list[subprocess.Popen]:
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, **dist_env(rank, world, port), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               **(extra_env or {})}
+        out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
+        procs.append(subprocess.Popen([sys.executable, str(WRAPPER), "--config", str(cfg_path),
+                                       "--deepspeed_config", str(ds_path), *args],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO)))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 240.0) -> list[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(deadline - time.time(), 1)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+def read_metrics(ckpt_dir: Path) -> list[dict]:
+    f = ckpt_dir / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+
+
+def train_losses(ckpt_dir: Path) -> dict[int, float]:
+    """step -> loss (the last record of a step wins: a resumed run rewrites steps after latest)."""
+    return {r["step"]: r["loss"] for r in read_metrics(ckpt_dir) if "loss" in r}

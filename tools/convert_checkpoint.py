@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Convert megagpt2 weights between layouts, or to / from Hugging Face GPT-2.
+
+    # a training checkpoint (any tp x pp) -> weights pre-sharded for tp=4 (any pp loads them)
+    python tools/convert_checkpoint.py --input checkpoints/run/step_00001000 --output ckpt_tp4 --tp 4
+    # -> Hugging Face directory (GPT2LMHeadModel.from_pretrained reads it)
+    python tools/convert_checkpoint.py --input checkpoints/run --output hf_gpt2 --to hf
+    # Hugging Face GPT-2 -> megagpt2 weights for tp=2
+    python tools/convert_checkpoint.py --input hf_gpt2 --output ckpt_tp2 --tp 2
+
+Start training or fine-tuning from the result with --train.init_from=<output>. Only weights are
+converted: Adam moments stay with the layout that wrote them (a resharded run starts a fresh
+optimizer state, as Megatron-LM's converter does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from megagpt2.training.reshard import default_sharding, read_weights, write_converted  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--input", required=True, help="checkpoint dir, step_* tag, converted dir or HF dir")
+    p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--to", choices=("megagpt2", "hf"), default="megagpt2", help="output format")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the output (megagpt2 format)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    args = p.parse_args(argv)
+    if args.tp < 1:
+        p.error("--tp must be >= 1")
+    t0 = time.time()
+    try:
+        meta, full = read_weights(args.input)
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megagpt2.config import config_from_dict
+
+    cfg = config_from_dict({"model": meta["config"]["model"]}).model
+    n = sum(t.numel() for t in full.values())
+    print(f"read {len(full)} tensors ({n / 1e6:.1f}M parameters) from {args.input}")
+    if args.to == "hf":
+        from megagpt2.interop import save_hf_dir
+
+        dtype = DTYPES[args.dtype] if args.dtype else None
+        save_hf_dir({k: (v.to(dtype) if dtype else v) for k, v in full.items()}, cfg, args.output)
+    else:
+        sharding = meta.get("sharding") or default_sharding(full)
+        for name, (dim, stride) in sharding.items():
+            if dim is not None and full[name].shape[dim] % (args.tp * stride):
+                print(f"error: {name} of shape {tuple(full[name].shape)} cannot be split over tp={args.tp}",
+                      file=sys.stderr)
+                return 2
+        write_converted(full, sharding, meta, args.output, args.tp, DTYPES.get(args.dtype))
+    print(f"wrote {args.output} ({args.to}{'' if args.to == 'hf' else f', tp={args.tp}'}) "
+          f"in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
