@@ -102,3 +102,32 @@ def test_tp2_dp2_zero2_matches_single_device(data_prefix, sp):
 @pytest.mark.slow
 def test_tp2_dp2_zero0_grad_norm_counts_each_parameter_once(data_prefix):
     _tp_dp_check(data_prefix, {"tp": 2}, stage=0)
+
+
+def poison_step_3(trainer):
+    """Make the forward pass of step 3 produce NaN (module-level so ranks can import it)."""
+    def hook(module, inputs, output):
+        return output * float("nan") if trainer.step == 2 else output
+
+    trainer.model.ln_f.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
+    import math
+
+    from megagpt2.training.checkpoint import find_latest
+
+    cfg = tiny_config(data_prefix, tmp_path / "ck", steps=5, train={"on_nonfinite": mode},
+                      checkpoint={"interval": 1})
+    args = (cfg.to_dict(), ds_config(stage=2, micro=8), {}, True, poison_step_3)
+    if mode == "stop":
+        with pytest.raises(RuntimeError, match=r"step 3: loss nan"):
+            run_distributed(train_worker, 1, args=args)
+        assert find_latest(str(tmp_path / "ck")) == "step_00000002"  # no checkpoint of NaN weights
+        return
+    r = run_distributed(train_worker, 1, args=args)[0]
+    got = losses(r)
+    assert math.isnan(got[2]) and all(math.isfinite(x) for i, x in enumerate(got) if i != 2)
+    assert all(bool(p.isfinite().all()) for p, _, _ in r["params"].values())
+    assert find_latest(str(tmp_path / "ck")) == "step_00000005"

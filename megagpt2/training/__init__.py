@@ -54,6 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         device = pick_device(cfg.train.device, env.local_rank)
+        _quiet_libraries()
         init_distributed(env, device, cfg.parallel.timeout_seconds)
         return _train(cfg, ds_raw, device)
     except BaseException:
@@ -65,6 +66,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         import os
 
         os._exit(1)
+
+
+def _quiet_libraries() -> None:
+    """DeepSpeed logs every engine detail at INFO on every rank; keep warnings and errors."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
 
 
 def _train(cfg, ds_raw: dict, device) -> int:

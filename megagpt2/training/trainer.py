@@ -103,7 +103,9 @@ class Trainer:
             loss = engine(x, y, mask)
             if not torch.isfinite(loss):
                 nonfinite = True
-                if cfg.train.on_nonfinite == "skip":  # keep the engine's accounting, add no gradient
+                # ZeRO >= 1 and half precision see the non-finite gradients and skip the whole
+                # step; ZeRO-0 fp32 would apply them, so there this micro-batch adds nothing.
+                if cfg.train.on_nonfinite == "skip" and self._engine_reports_no_norm():
                     loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
             engine.backward(loss)
             if i == self.accum - 1 and self._engine_reports_no_norm():
