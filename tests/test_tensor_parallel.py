@@ -113,3 +113,29 @@ def test_shard_unshard_stride_roundtrip():
     assert pieces[0][:2].tolist() == full[:2].tolist() and pieces[0][2:4].tolist() == full[4:6].tolist()
     assert torch.equal(unshard(pieces, 0, stride=3), full)
 
+
+
+def _dropout_worker(rank, world, sp, idx):
+    torch.manual_seed(7)  # the default stream: same seed on every rank, as the trainer does
+    cfg = ModelConfig(**dict(CFG, dropout=0.3, attn_dropout=0.3))
+    model = GPT2(cfg, ParallelState(tp=world), sequence_parallel=sp, seed=7)
+    model.train()
+    x = model.run_blocks(model.embed(idx))[0]
+    if sp:
+        from megagpt2.parallel import gather_from_sequence_region
+
+        x = gather_from_sequence_region(x, model.ps.tp_group)
+    return x.detach(), model.tracker.get_state()
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_dropout_streams(sp):
+    """Replicated activations must agree across TP ranks (same residual-dropout masks) while each
+    rank's attention-head dropout uses its own stream."""
+    idx, _ = _batch()
+    (x0, s0), (x1, s1) = run_distributed(_dropout_worker, 2, args=(sp, idx))
+    assert torch.equal(x0, x1)  # the residual stream stays replicated despite dropout
+    assert not torch.equal(s0, s1)  # per-rank streams for sharded regions
+    ref = GPT2(ModelConfig(**CFG)).eval()
+    with torch.no_grad():
+        assert not torch.allclose(ref.run_blocks(ref.embed(idx))[0], x0)  # dropout did act
