@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from megagpt2.kernels import causal_mask
 from megagpt2.model.attention_core import PATHS, attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,6 +75,36 @@ def test_kv_cache_offset_matches_full_sequence():
         full = attention(q, k, v, path=path, kernels="triton")
         tail = attention(q[:, :, 5:], k, v, path=path, kernels="triton")
         assert close(tail, full[:, :, 5:]), path
+
+
+def left_padding_mask(tq, tk, pads):
+    """(B, 1, Tq, Tk) bool, True = masked: sequence b starts with pads[b] padding keys."""
+    keys = torch.arange(tk, device=DEVICE)
+    return torch.stack([(keys < p).expand(tq, tk) for p in pads]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("tq,tk", [(6, 6), (3, 8)])
+def test_padding_mask_paths_agree_and_ignore_padding(tq, tk):
+    q, k, v = qkv(tq=tq, tk=tk, seed=4)
+    pads = [0, 4]  # with Tq == Tk == 6, queries 0..3 of sequence 1 see only padding
+    mask = left_padding_mask(tq, tk, pads)
+    results = {}
+    for path, kernels in [("torch", "torch"), ("fused_softmax", "triton"), ("flash", "auto")]:
+        results[path] = run(path, kernels, q, k, v, mask=mask)
+    ref, ref_grads = results.pop("torch")
+    for path, (out, grads) in results.items():
+        assert close(out, ref), path
+        for g, r in zip(grads, ref_grads):
+            assert torch.isfinite(g).all() and close(g, r), path
+    assert torch.equal(ref[0], attention(q, k, v, "torch")[0])  # no padding: mask is a no-op
+    # Padded keys must not matter: change them and the visible outputs stay the same.
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[1, :, :4], v2[1, :, :4] = 9.0, -9.0
+    again = attention(q, k2, v2, "fused_softmax", kernels="triton", mask=mask)
+    assert close(again, ref)
+    dead = (mask | causal_mask(tq, tk, DEVICE)).all(-1)  # (B, 1, Tq): queries seeing no key
+    assert dead.any() == (tq == tk)
+    assert torch.equal(ref.masked_fill(~dead.unsqueeze(-1), 0.0), torch.zeros_like(ref))  # zeros
 
 
 def test_dropout_torch_and_fused_paths_agree_and_eval_is_deterministic():

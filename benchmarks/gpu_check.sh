@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU check for the fused kernels: CUDA tests, then the kernel benchmark, figures under $OUT.
+# Budget: under 8 minutes on one H200 (tests ~2 min, benchmark ~4 min; each step has a timeout
+# so a hang cannot eat the machine's time). Run from anywhere inside the checkout:
+#   OUT=/some/dir benchmarks/gpu_check.sh
+# Uses `python` on PATH (override with PYTHON=...). Each step's status goes to $OUT/summary.txt.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./gpu_check_out}"
+PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>&1
+} | tee "$SUMMARY"
+
+step() {  # step NAME TIMEOUT_S CMD... : run, tee output to $OUT/NAME.txt, record the exit code
+  local name="$1" limit="$2"; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: rc=$rc (${limit}s limit, took $((SECONDS - start))s)" | tee -a "$SUMMARY"
+}
+
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_kernels_cuda.py tests/test_attention_core.py
+else
+  echo "cuda_tests: skipped, pytest is not installed for $PY" | tee -a "$SUMMARY"
+fi
+
+# torch.compile baselines only at the largest hidden size: compiling every shape costs minutes.
+step bench_bf16 240 "$PY" benchmarks/bench_kernels.py --dtype bf16 --compile largest \
+  --out "$OUT/bench_kernels_bf16.json"
+step bench_fp16_ln 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --compile none \
+  --kernels layernorm --hidden 1600 --out "$OUT/bench_kernels_fp16.json"
+
+echo "done in ${SECONDS}s" | tee -a "$SUMMARY"
