@@ -1,0 +1,109 @@
+"""The one computation every evaluation shares: per-token negative log-likelihoods of targets.
+
+`token_nll` runs the model on a right-padded batch and returns -log p(target | prefix) per
+position (float64, 0 where the target is -100), and optionally whether the greedy (argmax) token
+equals the target. The loss goes through the vocabulary-parallel cross-entropy, so a tp>1 model
+never gathers full-vocabulary logits for it; only the greedy check gathers them.
+
+`score_continuations` scores (context, continuation) pairs, the building block of LAMBADA,
+multiple choice and few-shot prompting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from ..model import GPT2
+from ..parallel import vocab_parallel_cross_entropy
+
+IGNORE = -100
+
+
+@torch.no_grad()
+def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
+              greedy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """inputs, targets (B, T) -> nll (B, T) float64 and, with greedy, argmax == target (B, T) bool."""
+    x = model.embed(inputs)  # (B, T, C)
+    x, _ = model.run_blocks(x)
+    local = model.logits_local(x)  # (B, T, V/tp)
+    nll = vocab_parallel_cross_entropy(local, targets, model.ps.tp_group, model.cfg.vocab_size, IGNORE)
+    correct = None
+    if greedy:
+        correct = model.full_logits(local).argmax(-1) == targets  # (B, T)
+    return nll.double(), correct
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+    """(B, max_len) long tensor, each row left-aligned and padded with `pad`."""
+    T = max(len(r) for r in rows)
+    out = torch.full((len(rows), T), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out
+
+
+@dataclass
+class Score:
+    """Log-likelihood of one continuation given its context."""
+
+    nll: float  # -sum log p over the continuation's tokens
+    n_tokens: int
+    greedy: bool  # every continuation token is the argmax given the (teacher-forced) prefix
+    truncated: bool  # the context was cut from the left to fit the model's window
+
+
+def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
+                        batch_size: int = 8, max_len: Optional[int] = None,
+                        progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+    """Score each (context, continuation) pair: the continuation's tokens given the context.
+
+    The input is context + continuation[:-1]; if it is longer than `max_len` (default: the
+    model's n_positions) the context is cut from the left. Contexts must be non-empty (put the
+    end-of-document token first to score text from the start). Pairs are batched by length.
+    """
+    max_len = max_len or model.cfg.n_positions
+    device = next(model.parameters()).device
+    for i, (ctx, cont) in enumerate(pairs):
+        if len(ctx) == 0 or len(cont) == 0:
+            raise ValueError(f"example {i}: empty {'context' if len(ctx) == 0 else 'continuation'}")
+        if len(cont) > max_len:
+            raise ValueError(f"example {i}: continuation of {len(cont)} tokens does not fit the "
+                             f"{max_len}-token window")
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[Optional[Score]] = [None] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        seqs, conts, cut = [], [], []
+        for i in idx:
+            ctx, cont = list(pairs[i][0]), list(pairs[i][1])
+            full = (ctx + cont)[-(max_len + 1):]
+            seqs.append(full)
+            conts.append(len(cont))
+            cut.append(len(full) < len(ctx) + len(cont))
+        inputs = right_pad([s[:-1] for s in seqs], pad)
+        targets = torch.full_like(inputs, IGNORE)
+        for row, (s, n) in enumerate(zip(seqs, conts)):
+            L = len(s) - 1
+            targets[row, L - n:L] = torch.tensor(s[-n:], dtype=torch.long)
+        nll, correct = token_nll(model, inputs.to(device), targets.to(device), greedy=True)
+        scored = (targets != IGNORE).to(device)
+        for row, i in enumerate(idx):
+            out[i] = Score(float(nll[row].sum()), conts[row], bool(correct[row][scored[row]].all()), cut[row])
+        if progress is not None:
+            progress(len(idx))
+    return out  # type: ignore[return-value]
+
+
+def batched(items: Iterable, n: int):
+    """Lists of up to n consecutive items."""
+    buf = []
+    for x in items:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
