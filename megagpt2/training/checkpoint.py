@@ -127,8 +127,13 @@ def save(engine, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int
 
     (path / "rng").mkdir(parents=True, exist_ok=True)
     save_file(rng_state(tracker), str(path / "rng" / f"rank_{_rank():05d}.safetensors"))
+    sharding = sharding_of(engine.module)
+    if dist.is_initialized():  # pipeline stages own different parameters: merge every rank's map
+        maps: list = [None] * dist.get_world_size()
+        dist.all_gather_object(maps, sharding)
+        sharding = {k: v for m in maps for k, v in m.items()}
     if _rank() == 0:
-        doc = {"format_version": FORMAT_VERSION, "step": step, **state, "sharding": sharding_of(engine.module)}
+        doc = {"format_version": FORMAT_VERSION, "step": step, **state, "sharding": sharding}
         _write_atomic(path / STATE_FILE, json.dumps(doc, indent=1))
         if "config_yaml" in state:
             _write_atomic(path / "config.yaml", state["config_yaml"])
