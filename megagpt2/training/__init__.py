@@ -42,6 +42,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Everything is checked before any process group exists; then every rank trains."""
     from ..distributed import LaunchEnvError, detect_env, init_distributed, pick_device
 
+    from .signals import Signals
+
+    signals = Signals()  # first: a SIGTERM during start-up is kept, not fatal
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -56,7 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         device = pick_device(cfg.train.device, env.local_rank)
         _quiet_libraries()
         init_distributed(env, device, cfg.parallel.timeout_seconds)
-        return _train(cfg, ds_raw, device)
+        return _train(cfg, ds_raw, device, signals)
     except BaseException:
         # A failing rank must end the job: print, then exit hard without waiting on collectives.
         print(f"[rank {env.rank}] training failed:", file=sys.stderr)
@@ -80,7 +83,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
 
 
-def _train(cfg, ds_raw: dict, device) -> int:
+def _train(cfg, ds_raw: dict, device, signals) -> int:
     import torch.distributed as dist
 
     from ..parallel import ParallelState
@@ -89,7 +92,7 @@ def _train(cfg, ds_raw: dict, device) -> int:
 
     ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=cfg.parallel.timeout_seconds)
     ds = resolve_ds_config(ds_raw, ps.dp_size, device)
-    trainer = Trainer(cfg, ds, ps, device)
+    trainer = Trainer(cfg, ds, ps, device, signals)
     if ps.rank == 0:
         print(describe(cfg, ds, ps, trainer.model.num_parameters()), flush=True)
     trainer.train()

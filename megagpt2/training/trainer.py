@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from . import checkpoint as ckpt
 from .data import DataState, build_data
 from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops
 from .model_setup import build_engine
+from .signals import Signals
 
 
 class NonFiniteError(RuntimeError):
@@ -46,18 +46,6 @@ class Run:
     history: dict = field(default_factory=dict)
 
 
-class _Signals:
-    """SIGTERM/SIGUSR1 (Slurm's warning before the time limit) set a flag the loop polls."""
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-
 def log(msg: str, run: Run) -> None:
     if run.log_rank0:
         print(msg, flush=True)
@@ -66,7 +54,8 @@ def log(msg: str, run: Run) -> None:
 class Trainer:
     """Builds everything for `cfg` on this rank and runs `train()`."""
 
-    def __init__(self, cfg: Config, ds: dict, ps: ParallelState, device: torch.device):
+    def __init__(self, cfg: Config, ds: dict, ps: ParallelState, device: torch.device,
+                 signals: Optional[Signals] = None):
         self.run = Run(cfg, ds, ps, device, log_rank0=(ps.rank == 0))
         self.micro = ds["train_micro_batch_size_per_gpu"]
         self.accum = ds["gradient_accumulation_steps"]
@@ -76,7 +65,7 @@ class Trainer:
         self.data: DataState = build_data(cfg, ps, self.micro, self.global_batch, self.tokenizer)
         self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=ps.rank == 0)
         self.step = 0
-        self.signals = _Signals()
+        self.signals = signals or Signals()
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
         self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
