@@ -51,7 +51,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         env = detect_env()
         validate(cfg, env.world_size)
         ds_raw = read_ds_config(args.deepspeed_config)
-        resolve_batch(ds_raw, env.world_size // (cfg.parallel.tp * cfg.parallel.pp), args.deepspeed_config)
+        _, accum, _ = resolve_batch(ds_raw, env.world_size // (cfg.parallel.tp * cfg.parallel.pp),
+                                    args.deepspeed_config)
+        if cfg.parallel.pp > 1:
+            from ..pipeline import check_layout
+
+            check_layout(cfg.parallel.schedule, cfg.parallel.pp, cfg.parallel.virtual_stages, accum)
     except (ConfigError, DSConfigError, LaunchEnvError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

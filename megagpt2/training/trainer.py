@@ -84,6 +84,7 @@ class Trainer:
         if self.pipe is not None:  # the pipeline schedule runs the micro-batches of this step
             total, nonfinite = self.pipe.train_step(engine, self.data, self.run.device, self.accum,
                                                     cfg.train.on_nonfinite)
+            self._own_norm = self.pipe.grad_norm  # set where DeepSpeed keeps none (ZeRO-0 fp32)
             return self._finish_step(total, nonfinite)
         total, nonfinite = torch.zeros((), dtype=torch.float64), False
         self._own_norm = None
