@@ -174,3 +174,13 @@ def test_bad_doc_idx(tmp_path):
 def test_missing_file(tmp_path):
     msg = _corrupt(tmp_path, lambda p: os.remove(p + ".bin"))
     assert "d.bin" in msg and "not found" in msg
+
+
+def test_pickles_by_prefix(tmp_path):
+    import pickle
+
+    prefix = str(tmp_path / "d")
+    _write(prefix, DOCS)
+    blob = pickle.dumps(IndexedDataset(prefix))
+    assert len(blob) < 200  # the prefix, not the data
+    assert pickle.loads(blob)[3].tolist() == DOCS[3]

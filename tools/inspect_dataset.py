@@ -1,0 +1,67 @@
+"""Print the counts of a .bin/.idx dataset and, optionally, decode some of its documents.
+
+    python tools/inspect_dataset.py --prefix data/webtext_text_document --doc 0 --doc 17
+
+Without tokenizer flags the GPT-2 tokenizer is used for decoding; ``--ids`` prints token ids
+instead of text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megagpt2.data.indexed import IndexedDataset  # noqa: E402
+from megagpt2.tokenizer import add_tokenizer_args, tokenizer_from_args  # noqa: E402
+
+
+def summary(ds: IndexedDataset) -> str:
+    """Counts and length statistics, one per line."""
+    cumulative = np.concatenate([[0], np.cumsum(ds.sizes, dtype=np.int64)])
+    doc_tokens = cumulative[ds.doc_idx[1:]] - cumulative[ds.doc_idx[:-1]]  # (documents,)
+    lines = [
+        f"prefix      {ds.prefix}",
+        f"dtype       {np.dtype(ds.dtype).name}",
+        f"documents   {ds.num_documents:,}",
+        f"sequences   {len(ds):,}",
+        f"tokens      {ds.num_tokens:,}",
+    ]
+    if ds.num_documents:
+        lines.append(f"doc tokens  min {doc_tokens.min():,}  mean {doc_tokens.mean():,.1f}  "
+                     f"max {doc_tokens.max():,}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prefix", required=True, help="dataset prefix (no .bin/.idx)")
+    p.add_argument("--doc", type=int, action="append", default=[],
+                   help="document number to print (repeatable; negative counts from the end)")
+    p.add_argument("--ids", action="store_true", help="print token ids instead of decoded text")
+    add_tokenizer_args(p)
+    args = p.parse_args(argv)
+    try:
+        ds = IndexedDataset(args.prefix)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(summary(ds))
+    tokenizer = tokenizer_from_args(args) if args.doc and not args.ids else None
+    for n in args.doc:
+        d = n + ds.num_documents if n < 0 else n
+        if not 0 <= d < ds.num_documents:
+            print(f"error: document {n} out of range (0..{ds.num_documents - 1})", file=sys.stderr)
+            return 1
+        tokens = ds.document(d)
+        print(f"--- document {d} ({len(tokens)} tokens) ---")
+        print(tokens.tolist() if tokenizer is None else tokenizer.decode(tokens.tolist()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
