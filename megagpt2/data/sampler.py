@@ -75,4 +75,13 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
                                  micro_batch_size, dp_rank, dp_size)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_tokens, pin_memory=False,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step; the trainer (not its loader workers) handles
+    SIGTERM/SIGUSR1 by checkpointing, so workers must not die of them first."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
