@@ -30,13 +30,13 @@ the number of samples the run needs.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..jsonl import iter_json_lines
 
 FORMATS = ("dialogue", "instruction")
 
@@ -45,23 +45,13 @@ def read_turns(path: str, fmt: str) -> list[list[str]]:
     """Examples of a fine-tuning jsonl as lists of turns (user, bot, user, bot ...)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown fine-tuning format {fmt!r}; expected one of {FORMATS}")
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"fine-tuning data {path} does not exist (data.path must name a .jsonl file)")
     out, skipped = [], 0
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            turns = _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
-            if len(turns) < 2:
-                skipped += 1
-                continue
-            out.append(turns[:len(turns) - len(turns) % 2])  # a last user turn has no answer
+    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file"):
+        turns = _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
+        if len(turns) < 2:
+            skipped += 1
+            continue
+        out.append(turns[:len(turns) - len(turns) % 2])  # a last user turn has no answer
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} dialogue(s) with fewer than two utterances (no response)")
     if not out:

@@ -21,36 +21,25 @@ not fit the model's window loses tokens from the left (counted as `truncated`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..model import GPT2
 from ..tokenizer import Tokenizer
+from ..jsonl import iter_json_lines
 from .scoring import score_continuations
 
 
 def read_jsonl(path: str) -> list[dict]:
     """Objects of a jsonl file; blank lines skipped; errors name the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            records.append(rec)
+    for n, rec in iter_json_lines(path, "evaluation file"):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     if not records:
         raise ValueError(f"{path} has no examples (empty file)")
     return records
