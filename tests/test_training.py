@@ -131,3 +131,6 @@ def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
     assert math.isnan(got[2]) and all(math.isfinite(x) for i, x in enumerate(got) if i != 2)
     assert all(bool(p.isfinite().all()) for p, _, _ in r["params"].values())
     assert find_latest(str(tmp_path / "ck")) == "step_00000005"
+    from megagpt2.training.checkpoint import complete_tags
+
+    assert complete_tags(str(tmp_path / "ck")) == ["step_00000003", "step_00000004", "step_00000005"]  # keep_last=3
