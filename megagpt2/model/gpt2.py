@@ -15,6 +15,7 @@ layout (`h.7.attn.c_attn.weight` is block 7 wherever it lives).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -84,7 +85,7 @@ class CausalSelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         p = self.cfg.attn_dropout if self.training else 0.0
-        ctx = self.tracker.fork() if (self.tracker is not None and p > 0) else _nullcontext()
+        ctx = self.tracker.fork() if (self.tracker is not None and p > 0) else contextlib.nullcontext()
         with ctx:  # heads differ per TP rank: their dropout streams must too
             y = attention(q, k, v, path=self.cfg.attention, kernels=self.cfg.kernels,
                           dropout_p=p, training=self.training, mask=mask)  # (B, h, T, D)
@@ -133,14 +134,6 @@ class _ResidualDropout(nn.Module):
             return F.dropout(x, self.p, True)
         with self.tracker.fork():
             return F.dropout(x, self.p, True)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class GPT2(nn.Module):

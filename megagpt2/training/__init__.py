@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Optional
@@ -71,8 +72,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         sys.stdout.flush()
-        import os
-
         os._exit(1)
 
 

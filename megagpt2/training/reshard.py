@@ -68,10 +68,6 @@ def read_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             mp_rank = int(f.name.split("_")[2])
             module = safe_torch_load(str(f), map_location="cpu")["module"]
             for name, tensor in module.items():
-                if name not in sharding and meta["layout"].get("pp", 1) > 1:
-                    # Rank 0, the first pipeline stage, wrote the map: the other stages'
-                    # parameters split over TP by name like everywhere else.
-                    sharding[name] = default_sharding([name])[name]
                 if name in sharding:
                     pieces.setdefault(name, {})[mp_rank % tp] = tensor
     missing = [n for n in sharding if n not in pieces]

@@ -69,6 +69,7 @@ class Trainer:
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
         self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
+        self._own_norm: Optional[float] = None  # grad norm computed here where DeepSpeed keeps none
 
     def _record(self, **values: Any) -> None:
         """Append one JSON line of exact values (rank 0): the machine-readable training log."""
@@ -116,7 +117,7 @@ class Trainer:
         if self.run.ps.dp_size > 1:
             mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
         norm = engine.get_global_grad_norm()
-        norm = getattr(self, "_own_norm", None) if norm is None else float(norm)
+        norm = self._own_norm if norm is None else float(norm)
         if norm is not None and not math.isfinite(norm):
             nonfinite = True
         lr = engine.get_lr()[0]
