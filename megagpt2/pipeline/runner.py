@@ -24,6 +24,7 @@ import torch
 from ..config import Config
 from ..distributed import all_reduce_small
 from ..parallel import ParallelState
+from ..training.gradnorm import engine_keeps_no_norm, grad_norm
 from .p2p import Channels, Link
 from .schedules import Op, build_schedule, check_layout
 from .stage import PipelineStage, activation_shape
@@ -77,12 +78,6 @@ class PipelineRunner:
                              "parameters the stages exchange); set zero_optimization.stage <= 2")
         self.engine = engine
         self.tied.attach()
-
-    def engine_reports_no_norm(self) -> bool:
-        """ZeRO-0 fp32 clips through DeepSpeed's clip_grad_norm_ without keeping the norm (as the
-        trainer does at pp=1, we compute it with the same counting rule before that step)."""
-        e = self.engine
-        return e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled())
 
     def sync_tied_weight_from_first_stage(self, model: Optional[PipelineStage] = None) -> None:
         """Collective over the pipeline: the last stage's head copy := the first stage's wte."""
@@ -173,9 +168,7 @@ class _Step:
                 self.r.tied.send_grad()
             if op.kind == "B" and op.chunk == 0:  # this micro-batch's last backward on this rank
                 t = time.perf_counter()
-                if k == self.final_backward and self.r.engine_reports_no_norm():
-                    from ..training.trainer import grad_norm  # collective over TP x PP
-
+                if k == self.final_backward and engine_keeps_no_norm(self.r.engine):  # TP x PP collective
                     self.r.grad_norm = grad_norm(self.model, self.r.ps)
                 self.engine.step()
                 self.optimizer_s += time.perf_counter() - t
@@ -206,7 +199,7 @@ class _Step:
                 self.nonfinite = True
                 # As the plain loop: ZeRO >= 1 and half precision skip the whole step on
                 # non-finite gradients; ZeRO-0 fp32 would apply them, so this micro-batch adds none.
-                if self.skip and self.r.engine_reports_no_norm():
+                if self.skip and engine_keeps_no_norm(self.r.engine):
                     loss = (x * 0.0).sum() + sum(p.sum() * 0.0 for p in m.chunk_parameters(op.chunk))
         else:
             grad = self.link.take("backward", tuple(op), f"micro-batch {op.mb} chunk {op.chunk}")

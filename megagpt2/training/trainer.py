@@ -17,6 +17,7 @@ from ..distributed import all_reduce_small
 from ..parallel import ParallelState
 from . import checkpoint as ckpt
 from .data import DataState, build_data
+from .gradnorm import engine_keeps_no_norm, grad_norm
 from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops
 from .model_setup import build_engine
 from .signals import Signals
@@ -96,19 +97,14 @@ class Trainer:
                 nonfinite = True
                 # ZeRO >= 1 and half precision see the non-finite gradients and skip the whole
                 # step; ZeRO-0 fp32 would apply them, so there this micro-batch adds nothing.
-                if cfg.train.on_nonfinite == "skip" and self._engine_reports_no_norm():
+                if cfg.train.on_nonfinite == "skip" and engine_keeps_no_norm(engine):
                     loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
             engine.backward(loss)
-            if i == self.accum - 1 and self._engine_reports_no_norm():
+            if i == self.accum - 1 and engine_keeps_no_norm(engine):
                 self._own_norm = grad_norm(engine.module, self.run.ps)  # before step() clips
             engine.step()
             total += loss.detach().double().cpu()
         return self._finish_step(total / self.accum, nonfinite)
-
-    def _engine_reports_no_norm(self) -> bool:
-        """DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm: we compute it then."""
-        e = self.engine
-        return e.zero_optimization_stage() == 0 and not (e.bfloat16_enabled() or e.fp16_enabled())
 
     def _finish_step(self, mean: torch.Tensor, nonfinite: bool) -> StepResult:
         """Average the replica's mean loss over DP; read grad norm and learning rate."""
@@ -264,20 +260,6 @@ class Trainer:
 
             print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, run.ps, run.device)
         return out
-
-
-def grad_norm(model: torch.nn.Module, ps: ParallelState) -> float:
-    """Global L2 norm of the gradients, each parameter counted once across TP x PP x DP.
-
-    Parameters marked `model_parallel` are this rank's own (shards, and TP-replicated ones on
-    tp_rank 0 only); gradients are identical across DP after the all-reduce."""
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None and getattr(p, "model_parallel", True):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
-    if ps.mp_group is not None:
-        sq = all_reduce_small(sq, group=ps.mp_group)
-    return float(sq.sqrt())
 
 
 def _ds_version() -> str:
