@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
-from ..kernels import layer_norm
+from ..kernels import LayerNorm as KernelLayerNorm, layer_norm
 from ..parallel import (
     ColumnParallelLinear,
     ParallelState,
@@ -46,26 +46,24 @@ from .attention_core import attention
 KVCache = list  # per block: (k, v) of shape (B, H, T_past, D), or None
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dim through the selected kernel.
+class LayerNorm(KernelLayerNorm):
+    """The kernels' LayerNorm, made sequence-parallel aware.
 
     With sequence parallelism each TP rank normalises its own slice of the sequence, so the
     weight and bias gradients are partial: they go through copy_to_tp_region (bwd all-reduce).
     """
 
     def __init__(self, dim: int, eps: float, kernels: str, group=None, sequence_parallel: bool = False):
-        super().__init__()
-        self.eps, self.kernels = eps, kernels
+        super().__init__(dim, eps, kernels)
         self.group = group if sequence_parallel else None
-        self.weight = mark(nn.Parameter(torch.ones(dim)), None, "ones")
-        self.bias = mark(nn.Parameter(torch.zeros(dim)), None, "zeros")
-        self.weight.sequence_parallel = self.bias.sequence_parallel = sequence_parallel
+        mark(self.weight, None, "ones").sequence_parallel = sequence_parallel
+        mark(self.bias, None, "zeros").sequence_parallel = sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if self.group is not None:
-            w, b = copy_to_tp_region(w, self.group), copy_to_tp_region(b, self.group)
-        return layer_norm(x, w, b, self.eps, impl=self.kernels)
+        if self.group is None:
+            return super().forward(x)
+        w, b = copy_to_tp_region(self.weight, self.group), copy_to_tp_region(self.bias, self.group)
+        return layer_norm(x, w, b, self.eps, impl=self.impl)
 
 
 class CausalSelfAttention(nn.Module):

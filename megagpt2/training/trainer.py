@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +44,6 @@ class Run:
     ps: ParallelState
     device: torch.device
     log_rank0: bool = True
-    history: dict = field(default_factory=dict)
 
 
 def log(msg: str, run: Run) -> None:
