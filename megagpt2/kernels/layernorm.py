@@ -2,8 +2,9 @@
 
 Forward: one program per row, BLOCK_N = next_power_of_2(hidden), fp32 mean/rstd saved (8 bytes a
 row). Backward: each program walks a contiguous group of rows, writes dx per row and keeps fp32
-partial sums of dw/db in registers; the partials land in a (programs, hidden) buffer that torch
-sums. No atomics, so weight/bias gradients are bitwise deterministic run to run.
+partial sums of dw/db in registers; the partials land in a (programs, hidden) buffer that a
+second small kernel sums column by column and casts. No atomics, so weight/bias gradients are
+bitwise deterministic run to run.
 """
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from megagpt2.kernels import runtime
 
 # Largest hidden size kept in one block of registers (64 KiB of the input dtype per row).
 MAX_FUSED_BYTES = 65536
+# Tile of the dw/db partial reduction: BLOCK_P partial rows x BLOCK_C columns per step.
+DWDB_BLOCK_P, DWDB_BLOCK_C = 32, 64
 
 
 def _kernels():
     k = runtime.kernel_module()  # imports triton: only on first launch
-    return k.ln_fwd_kernel, k.ln_bwd_kernel
+    return k.ln_fwd_kernel, k.ln_bwd_kernel, k.ln_dwdb_kernel
 
 
 def _block_for(n: int, x: torch.Tensor) -> int:
@@ -44,7 +47,7 @@ def bwd_programs(rows: int, device: torch.device) -> int:
 
 def ln_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """x2d (M, N) with unit last stride -> (y (M, N), mean (M,), rstd (M,))."""
-    fwd, _ = _kernels()
+    fwd, _, _ = _kernels()
     m, n = x2d.shape
     block = _block_for(n, x2d)
     y = torch.empty_like(x2d)
@@ -61,23 +64,26 @@ def ln_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
 
 def ln_backward(dy2d, x2d, weight, mean, rstd):
     """(M, N) grads -> (dx (M, N) in x's dtype, dw (N,), db (N,) in weight's dtype)."""
-    _, bwd = _kernels()
+    _, bwd, dwdb = _kernels()
     m, n = x2d.shape
     block = _block_for(n, x2d)
     dx = torch.empty_like(x2d)
     programs = bwd_programs(m, x2d.device)
     rows_per_prog = -(-m // programs)
     programs = -(-m // rows_per_prog)  # drop programs that would own no row
-    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device)
-    db_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device)
+    dw_part, db_part = torch.empty((2, programs, n), dtype=torch.float32, device=x2d.device)
     with runtime.on_device(x2d):
         bwd[(programs,)](
             dy2d, x2d, weight, mean, rstd, dx, dw_part, db_part,
             dy2d.stride(0), x2d.stride(0), dx.stride(0), m, n, rows_per_prog,
             BLOCK_N=block, num_warps=runtime.num_warps_for(block),
         )
-    dw = dw_part.sum(dim=0).to(weight.dtype)  # fixed-order reduction: deterministic
-    db = db_part.sum(dim=0).to(weight.dtype)
+        dw = torch.empty(n, dtype=weight.dtype, device=x2d.device)
+        db = torch.empty_like(dw)
+        dwdb[(-(-n // DWDB_BLOCK_C),)](
+            dw_part, db_part, dw, db, programs, n, BLOCK_P=DWDB_BLOCK_P, BLOCK_C=DWDB_BLOCK_C,
+            num_warps=4,
+        )
     return dx, dw, db
 
 

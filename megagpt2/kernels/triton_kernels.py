@@ -64,8 +64,8 @@ def ln_bwd_kernel(
     """Rows [pid * R, (pid + 1) * R): dx per row, and dw/db summed over those rows.
 
     dx = rstd * (w*dy - xhat * mean(xhat * w*dy) - mean(w*dy)). The partial sums go to this
-    program's own slot; the host sums the slots with torch (fixed order, so deterministic,
-    unlike an atomic_add across programs).
+    program's own slot; `ln_dwdb_kernel` sums the slots (fixed order, so deterministic, unlike
+    an atomic_add across programs).
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -93,6 +93,32 @@ def ln_bwd_kernel(
         db_acc += dy
     tl.store(DW_part + pid * N + cols, dw_acc, mask=cmask)
     tl.store(DB_part + pid * N + cols, db_acc, mask=cmask)
+
+
+@triton.jit
+def ln_dwdb_kernel(
+    DW_part, DB_part, DW, DB,  # partials (P, N) fp32 -> DW, DB (N,) in the weight's dtype
+    P, N,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Column sums of the backward's partials, in a fixed order, cast on store.
+
+    One launch instead of torch's sum + cast for each of dw and db (four small kernels whose
+    launch gaps cost as much GPU time as the LayerNorm itself at GPT-2 sizes). The partials
+    were just written, so they are read from L2.
+    """
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < N
+    dw = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    db = tl.full([BLOCK_P, BLOCK_C], 0.0, tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        prow = p0 + tl.arange(0, BLOCK_P)
+        offs = prow[:, None] * N + cols[None, :]
+        m = (prow[:, None] < P) & cmask[None, :]
+        dw += tl.load(DW_part + offs, mask=m, other=0.0)
+        db += tl.load(DB_part + offs, mask=m, other=0.0)
+    tl.store(DW + cols, tl.reduce(dw, 0, _add).to(DW.dtype.element_ty), mask=cmask)
+    tl.store(DB + cols, tl.reduce(db, 0, _add).to(DB.dtype.element_ty), mask=cmask)
 
 
 # Softmax: rows are the flattened (B, H, Tq) of contiguous (B, H, Tq, Tk) scores, one program
