@@ -114,6 +114,20 @@ def test_layer_norm_weight_grads_are_deterministic():
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_partial_sum_kernel(dtype):
+    """The dw/db reduction over more partial rows than one tile, columns not filling a tile."""
+    from megagpt2.kernels.layernorm import DWDB_BLOCK_C, DWDB_BLOCK_P
+
+    p, n = 2 * DWDB_BLOCK_P + 5, DWDB_BLOCK_C + 36
+    parts = torch.randn(2, p, n, generator=torch.Generator().manual_seed(3))
+    dw, db = torch.full((2, n), float("nan"), dtype=dtype)  # poisoned: every column written
+    runtime.kernel_module().ln_dwdb_kernel[(2,)](
+        parts[0], parts[1], dw, db, p, n, BLOCK_P=DWDB_BLOCK_P, BLOCK_C=DWDB_BLOCK_C)
+    want = parts.double().sum(dim=1)
+    assert rel_err(dw.double(), want[0]) < TOL[dtype] and rel_err(db.double(), want[1]) < TOL[dtype]
+
+
 def test_layer_norm_module_selects_kernel():
     ln_t, ln_r = LayerNorm(24, impl="triton"), LayerNorm(24, impl="torch")
     assert [n for n, _ in ln_t.named_parameters()] == ["weight", "bias"]
@@ -189,7 +203,8 @@ def test_interpreter_really_ran():
     x, w, b, _ = ln_case((3, 8), torch.float32)
     layer_norm(x, w, b, impl="triton")  # CPU tensors: only the interpreter can run this
     k = runtime.kernel_module()
-    for fn in (k.ln_fwd_kernel, k.ln_bwd_kernel, k.softmax_fwd_kernel, k.softmax_bwd_kernel):
+    for fn in (k.ln_fwd_kernel, k.ln_bwd_kernel, k.ln_dwdb_kernel, k.softmax_fwd_kernel,
+               k.softmax_bwd_kernel):
         assert runtime.is_interpreted(fn), fn
 
 
@@ -226,22 +241,55 @@ def test_reference_softmax_matches_formula():
     assert torch.allclose(scaled_masked_softmax_ref(s, 0.5, causal=True), expected, atol=1e-7)
 
 
-def test_bench_kernels_runs(tmp_path: Path):
+def _load_bench():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_kernels_runs(tmp_path: Path):
+    bench = _load_bench()
     out = tmp_path / "figures.json"
     rc = bench.main(["--device", "cpu", "--dtype", "fp32", "--tokens", "8", "--hidden", "24",
                      "--batch", "1", "--heads", "2", "--seq", "8", "--compile", "none",
-                     "--warmup", "0", "--iters", "1", "--out", str(out)])
+                     "--warmup", "0", "--iters", "1", "--sweep", "--out", str(out)])
     assert rc == 0
-    rows = json.loads(out.read_text())["rows"]
+    figures = json.loads(out.read_text())
+    rows, sweep = figures["rows"], figures["sweep"]
     assert {(r["kernel"], r["impl"]) for r in rows} == {
         ("layernorm", "triton"), ("layernorm", "torch eager"),
         ("softmax", "triton"), ("softmax", "torch eager"),
     }
-    assert all(r["fwd_bwd_ms"] > 0 and r["fwd_bwd_gbps"] > 0 for r in rows)
+    assert all(r["fwd_bwd_ms"] > 0 and r["fwd_bwd_gbps"] > 0 and r["host_ms"] > 0 for r in rows)
+    assert {r["impl"] for r in sweep if r["kernel"] == "layernorm"} == {
+        "triton w2", "triton w4", "triton w8", "triton w16",
+        "triton bwd 1/SM", "triton bwd 2/SM", "triton bwd 8/SM",
+    }
+    assert {r["impl"] for r in sweep if r["kernel"] == "softmax"} == {
+        "triton w1", "triton w2", "triton w4", "triton w8"}
+    assert all(r["speedup_vs_eager"] > 0 for r in sweep)
+
+
+def test_bench_sweep_overrides_are_scoped():
+    """Inside `tuned` the launch heuristics are overridden (same results), and restored after."""
+    bench = _load_bench()
+    from megagpt2.kernels import layernorm as layernorm_mod
+
+    default_warps, default_programs = runtime.num_warps_for, layernorm_mod.bwd_programs
+    x = torch.randn(10, 24, requires_grad=True)
+    w, b = torch.ones(24, requires_grad=True), torch.zeros(24, requires_grad=True)
+    with bench.tuned(warps=3, ln_bwd_per_sm=2):
+        assert runtime.num_warps_for(2048) == 3
+        assert layernorm_mod.bwd_programs(10, x.device) == 2  # CPU counts as one SM
+        y = layer_norm(x, w, b, impl="triton")
+        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    assert runtime.num_warps_for is default_warps
+    assert layernorm_mod.bwd_programs is default_programs
+    ref = torch.autograd.grad(layer_norm_ref(x, w, b).sum(), (x, w, b))
+    for got, want in zip((gx, gw, gb), ref):
+        assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_kernels_compile_for_sm90_with_vector_loads(monkeypatch):
@@ -271,12 +319,14 @@ def test_kernels_compile_for_sm90_with_vector_loads(monkeypatch):
     ln_bwd = dict(DY=t, X=t, W=t, Mean="*fp32", Rstd="*fp32", DX=t, DW_part="*fp32",
                   DB_part="*fp32", stride_dy="i32", stride_x="i32", stride_dx="i32", M="i32",
                   N="i32", rows_per_prog="i32")
+    ln_dwdb = dict(DW_part="*fp32", DB_part="*fp32", DW=t, DB=t, P="i32", N="i32")
     sm_fwd = dict(S=t, P=t, Mask="*u8", scale="fp32", Tq="i32", Tk="i32", H="i32",
                   causal_offset="i32", sm_b="i32", sm_h="i32", sm_q="i32", sm_k="i32")
     sm_bwd = dict(DY=t, P=t, DX=t, scale="fp32", Tq="i32", Tk="i32", causal_offset="i32")
     cases = [
         (k.ln_fwd_kernel, ln_fwd, {"BLOCK_N": 2048}, 8),
         (k.ln_bwd_kernel, ln_bwd, {"BLOCK_N": 2048}, 8),
+        (k.ln_dwdb_kernel, ln_dwdb, {"BLOCK_P": 32, "BLOCK_C": 64}, 4),
         (k.softmax_fwd_kernel, sm_fwd, {"CAUSAL": True, "HAS_MASK": False, "BLOCK": 1024}, 4),
         (k.softmax_bwd_kernel, sm_bwd, {"CAUSAL": True, "BLOCK": 1024}, 4),
     ]
