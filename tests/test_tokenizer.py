@@ -7,6 +7,7 @@ import argparse
 import json
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import tiktoken.load
@@ -277,6 +278,26 @@ def test_model_file_errors(tmp_path):
     vocab, _ = default_gpt2_files()
     with pytest.raises(TokenizerError, match="plain vocabulary.*GPT2BPETokenizer"):
         build_tokenizer("HFTokenizer", tokenizer_model=vocab)
+
+
+def test_train_tokenizer_reads_compressed_inputs(tmp_path):
+    """Every supported compression yields the same sentences as the plain file, jsonl and text."""
+    from megagpt2.data.readers import open_compressed
+
+    corpus = write_corpus(tmp_path)
+    raw = Path(corpus).read_bytes()
+    text = tmp_path / "plain.txt"
+    text.write_text(VARIED_TEXT, encoding="utf-8")
+    want_json = list(train_tokenizer.SentenceStream([corpus], "auto", "body", quiet=True))
+    want_text = list(train_tokenizer.SentenceStream([str(text)], "auto", "body", quiet=True))
+    assert want_json and want_text
+    for ext in (".gz", ".bz2", ".xz", ".zst"):
+        for src, data, want in ((corpus, raw, want_json), (str(text), text.read_bytes(), want_text)):
+            packed = str(tmp_path / (Path(src).name + ext))
+            with open_compressed(packed, "wb") as f:
+                f.write(data)
+            got = list(train_tokenizer.SentenceStream([packed], "auto", "body", quiet=True))
+            assert got == want, packed
 
 
 def test_train_tokenizer_errors(tmp_path, capsys):

@@ -21,12 +21,9 @@ so ``decode(encode(text)) == text``. EOS (``</s>``, id 2) is the end-of-document
 from __future__ import annotations
 
 import argparse
-import bz2
 import glob
-import gzip
 import io
 import json
-import lzma
 import os
 import sys
 from typing import IO, Iterator
@@ -34,8 +31,9 @@ from typing import IO, Iterator
 import sentencepiece
 from tqdm import tqdm
 
-JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megagpt2.data.readers import input_kind, open_compressed  # noqa: E402
 
 
 class InputError(Exception):
@@ -92,28 +90,13 @@ def expand_inputs(patterns: list[str], parser: argparse.ArgumentParser) -> list[
 
 def open_text(path: str) -> IO[str]:
     """Open a possibly compressed file as UTF-8 text (bad bytes replaced, not fatal)."""
-    if path.endswith(".gz"):
-        raw = gzip.open(path, "rb")
-    elif path.endswith(".bz2"):
-        raw = bz2.open(path, "rb")
-    elif path.endswith(".xz"):
-        raw = lzma.open(path, "rb")
-    elif path.endswith(".zst"):
-        import zstandard  # optional: only needed for .zst inputs
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    else:
-        raw = open(path, "rb")
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="")
+    return io.TextIOWrapper(open_compressed(path), encoding="utf-8", errors="replace", newline="")
 
 
 def is_jsonl(path: str, fmt: str) -> bool:
     if fmt != "auto":
         return fmt == "jsonl"
-    name = path
-    for suffix in COMPRESSED_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name.endswith(JSON_SUFFIXES)
+    return input_kind(path) == "json"
 
 
 def iter_documents(path: str, jsonl: bool, json_key: str) -> Iterator[str]:
