@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One GPU check for the fused kernels: CUDA tests, then the kernel benchmark, figures under $OUT.
-# Budget: under 8 minutes on one H200 (tests ~2 min, benchmark ~4 min; each step has a timeout
+# One GPU check for the fused kernels: CUDA tests, then the kernel and model benchmarks, figures
+# under $OUT.
+# Budget: under 8 minutes on one H200 (tests ~2 min, benchmarks ~4 min; each step has a timeout
 # so a hang cannot eat the machine's time). Run from anywhere inside the checkout:
 #   OUT=/some/dir benchmarks/gpu_check.sh
 # Uses `python3` on PATH, else `python` (override with PYTHON=...); it needs torch, triton and
 # pytest, nothing else (no deepspeed). Each step's status goes to $OUT/summary.txt, its output
-# to $OUT/<step>.txt, the figures to $OUT/bench_kernels_*.json.
+# to $OUT/<step>.txt, the figures to $OUT/bench_*.json.
+# The step limits add up to 550 s, under the device tool's 600 s per command.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ step() {  # step NAME TIMEOUT_S CMD... : run, tee output to $OUT/NAME.txt, recor
 }
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
-  step cuda_tests 180 "$PY" -m pytest -q -p no:cacheprovider \
+  step cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_kernels_cuda.py tests/test_attention_core.py
 else
   echo "cuda_tests: skipped, pytest is not installed for $PY" | tee -a "$SUMMARY"
@@ -39,6 +41,9 @@ fi
 
 step bench_fp16_ln 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --compile none \
   --kernels layernorm --hidden 1600 --out "$OUT/bench_kernels_fp16.json"
+# End to end: GPT-2 124M forward+backward with each kernels x attention choice (~1 min).
+step bench_model 120 "$PY" benchmarks/bench_model.py --config configs/gpt2/124m.yaml \
+  --micro-batch 8 --out "$OUT/bench_model_124m.json"
 # torch.compile baselines only at the largest hidden size: compiling every shape costs minutes.
 # Last, so that the end of the output (all a remote run may show) holds the main tables.
 step bench_bf16 240 "$PY" benchmarks/bench_kernels.py --dtype bf16 --compile largest --sweep \

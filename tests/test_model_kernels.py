@@ -27,3 +27,28 @@ def test_triton_kernels_give_same_loss_and_gradients(monkeypatch, attention):
     for (name, p), (_, q) in zip(ref.named_parameters(), tri.named_parameters()):
         err = ((p.grad - q.grad).norm() / p.grad.norm().clamp(min=1e-12)).item()
         assert err < 1e-5, (name, err)
+
+
+def test_bench_model_paths_agree(monkeypatch, tmp_path):
+    """benchmarks/bench_model.py runs every kernels x attention pair; with dropout off their
+    first losses agree (same weights, same tokens), so the benchmark compares like with like."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "model.json"
+    rc = bench.main(["--device", "cpu", "--config", str(path.parents[1] / "configs/gpt2/tiny.yaml"),
+                     "--dtype", "fp32", "--micro-batch", "1", "--seq", "16", "--no-dropout",
+                     "--warmup", "0", "--iters", "1", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kernels"], r["attention"]) for r in rows} == {
+        (k, a) for k in ("torch", "triton") for a in ("torch", "fused_softmax", "flash")}
+    losses = [r["loss"] for r in rows]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
