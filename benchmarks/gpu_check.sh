@@ -7,7 +7,8 @@
 # Uses `python3` on PATH, else `python` (override with PYTHON=...); it needs torch, triton and
 # pytest, nothing else (no deepspeed). Each step's status goes to $OUT/summary.txt, its output
 # to $OUT/<step>.txt, the figures to $OUT/bench_*.json.
-# The step limits add up to 550 s, under the device tool's 600 s per command.
+# The step limits add up to 550 s, under the device tool's 600 s per command. The run ends by
+# printing $OUT/RESULTS.md (benchmarks/gpu_report.py): all figures, each target MET or MISSED.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -45,8 +46,10 @@ step bench_fp16_ln 40 "$PY" benchmarks/bench_kernels.py --dtype fp16 --compile n
 step bench_model 120 "$PY" benchmarks/bench_model.py --config configs/gpt2/124m.yaml \
   --micro-batch 8 --out "$OUT/bench_model_124m.json"
 # torch.compile baselines only at the largest hidden size: compiling every shape costs minutes.
-# Last, so that the end of the output (all a remote run may show) holds the main tables.
 step bench_bf16 240 "$PY" benchmarks/bench_kernels.py --dtype bf16 --compile largest --sweep \
   --out "$OUT/bench_kernels_bf16.json"
 
 echo "done in ${SECONDS}s" | tee -a "$SUMMARY"
+# Last: every figure in one Markdown page with the targets judged ($OUT/RESULTS.md; commit it
+# under benchmarks/results/).
+"$PY" benchmarks/gpu_report.py "$OUT"

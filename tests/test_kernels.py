@@ -272,6 +272,47 @@ def test_bench_kernels_runs(tmp_path: Path):
     assert all(r["speedup_vs_eager"] > 0 for r in sweep)
 
 
+def _load_report():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
+    spec = importlib.util.spec_from_file_location("gpu_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_report_judges_the_targets():
+    gpu_report = _load_report()
+
+    def row(kernel, shape, impl, speedup, frac):
+        return {"kernel": kernel, "shape": shape, "impl": impl, "speedup_vs_eager": speedup,
+                "frac_copy_bw": frac}
+
+    verdicts = gpu_report.judge([
+        row("layernorm", "(8192, 1600)", "triton", 1.31, 0.76),
+        row("layernorm", "(8192, 768)", "triton", 1.0, 0.5),  # not a target shape
+        row("layernorm", "(8192, 1600)", "torch eager", 1.0, 0.5),  # baselines are not judged
+        row("softmax", "(8x12, 1024, 1024)", "triton", 2.5, 0.74),  # bandwidth short
+        row("softmax", "(8x25, 1024, 1024)", "triton", 1.9, 0.9),  # speed-up short
+    ])
+    assert [met for _, met, _ in verdicts] == [True, False, False]
+    assert "1.31x, 76.0%" in verdicts[0][2]
+
+
+def test_gpu_report_from_benchmark_figures(tmp_path: Path):
+    bench = _load_bench()
+    rc = bench.main(["--device", "cpu", "--dtype", "bf16", "--tokens", "4", "--hidden", "1600",
+                     "--batch", "1", "--heads", "2", "--seq", "8", "--compile", "none",
+                     "--warmup", "0", "--iters", "1", "--sweep",
+                     "--out", str(tmp_path / "bench_kernels_bf16.json")])
+    assert rc == 0
+    (tmp_path / "summary.txt").write_text("bench_bf16: rc=0\n")
+    assert _load_report().main([str(tmp_path)]) == 0
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "bench_bf16: rc=0" in text and "Tuning sweep" in text and "| triton w16 |" in text
+    # The CPU figures are far from the targets: both are judged, and missed.
+    assert "MISSED: layernorm (4, 1600)" in text and "MISSED: softmax (1x2, 8, 8)" in text
+
+
 def test_bench_sweep_overrides_are_scoped():
     """Inside `tuned` the launch heuristics are overridden (same results), and restored after."""
     bench = _load_bench()
