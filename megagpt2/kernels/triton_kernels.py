@@ -103,9 +103,9 @@ def ln_dwdb_kernel(
 ):
     """Column sums of the backward's partials, in a fixed order, cast on store.
 
-    One launch instead of torch's sum + cast for each of dw and db (four small kernels whose
-    launch gaps cost as much GPU time as the LayerNorm itself at GPT-2 sizes). The partials
-    were just written, so they are read from L2.
+    One launch instead of torch's sum + cast for each of dw and db: four small kernels, whose
+    gaps would be a sizeable share of a LayerNorm that runs for tens of microseconds (an
+    estimate; not yet measured on a GPU). The partials were just written, so they come from L2.
     """
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < N
