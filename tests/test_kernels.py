@@ -241,12 +241,17 @@ def test_reference_softmax_matches_formula():
     assert torch.allclose(scaled_masked_softmax_ref(s, 0.5, causal=True), expected, atol=1e-7)
 
 
+def _load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return _load_benchmark("bench_kernels")
 
 
 def test_bench_kernels_runs(tmp_path: Path):
@@ -273,11 +278,7 @@ def test_bench_kernels_runs(tmp_path: Path):
 
 
 def _load_report():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_report.py"
-    spec = importlib.util.spec_from_file_location("gpu_report", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_benchmark("gpu_report")
 
 
 def test_gpu_report_judges_the_targets():
