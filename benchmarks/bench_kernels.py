@@ -232,12 +232,11 @@ def bench_layernorm(args, device, dtype, hidden: int, timer: Timer, copy_bw: flo
     else:
         variants = {name: (op, {}) for name, op in layernorm_impls(args, device).items()
                     if not _skip_compile(args, name, hidden)}
-    rows = []
-    for name, (op, overrides) in variants.items():
-        with tuned(**overrides):
-            times = fwd_and_fwdbwd(op, [x, w, b], dy, timer)
-        rows.append(_row("layernorm", f"({m}, {n})", name, *times, fwd_bytes, bwd_bytes, copy_bw))
-    return rows
+    return [
+        measure("layernorm", f"({m}, {n})", name, overrides, fwd_bytes, bwd_bytes, copy_bw,
+                lambda: fwd_and_fwdbwd(op, [x, w, b], dy, timer))
+        for name, (op, overrides) in variants.items()
+    ]
 
 
 def _skip_compile(args, name: str, hidden: int) -> bool:
@@ -272,13 +271,30 @@ def bench_softmax(args, device, dtype, hidden: int, timer: Timer, copy_bw: float
     else:
         variants = {name: (op, {}) for name, op in softmax_impls(args, device, mask, scale).items()
                     if not _skip_compile(args, name, hidden)}
-    rows = []
     shape = f"({args.batch}x{heads}, {t}, {t})"
-    for name, (op, overrides) in variants.items():
+    return [
+        measure("softmax", shape, name, overrides, fwd_bytes, bwd_bytes, copy_bw,
+                lambda: fwd_and_fwdbwd(op, [scores], dy, timer))
+        for name, (op, overrides) in variants.items()
+    ]
+
+
+def measure(kernel, shape, impl, overrides, fwd_bytes, bwd_bytes, copy_bw, run) -> dict:
+    """One table row from run() -> (fwd ms, fwd+bwd ms, host ms), under `tuned(**overrides)`.
+
+    A failure (a compile error, out of memory) becomes a row with "error" set and is printed, so
+    one broken implementation on a lent GPU does not cost the other figures of the run.
+    """
+    try:
         with tuned(**overrides):
-            times = fwd_and_fwdbwd(op, [scores], dy, timer)
-        rows.append(_row("softmax", shape, name, *times, fwd_bytes, bwd_bytes, copy_bw))
-    return rows
+            times = run()
+    except Exception as e:  # noqa: BLE001 - reported in the row and on stderr
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        print(f"{kernel} {shape} {impl}: FAILED: {error}", file=sys.stderr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"kernel": kernel, "shape": shape, "impl": impl, "error": error}
+    return _row(kernel, shape, impl, *times, fwd_bytes, bwd_bytes, copy_bw)
 
 
 def _row(kernel, shape, impl, f_ms, fb_ms, host_ms, fwd_bytes, bwd_bytes, copy_bw) -> dict:
@@ -297,8 +313,10 @@ def _row(kernel, shape, impl, f_ms, fb_ms, host_ms, fwd_bytes, bwd_bytes, copy_b
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:
     """speedup = torch eager fwd+bwd time (from `baselines`) / this row's, same kernel and shape."""
     eager = {(r["kernel"], r["shape"]): r["fwd_bwd_ms"] for r in baselines
-             if r["impl"] == "torch eager"}
+             if r["impl"] == "torch eager" and "error" not in r}
     for r in rows:
+        if "error" in r:
+            continue
         base = eager.get((r["kernel"], r["shape"]))
         r["speedup_vs_eager"] = base / r["fwd_bwd_ms"] if base else float("nan")
 
@@ -308,6 +326,9 @@ def format_table(rows: list[dict]) -> str:
             f"{'GB/s':>7} {'f+b ms':>8} {'GB/s':>7} {'% copy':>7} {'vs eager':>8} {'host ms':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<10} {r['shape']:<21} {r['impl']:<17} FAILED: {r['error'][:70]}")
+            continue
         lines.append(
             f"{r['kernel']:<10} {r['shape']:<21} {r['impl']:<17} {r['fwd_ms']:8.3f} "
             f"{r['fwd_gbps']:7.0f} {r['bwd_ms']:8.3f} {r['bwd_gbps']:7.0f} {r['fwd_bwd_ms']:8.3f} "

@@ -56,6 +56,22 @@ def step_timer(device: torch.device, warmup: int, iters: int):
     return run
 
 
+def time_model(model: GPT2, idx: torch.Tensor, tgt: torch.Tensor, timer) -> dict:
+    """First loss, median ms of loss + backward, and peak memory (GiB, CUDA only)."""
+    device = idx.device
+
+    def step():
+        model(idx, tgt).backward()
+
+    first_loss = model(idx, tgt).item()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    ms = timer(step)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"ms": ms, "peak_gib": peak, "loss": first_loss}
+
+
 def kernel_choices(device: torch.device) -> list[str]:
     """The kernels worth timing here: Triton only where it can run (CUDA, or the interpreter)."""
     return ["torch", "triton"] if device.type == "cuda" or interpret_enabled() else ["torch"]
@@ -84,27 +100,22 @@ def bench(args) -> tuple[dict, list[dict]]:
                 state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 model.load_state_dict(state)
-            model.to(device=device, dtype=dtype).train()
-
-            def step():
-                model(idx, tgt).backward()
-
-            first_loss = model(idx, tgt).item()
-            model.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            ms = timer(step)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            rows.append({"kernels": kernels, "attention": attention, "ms": ms,
-                         "tokens_per_s": args.micro_batch * seq / (ms * 1e-3),
-                         "peak_gib": peak, "loss": first_loss})
+            row = {"kernels": kernels, "attention": attention}
+            try:
+                row.update(time_model(model.to(device=device, dtype=dtype).train(), idx, tgt, timer))
+            except Exception as e:  # noqa: BLE001 - one failing pair must not cost the others
+                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"{kernels} / {attention}: FAILED: {row['error']}", file=sys.stderr)
+            rows.append(row)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    base = next((r["ms"] for r in rows if r["kernels"] == "torch" and r["attention"] == "torch"), None)
+    base = next((r["ms"] for r in rows if r["kernels"] == "torch" and r["attention"] == "torch"
+                 and "error" not in r), None)
     for r in rows:
-        r["speedup"] = base / r["ms"] if base else float("nan")
+        if "error" not in r:
+            r["speedup"] = base / r["ms"] if base else float("nan")
+            r["tokens_per_s"] = args.micro_batch * seq / (r["ms"] * 1e-3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"device": name, "config": args.config, "dtype": args.dtype, "micro_batch": args.micro_batch,
             "seq": seq, "dropout": not args.no_dropout, "torch": torch.__version__,
@@ -119,6 +130,9 @@ def format_table(meta: dict, rows: list[dict]) -> str:
             f"{'vs torch/torch':>14} {'first loss':>11}")
     lines += [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernels']:<8} {r['attention']:<14} FAILED: {r['error'][:80]}")
+            continue
         lines.append(f"{r['kernels']:<8} {r['attention']:<14} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} "
                      f"{r['peak_gib']:9.2f} {r['speedup']:13.2f}x {r['loss']:11.5f}")
     return "\n".join(lines)

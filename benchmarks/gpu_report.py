@@ -32,12 +32,12 @@ def judge(rows: list[dict]) -> list[tuple[str, bool, str]]:
             need = SOFTMAX_SPEEDUP
         else:
             continue
+        what = f"{r['kernel']} {r['shape']}: >= {need}x eager, >= {MIN_FRAC_BW:.0%} of copy bandwidth"
+        if "error" in r:
+            verdicts.append((what, False, f"failed: {r['error']}"))
+            continue
         met = r["speedup_vs_eager"] >= need and r["frac_copy_bw"] >= MIN_FRAC_BW
-        verdicts.append((
-            f"{r['kernel']} {r['shape']}: >= {need}x eager, >= {MIN_FRAC_BW:.0%} of copy bandwidth",
-            met,
-            f"{r['speedup_vs_eager']:.2f}x, {r['frac_copy_bw']:.1%}",
-        ))
+        verdicts.append((what, met, f"{r['speedup_vs_eager']:.2f}x, {r['frac_copy_bw']:.1%}"))
     return verdicts
 
 
@@ -45,6 +45,10 @@ def kernel_table(rows: list[dict]) -> list[str]:
     lines = ["| kernel | shape | impl | fwd ms | bwd ms | fwd+bwd ms | GB/s | % copy | vs eager | host ms |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | failed: {r['error']} |"
+                         + " |" * 6)
+            continue
         lines.append(
             f"| {r['kernel']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
             f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_gbps']:.0f} | {100 * r['frac_copy_bw']:.1f}% | "
@@ -56,6 +60,9 @@ def model_table(rows: list[dict]) -> list[str]:
     lines = ["| kernels | attention | ms/step | tokens/s | peak GiB | vs torch/torch | first loss |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['kernels']} | {r['attention']} | failed: {r['error']} |" + " |" * 4)
+            continue
         lines.append(f"| {r['kernels']} | {r['attention']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"{r['peak_gib']:.2f} | {r['speedup']:.2f}x | {r['loss']:.5f} |")
     return lines

@@ -314,6 +314,28 @@ def test_gpu_report_from_benchmark_figures(tmp_path: Path):
     assert "MISSED: layernorm (4, 1600)" in text and "MISSED: softmax (1x2, 8, 8)" in text
 
 
+def test_bench_failure_becomes_an_error_row(capsys):
+    """One implementation failing (say, a compile error on the GPU) costs only its own row."""
+    bench, gpu_report = _load_bench(), _load_report()
+
+    def broken():
+        raise RuntimeError("PTX compile failed\nlong traceback")
+
+    bad = bench.measure("layernorm", "(8192, 1600)", "triton", {}, 1, 1, 1.0, broken)
+    good = bench.measure("layernorm", "(8192, 1600)", "torch eager", {}, 1, 1, 1.0,
+                         lambda: (1.0, 2.0, 0.5))
+    assert bad == {"kernel": "layernorm", "shape": "(8192, 1600)", "impl": "triton",
+                   "error": "RuntimeError: PTX compile failed"}
+    assert "FAILED: RuntimeError: PTX compile failed" in capsys.readouterr().err
+    bench.add_speedups([bad, good], [bad, good])
+    assert good["speedup_vs_eager"] == 1.0 and "speedup_vs_eager" not in bad
+    assert "FAILED: RuntimeError" in bench.format_table([bad, good])
+    assert "failed: RuntimeError" in "\n".join(gpu_report.kernel_table([bad, good]))
+    assert gpu_report.judge([bad]) == [(
+        "layernorm (8192, 1600): >= 1.3x eager, >= 75% of copy bandwidth", False,
+        "failed: RuntimeError: PTX compile failed")]
+
+
 def test_bench_sweep_overrides_are_scoped():
     """Inside `tuned` the launch heuristics are overridden (same results), and restored after."""
     bench = _load_bench()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -32,23 +36,46 @@ def test_triton_kernels_give_same_loss_and_gradients(monkeypatch, attention):
 def test_bench_model_paths_agree(monkeypatch, tmp_path):
     """benchmarks/bench_model.py runs every kernels x attention pair; with dropout off their
     first losses agree (same weights, same tokens), so the benchmark compares like with like."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench_model()
     out = tmp_path / "model.json"
-    rc = bench.main(["--device", "cpu", "--config", str(path.parents[1] / "configs/gpt2/tiny.yaml"),
-                     "--dtype", "fp32", "--micro-batch", "1", "--seq", "16", "--no-dropout",
-                     "--warmup", "0", "--iters", "1", "--out", str(out)])
-    assert rc == 0
+    assert bench.main(TINY_BENCH_ARGS + ["--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["kernels"], r["attention"]) for r in rows} == {
         (k, a) for k in ("torch", "triton") for a in ("torch", "fused_softmax", "flash")}
     losses = [r["loss"] for r in rows]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_model_failure_costs_only_its_row(tmp_path, capsys):
+    bench = _load_bench_model()
+    timed = bench.time_model
+
+    def flaky(model, idx, tgt, timer):
+        if model.cfg.attention == "flash":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return timed(model, idx, tgt, timer)
+
+    bench.time_model = flaky
+    out = tmp_path / "model.json"
+    assert bench.main(TINY_BENCH_ARGS + ["--out", str(out)]) == 0
+    rows = {r["attention"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["flash"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert rows["torch"]["speedup"] == 1.0 and rows["fused_softmax"]["ms"] > 0
+    assert "torch    flash          FAILED: OutOfMemoryError" in capsys.readouterr().out
+
+
+TINY_BENCH_ARGS = [
+    "--device", "cpu", "--config", str(Path(__file__).resolve().parents[1] / "configs/gpt2/tiny.yaml"),
+    "--dtype", "fp32", "--micro-batch", "1", "--seq", "16", "--no-dropout", "--warmup", "0",
+    "--iters", "1",
+]
+
+
+def _load_bench_model():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
