@@ -8,7 +8,6 @@ megagpt2.kernels executes its kernel file on first use, once per interpreter mod
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,6 +29,7 @@ from megagpt2.kernels import (
     scaled_masked_softmax_ref,
 )
 from megagpt2.kernels import runtime
+from tests.kernel_checks import check_layer_norm_parity, check_softmax_parity, load_benchmark, rel_err
 
 # Max error relative to the reference's largest magnitude. bf16 allows ~1 ulp (2^-7); the
 # interpreter rounds fp32 -> bf16 toward zero where GPUs round to nearest, so not less.
@@ -40,13 +40,6 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (scale-free, so one tolerance fits all shapes)."""
-    a, e = actual.double(), expected.double()
-    assert torch.isfinite(a).all(), "non-finite values in kernel output"
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
 
 
 def ln_case(shape, dtype, seed=0):
@@ -61,18 +54,7 @@ def ln_case(shape, dtype, seed=0):
 
 def check_layer_norm(shape, dtype, seed=0):
     x, w, b, dy = ln_case(shape, dtype, seed)
-    y = layer_norm(x, w, b, 1e-5, impl="triton")
-    assert type(y.grad_fn).__name__ == "TritonLayerNormBackward"  # the Triton path really ran
-    assert y.dtype == dtype and y.shape == x.shape
-    grads = torch.autograd.grad(y, (x, w, b), dy)
-    # Reference in fp32 on the same (already rounded) inputs: the kernel's own arithmetic.
-    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
-    yr = layer_norm_ref(xr, wr, br, 1e-5)
-    ref_grads = torch.autograd.grad(yr, (xr, wr, br), dy.float())
-    assert rel_err(y, yr) < TOL[dtype]
-    for name, g, r in zip(("dx", "dw", "db"), grads, ref_grads):
-        assert g.dtype == dtype, name
-        assert rel_err(g, r) < GRAD_TOL[dtype], name
+    check_layer_norm_parity(x, w, b, dy, "triton", TOL[dtype], GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -145,16 +127,7 @@ def smx_case(shape, dtype, seed=0):
 
 def check_softmax(shape, dtype, causal, mask=None, scale=0.37, seed=0):
     s, dy = smx_case(shape, dtype, seed)
-    p = scaled_masked_softmax(s, scale, causal, mask, impl="triton")
-    assert type(p.grad_fn).__name__ == "TritonScaledMaskedSoftmaxBackward"
-    assert p.dtype == dtype and p.shape == s.shape
-    (ds,) = torch.autograd.grad(p, s, dy)
-    sr = s.detach().float().requires_grad_()
-    pr = scaled_masked_softmax_ref(sr, scale, causal, mask)
-    (dsr,) = torch.autograd.grad(pr, sr, dy.float())
-    assert rel_err(p, pr) < TOL[dtype]
-    assert rel_err(ds, dsr) < GRAD_TOL[dtype]
-    return p, ds
+    return check_softmax_parity(s, dy, scale, causal, mask, "triton", TOL[dtype], GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -241,17 +214,8 @@ def test_reference_softmax_matches_formula():
     assert torch.allclose(scaled_masked_softmax_ref(s, 0.5, causal=True), expected, atol=1e-7)
 
 
-def _load_benchmark(name: str):
-    """A script of benchmarks/ (not a package) loaded as a module."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _load_bench():
-    return _load_benchmark("bench_kernels")
+    return load_benchmark("bench_kernels")
 
 
 def test_bench_kernels_runs(tmp_path: Path):
@@ -278,7 +242,7 @@ def test_bench_kernels_runs(tmp_path: Path):
 
 
 def _load_report():
-    return _load_benchmark("gpu_report")
+    return load_benchmark("gpu_report")
 
 
 def test_gpu_report_judges_the_targets():

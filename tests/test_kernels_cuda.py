@@ -8,14 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megagpt2.kernels import (
-    layer_norm,
-    layer_norm_ref,
-    runtime,
-    scaled_masked_softmax,
-    scaled_masked_softmax_ref,
-)
+from megagpt2.kernels import layer_norm, runtime
 from megagpt2.model.attention_core import attention
+from tests.kernel_checks import check_layer_norm_parity, check_softmax_parity, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -31,12 +26,6 @@ def compiled_kernels(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    a, e = actual.double(), expected.double()
-    assert torch.isfinite(a).all(), "non-finite values in kernel output"
-    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-
-
 def ln_inputs(m, n, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = (2 * torch.randn(m, n, generator=g, device="cuda") + 0.5).to(dtype).requires_grad_()
@@ -50,15 +39,7 @@ def ln_inputs(m, n, dtype, seed=0):
 @pytest.mark.parametrize("hidden", [768, 1024, 1280, 1600, 1000, 4097])
 def test_layer_norm_gpt2_shapes(hidden, dtype):
     x, w, b, dy = ln_inputs(TOKENS if hidden != 4097 else 1031, hidden, dtype)
-    y = layer_norm(x, w, b, 1e-5, impl="auto")
-    assert type(y.grad_fn).__name__ == "TritonLayerNormBackward"
-    grads = torch.autograd.grad(y, (x, w, b), dy)
-    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
-    yr = layer_norm_ref(xr, wr, br, 1e-5)
-    ref_grads = torch.autograd.grad(yr, (xr, wr, br), dy.float())
-    assert rel_err(y, yr) < TOL[dtype]
-    for name, g, r in zip(("dx", "dw", "db"), grads, ref_grads):
-        assert rel_err(g, r) < GRAD_TOL[dtype], name
+    check_layer_norm_parity(x, w, b, dy, "auto", TOL[dtype], GRAD_TOL[dtype])
 
 
 def test_kernels_are_compiled_not_interpreted():
@@ -78,14 +59,7 @@ def check_softmax(shape, dtype, causal=True, mask=None, scale=0.125):
     g = torch.Generator(device="cuda").manual_seed(0)
     s = (4 * torch.randn(shape, generator=g, device="cuda")).to(dtype).requires_grad_()
     dy = torch.randn(shape, generator=g, device="cuda").to(dtype)
-    p = scaled_masked_softmax(s, scale, causal, mask, impl="auto")
-    assert type(p.grad_fn).__name__ == "TritonScaledMaskedSoftmaxBackward"
-    (ds,) = torch.autograd.grad(p, s, dy)
-    sr = s.detach().float().requires_grad_()
-    pr = scaled_masked_softmax_ref(sr, scale, causal, mask)
-    (dsr,) = torch.autograd.grad(pr, sr, dy.float())
-    assert rel_err(p, pr) < TOL[dtype]
-    assert rel_err(ds, dsr) < GRAD_TOL[dtype]
+    p, _ = check_softmax_parity(s, dy, scale, causal, mask, "auto", TOL[dtype], GRAD_TOL[dtype])
     return p
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from megagpt2.config import ModelConfig
 from megagpt2.model import GPT2
+from tests.kernel_checks import load_benchmark
 
 CFG = dict(n_layer=2, n_embd=48, n_head=3, n_positions=32, vocab_size=300, make_vocab_size_divisible_by=64,
            dropout=0.0, attn_dropout=0.0)
@@ -74,8 +74,4 @@ TINY_BENCH_ARGS = [
 
 
 def _load_bench_model():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
-    spec = importlib.util.spec_from_file_location("bench_model", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_benchmark("bench_model")
