@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -124,6 +125,7 @@ class CheckpointConfig:
     interval: int = 0  # steps between saves; 0 = only at the end and on signals
     keep_last: int = 3
     resume: bool = True
+    tag: Optional[str] = None  # resume from this checkpoint (e.g. step_00000400) instead of the newest
 
 
 @dataclass
@@ -318,6 +320,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         errors.append("optim.warmup_steps must be >= 0")
     if cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.keep_last must be >= 1")
+    if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
+        errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

@@ -118,7 +118,25 @@ def load_hf_dir(path: str, base: Optional[ModelConfig] = None) -> tuple[ModelCon
 
         hf = load_file(str(d / "model.safetensors"))
     elif (d / "pytorch_model.bin").is_file():
-        hf = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        hf = _load_bin(d / "pytorch_model.bin")
     else:
         raise FileNotFoundError(f"{d}: neither model.safetensors nor pytorch_model.bin found")
     return cfg, from_hf_state_dict(hf, cfg)
+
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    """A pytorch_model.bin with torch's weights-only unpickler and nothing added to its allowlist:
+    a state dict is tensors in a dict, so anything else is refused before it can run."""
+    import pickle
+
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"refusing to load {f}: it holds objects a state dict never contains ({first}); "
+                         f"convert a trusted copy to model.safetensors instead") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{f} is damaged or truncated ({str(e).splitlines()[0]})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{f}: expected a state dict (names -> tensors), got {type(sd).__name__}")
+    return sd

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -156,9 +157,14 @@ def read_state(ckpt_path: str) -> dict[str, Any]:
 
 # -- safe loading of DeepSpeed's files -------------------------------------------------------
 def _safe_globals() -> list:
+    """The classes DeepSpeed's files name beyond torch's tensor types: plain data, no callables.
+
+    Only types whose construction and state restore run no code of the file's choosing belong
+    here. Never add builtins such as getattr: with torch's own rebuild helpers (which call the
+    callable they are given) getattr reaches any builtin, eval included."""
     import collections
 
-    allowed: list = [collections.OrderedDict, set, getattr, torch.Size]
+    allowed: list = [collections.OrderedDict, set, torch.Size]
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
@@ -181,9 +187,39 @@ def _safe_globals() -> list:
 
 
 def safe_torch_load(path: str, map_location=None) -> Any:
-    """torch.load that cannot run code: weights_only with DeepSpeed's plain data types allowed."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load that cannot run code: weights_only with DeepSpeed's plain data types allowed.
+
+    A file that names anything else is refused, as is an unreadable one, with a CheckpointError
+    that names the file and says what to do."""
+    import pickle
+
+    f = Path(path)
+    where = f"{f.parent.name}/{f.name}" if TAG_RE.match(f.parent.name) else str(f)
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint file {f} is missing; {_previous_hint(f)}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"refusing to load {where}: it holds objects a checkpoint never contains "
+                              f"({first}). The file may have been tampered with; do not load it with "
+                              f"weights_only=False. {_previous_hint(f)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {f} is damaged or truncated ({str(e).splitlines()[0]}); "
+                              f"{_previous_hint(f)}") from None
+
+
+def _previous_hint(f: Path) -> str:
+    """What to do when a file of checkpoint step_N is unusable: name the older complete tag."""
+    tag_dir = f.parent if TAG_RE.match(f.parent.name) else None
+    if tag_dir is None:
+        return "use another checkpoint"
+    older = [t for t in complete_tags(str(tag_dir.parent)) if t < tag_dir.name]
+    if older:
+        return (f"resume from the previous complete checkpoint with --checkpoint.tag={older[-1]} "
+                f"(or move {tag_dir} aside)")
+    return f"no older complete checkpoint exists in {tag_dir.parent}; start without it (move {tag_dir} aside)"
 
 
 def install_safe_loader(engine) -> None:
@@ -236,4 +272,8 @@ def load(engine, ckpt_dir: str, tag: str, ps, tracker=None) -> dict[str, Any]:
     rng_file = path / "rng" / f"rank_{_rank():05d}.safetensors"
     if rng_file.is_file():
         set_rng_state(load_file(str(rng_file)), tracker)
+    else:
+        print(f"warning: [rank {_rank()}] {rng_file} is missing: resuming with fresh random states, so "
+              f"dropout masks differ from an uninterrupted run (the run is no longer exact)",
+              file=sys.stderr, flush=True)
     return state

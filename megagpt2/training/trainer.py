@@ -158,6 +158,11 @@ class Trainer:
         if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
             return False
         tag = ckpt.find_latest(cfg.checkpoint.dir)
+        if cfg.checkpoint.tag:
+            tag = cfg.checkpoint.tag
+            if not ckpt.is_complete(Path(cfg.checkpoint.dir) / tag):
+                raise ckpt.CheckpointError(f"checkpoint.tag={tag}: {Path(cfg.checkpoint.dir) / tag} is not a complete "
+                                           f"checkpoint; complete ones: {', '.join(ckpt.complete_tags(cfg.checkpoint.dir)) or 'none'}")
         if tag is None:
             return False
         state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.run.ps, self.model.tracker)
