@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.training import checkpoint as C  # noqa: E402
+from megagpt2.checkpoint import store as C  # noqa: E402
 from megagpt2.training import main  # noqa: E402
 from megagpt2.training import trainer as T  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megagpt2.training.checkpoint import CheckpointError, _safe_globals, find_latest, safe_torch_load
+from megagpt2.checkpoint.store import CheckpointError, _safe_globals, find_latest, safe_torch_load
 from tests.launch_utils import start_ranks, wait_all, write_run_files
 from tests.train_utils import ds_config, make_dataset, tiny_config
 

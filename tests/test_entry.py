@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megagpt2.training.checkpoint import find_latest
+from megagpt2.checkpoint.store import find_latest
 from tests.dist_utils import free_port
 from tests.launch_utils import REPO, train_losses, write_run_files
 from tests.train_utils import ds_config, make_dataset, tiny_config

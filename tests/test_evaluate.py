@@ -242,7 +242,7 @@ def test_fewshot_prefix_is_seeded_and_excludes_the_example():
 
 # -- loading megagpt2 checkpoints and bad input ---------------------------------------------------
 def _converted(setup, tmp, tokenizer_identity: dict, tp: int = 2) -> str:
-    from megagpt2.training.reshard import default_sharding, write_converted
+    from megagpt2.checkpoint.reshard import default_sharding, write_converted
 
     model = setup["model"]
     full = {k: v.detach() for k, v in model.state_dict().items()}

@@ -40,7 +40,7 @@ def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, source, consumed, 
     from megagpt2.parallel import ParallelState
     from megagpt2.pipeline import build_stage
     from megagpt2.training.data import build_data
-    from megagpt2.training.reshard import load_pretrained
+    from megagpt2.checkpoint.reshard import load_pretrained
 
     cfg = config_from_dict(cfg_dict)
     for k, v in layout.items():
@@ -63,7 +63,7 @@ def _full_next_loss_worker(rank, world, cfg_dict, source, consumed, global_batch
     from megagpt2.model import GPT2
     from megagpt2.parallel import ParallelState
     from megagpt2.training.data import build_data
-    from megagpt2.training.reshard import load_pretrained
+    from megagpt2.checkpoint.reshard import load_pretrained
 
     cfg = config_from_dict(cfg_dict)
     model = GPT2(cfg.model, ParallelState(), seed=999)
@@ -108,7 +108,7 @@ def test_full_weights_from_a_222_checkpoint_and_hf_export(run_222):
     from transformers import GPT2LMHeadModel
 
     from megagpt2.model import GPT2
-    from megagpt2.training.reshard import full_state_dict, load_pretrained
+    from megagpt2.checkpoint.reshard import full_state_dict, load_pretrained
 
     tmp, cfg, results = run_222
     full = full_state_dict(str(tmp / "ckpt"))  # follows `latest`: step 4

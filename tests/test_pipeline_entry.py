@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megagpt2.training.checkpoint import find_latest
+from megagpt2.checkpoint.store import find_latest
 from tests.launch_utils import REPO, read_metrics, train_losses, write_run_files
 from tests.train_utils import make_dataset, tiny_config
 

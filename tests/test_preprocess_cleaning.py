@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megagpt2.data.cleaning import (
+from megagpt2.corpus.cleaning import (
     CleaningConfig,
     DocumentStages,
     DuplicateIndex,
@@ -14,7 +14,7 @@ from megagpt2.data.cleaning import (
     non_alpha_fraction,
     normalize_whitespace,
 )
-from megagpt2.data.dedup import LSHIndex, MinHasher, dedup_key, lsh_params
+from megagpt2.corpus.dedup import LSHIndex, MinHasher, dedup_key, lsh_params
 
 TRICKY = [
     "plain ascii line\nand another",

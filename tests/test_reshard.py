@@ -7,7 +7,7 @@ import torch
 
 from megagpt2.config import ModelConfig, config_from_dict
 from megagpt2.model import GPT2
-from megagpt2.training.reshard import default_sharding, full_state_dict, load_pretrained
+from megagpt2.checkpoint.reshard import default_sharding, full_state_dict, load_pretrained
 from tests.dist_utils import run_distributed
 from tests.train_utils import ds_config, losses, make_dataset, tiny_config, train_worker
 from tools import convert_checkpoint

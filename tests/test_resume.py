@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from megagpt2.training.checkpoint import find_latest
+from megagpt2.checkpoint.store import find_latest
 from tests.launch_utils import read_metrics, start_ranks, train_losses, wait_all, write_run_files
 from tests.train_utils import ds_config, make_dataset, tiny_config
 

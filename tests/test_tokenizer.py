@@ -282,7 +282,7 @@ def test_model_file_errors(tmp_path):
 
 def test_train_tokenizer_reads_compressed_inputs(tmp_path):
     """Every supported compression yields the same sentences as the plain file, jsonl and text."""
-    from megagpt2.data.readers import open_compressed
+    from megagpt2.corpus.readers import open_compressed
 
     corpus = write_corpus(tmp_path)
     raw = Path(corpus).read_bytes()

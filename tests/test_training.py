@@ -116,7 +116,7 @@ def poison_step_3(trainer):
 def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
     import math
 
-    from megagpt2.training.checkpoint import find_latest
+    from megagpt2.checkpoint.store import find_latest
 
     cfg = tiny_config(data_prefix, tmp_path / "ck", steps=5, train={"on_nonfinite": mode},
                       checkpoint={"interval": 1})
@@ -131,6 +131,6 @@ def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
     assert math.isnan(got[2]) and all(math.isfinite(x) for i, x in enumerate(got) if i != 2)
     assert all(bool(p.isfinite().all()) for p, _, _ in r["params"].values())
     assert find_latest(str(tmp_path / "ck")) == "step_00000005"
-    from megagpt2.training.checkpoint import complete_tags
+    from megagpt2.checkpoint.store import complete_tags
 
     assert complete_tags(str(tmp_path / "ck")) == ["step_00000003", "step_00000004", "step_00000005"]  # keep_last=3

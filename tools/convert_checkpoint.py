@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megagpt2.training.reshard import default_sharding, read_weights, write_converted  # noqa: E402
+from megagpt2.checkpoint.reshard import default_sharding, read_weights, write_converted  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

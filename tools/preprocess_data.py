@@ -22,9 +22,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.data.cleaning import CleaningConfig  # noqa: E402
-from megagpt2.data.pipeline import PipelineOptions, run_pipeline  # noqa: E402
-from megagpt2.data.readers import expand_inputs  # noqa: E402
+from megagpt2.corpus.cleaning import CleaningConfig  # noqa: E402
+from megagpt2.corpus.pipeline import PipelineOptions, run_pipeline  # noqa: E402
+from megagpt2.corpus.readers import expand_inputs  # noqa: E402
 from megagpt2.tokenizer import add_tokenizer_args, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("preprocess_data")

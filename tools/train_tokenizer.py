@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.data.readers import input_kind, open_compressed  # noqa: E402
+from megagpt2.corpus.readers import input_kind, open_compressed  # noqa: E402
 
 
 class InputError(Exception):

@@ -72,8 +72,8 @@ def load_model(path: str, tp: int = 1, device: torch.device | str = "cpu", token
     Hugging Face GPT-2 dir. With tp > 1, torch.distributed must be initialised with tp ranks
     (or pass `ps`); every rank gets its shard. Dropout is off; `attention` overrides the path.
     """
-    from ..training.checkpoint import CheckpointError
-    from ..training.reshard import read_weights, shard_for
+    from ..checkpoint.store import CheckpointError
+    from ..checkpoint.reshard import read_weights, shard_for
 
     if not os.path.exists(path):
         raise ModelLoadError(f"checkpoint {path} does not exist: pass a megagpt2 checkpoint dir, a step_* "

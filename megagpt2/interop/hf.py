@@ -5,7 +5,7 @@ Differences handled here:
 - HF prefixes the body with `transformer.` and repeats the tied embedding as `lm_head.weight`.
 - Our token embedding is padded to `padded_vocab_size` rows; HF has exactly `vocab_size`.
   Padding rows are dropped on export and zero-filled on import (they are zero in our models).
-Sharded checkpoints are gathered to a full state dict first (megagpt2.training.checkpoint).
+Sharded checkpoints are gathered to a full state dict first (megagpt2.checkpoint.store).
 """
 
 from __future__ import annotations

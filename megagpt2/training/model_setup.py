@@ -32,7 +32,7 @@ def build_engine(cfg: Config, ds: dict, ps: ParallelState, device: torch.device)
                          f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
     model, pipeline = build_model(cfg, ps)
     if cfg.train.init_from:
-        from .reshard import load_pretrained
+        from ..checkpoint.reshard import load_pretrained
 
         load_pretrained(model, cfg.train.init_from)
         if pipeline is not None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..config import Config, dump_yaml
 from ..distributed import all_reduce_small
 from ..parallel import ParallelState
-from . import checkpoint as ckpt
+from ..checkpoint import store as ckpt
 from .data import DataState, build_data
 from .gradnorm import engine_keeps_no_norm, grad_norm
 from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from ..parallel import shard, unshard
-from .checkpoint import STATE_FILE, CheckpointError, find_latest, safe_torch_load
+from .store import STATE_FILE, CheckpointError, find_latest, safe_torch_load
 
 CONVERTED_KIND = "megagpt2-weights"
 

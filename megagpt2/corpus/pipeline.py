@@ -26,7 +26,7 @@ from itertools import chain
 import numpy as np
 from tqdm import tqdm
 
-from megagpt2.data.cleaning import (
+from megagpt2.corpus.cleaning import (
     DROP_REASONS,
     CleaningConfig,
     DocumentStages,
@@ -34,7 +34,7 @@ from megagpt2.data.cleaning import (
     Processed,
 )
 from megagpt2.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
-from megagpt2.data.readers import expand_inputs, iter_records
+from megagpt2.corpus.readers import expand_inputs, iter_records
 
 log = logging.getLogger("preprocess_data")
 

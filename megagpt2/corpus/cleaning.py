@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import ftfy
 import numpy as np
 
-from megagpt2.data.dedup import LSHIndex, MinHasher, dedup_key
+from megagpt2.corpus.dedup import LSHIndex, MinHasher, dedup_key
 
 DROP_REASONS = ("malformed", "empty", "too_short", "non_alpha", "duplicate", "near_duplicate")
 
