@@ -143,8 +143,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     try:
-        model, tokenizer, meta, ps = model_from_args(args)
-        rank0 = ps.rank == 0
+        model, tokenizer, meta, groups = model_from_args(args)
+        rank0 = groups.layout.rank == 0
         run = run_ppl if args.task == "ppl" else run_choice_task
         metrics, settings = run(model, tokenizer, args, rank0)
     except (ModelLoadError, FileNotFoundError, ValueError) as e:

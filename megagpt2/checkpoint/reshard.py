@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..parallel import shard, unshard
+from ..parallel.layers import shard, unshard
 from .store import STATE_FILE, CheckpointError, find_latest, safe_torch_load
 
 CONVERTED_KIND = "megagpt2-weights"
@@ -135,11 +135,12 @@ def load_pretrained(model, path: str) -> dict[str, Any]:
         if key in stored and stored[key] != getattr(want, key):
             raise CheckpointError(f"{path}: model.{key}={stored[key]} but this run has model.{key}="
                                   f"{getattr(want, key)}; use the same model config (or another checkpoint)")
-    local = shard_for(model, full, model.ps.tp_rank, model.ps.tp_size)
+    tp_rank, tp = model.groups.layout.tp_rank, model.groups.layout.tp
+    local = shard_for(model, full, tp_rank, tp)
     for name, p in model.named_parameters():
         p.copy_(local[name].to(p.dtype))
     if getattr(model, "post_process", False) and not getattr(model, "pre_process", True):
-        model.head_weight.copy_(shard(full["wte.weight"], 0, model.ps.tp_rank, model.ps.tp_size))
+        model.head_weight.copy_(shard(full["wte.weight"], 0, tp_rank, tp))
     return meta
 
 

@@ -108,7 +108,7 @@ def sharding_of(model: torch.nn.Module) -> dict[str, list]:
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
-    from ..distributed import all_reduce_small
+    from ..parallel.collectives import all_reduce_small
 
     ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))])
     return bool(all_reduce_small(ok, op=dist.ReduceOp.MIN).item())
@@ -252,16 +252,18 @@ def check_shapes(model: torch.nn.Module, ckpt_path: Path, mp_rank: int) -> None:
         raise CheckpointError(f"{f}: unexpected tensor {extra[0]} (different model shape?)")
 
 
-def load(engine, ckpt_dir: str, tag: str, ps, tracker=None) -> dict[str, Any]:
-    """Collective: restore model, optimizer, scheduler and RNG; return our stored state."""
+def load(engine, ckpt_dir: str, tag: str, layout, tracker=None) -> dict[str, Any]:
+    """Collective: restore model, optimizer, scheduler and RNG; return our stored state.
+
+    `layout` is this run's megagpt2.parallel.ParallelLayout."""
     path = Path(ckpt_dir) / tag
     state = read_state(str(path))
-    layout = state.get("layout", {})
-    want = {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size}
-    if layout and any(layout.get(k) != v for k, v in want.items()):
-        raise CheckpointError(f"{path} was written with layout {layout} but this run is {want}; "
+    stored = state.get("layout", {})
+    want = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    if stored and any(stored.get(k) != v for k, v in want.items()):
+        raise CheckpointError(f"{path} was written with layout {stored} but this run is {want}; "
                               f"convert it with tools/convert_checkpoint.py or start with the same layout")
-    check_shapes(engine.module, path, ps.get_model_parallel_rank())
+    check_shapes(engine.module, path, layout.model_parallel_rank)
     install_safe_loader(engine)
     loaded, _ = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from ..model import GPT2
-from ..parallel import vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 
 IGNORE = -100
 
@@ -29,7 +29,7 @@ def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
     x = model.embed(inputs)  # (B, T, C)
     x, _ = model.run_blocks(x)
     local = model.logits_local(x)  # (B, T, V/tp)
-    nll = vocab_parallel_cross_entropy(local, targets, model.ps.tp_group, model.cfg.vocab_size, IGNORE)
+    nll = vocab_parallel_cross_entropy(local, targets, model.groups.tp, model.cfg.vocab_size, IGNORE)
     correct = None
     if greedy:
         correct = model.full_logits(local).argmax(-1) == targets  # (B, T)
