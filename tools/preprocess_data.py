@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = _run(args, opts, tokenizer)
     print(format_report(report))
-    for key, path in report["outputs"].items():
+    for path in report["outputs"].values():
         print(f"wrote {path}.bin/.idx")
     return 0
 

@@ -33,8 +33,8 @@ from megagpt2.corpus.cleaning import (
     DuplicateIndex,
     Processed,
 )
-from megagpt2.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
 from megagpt2.corpus.readers import expand_inputs, iter_records
+from megagpt2.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
 
 log = logging.getLogger("preprocess_data")
 

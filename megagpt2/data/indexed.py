@@ -67,7 +67,7 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
+def write_index(path: str, dtype, sizes: Sequence[int] | np.ndarray, doc_idx: Sequence[int] | np.ndarray) -> None:
     """Write an ``.idx`` file for ``sizes`` (tokens per sequence) and ``doc_idx`` at ``path``."""
     sizes = np.asarray(sizes, dtype=np.int32)
     doc_idx = np.asarray(doc_idx, dtype=np.int64)

@@ -104,7 +104,8 @@ def save_hf_dir(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str) -> 
     hf = to_hf_state_dict(sd, cfg)
     hf.pop("lm_head.weight")  # tied: HF re-ties it on load
     save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({**to_hf_config(cfg).to_dict(), "architectures": ["GPT2LMHeadModel"]}, indent=2))
+    config = {**to_hf_config(cfg).to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def load_hf_dir(path: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
