@@ -12,6 +12,9 @@
         --num-fewshot 5 --fewshot-pool train.jsonl --fewshot-seed 1234
     # tensor parallel: one rank per shard
     torchrun --nproc_per_node 2 tools/evaluate.py lambada --load checkpoints/run --tp 2 --input lambada_test.jsonl
+    # lm-evaluation-harness tasks (local task YAMLs, offline), lm-eval's results JSON
+    python tools/evaluate.py lm_eval --load checkpoints/run --tasks my_lambada,my_hellaswag \
+        --include-path my_tasks/ --batch-size 16 --output results.json
 
 Prints a table and writes the results as JSON (--output). docs/evaluation.md says what each
 number measures.
@@ -45,7 +48,7 @@ from megagpt2.eval import (  # noqa: E402
 )
 from megagpt2.eval.loading import add_model_args, model_from_args  # noqa: E402
 
-TASKS = ("ppl", "lambada", "multiple_choice")
+TASKS = ("ppl", "lambada", "multiple_choice", "lm_eval")
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -56,7 +59,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     c.add_argument("--limit", type=int, default=None, help="only the first N examples (lambada, multiple_choice)")
     c.add_argument("--output", default=None, help="write the results here as JSON")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--num-fewshot", type=int, default=0, help="k solved examples prepended to each prompt")
+    c.add_argument("--num-fewshot", type=int, default=None,
+                   help="k solved examples prepended to each prompt (default 0; lm_eval: the task's own)")
     c.add_argument("--fewshot-pool", default=None, help="file of solved examples (default: the evaluated file)")
     c.add_argument("--fewshot-seed", type=int, default=1234)
     c.add_argument("--fewshot-delimiter", default="\n\n", help="text after each few-shot example")
@@ -78,13 +82,27 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                        ("multiple_choice", "jsonl of context + choices + label (HellaSwag-style)")):
         t = sub.add_parser(task, parents=[common], help=what)
         t.add_argument("--input", required=True, help="jsonl file")
+    add_lm_eval_parser(sub, common)
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.num_fewshot < 0 or (args.limit is not None and args.limit < 1):
+    if args.task != "lm_eval" and args.num_fewshot is None:
+        args.num_fewshot = 0
+    if args.batch_size < 1 or (args.num_fewshot or 0) < 0 or (args.limit is not None and args.limit < 1):
         p.error("--batch-size and --limit must be >= 1, --num-fewshot >= 0")
     if args.task == "ppl" and args.num_fewshot:
         p.error("ppl scores a running text: the preceding window already is its context, so there is no "
                 "prompt to prepend examples to (--num-fewshot applies to lambada and multiple_choice)")
     return args
+
+
+def add_lm_eval_parser(sub, common: argparse.ArgumentParser) -> None:
+    """`lm_eval`: lm-evaluation-harness tasks on this model (docs/evaluation.md)."""
+    le = sub.add_parser("lm_eval", parents=[common], help="lm-evaluation-harness tasks (lm_eval.simple_evaluate)")
+    le.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    le.add_argument("--include-path", default=None, help="folder of your own task YAMLs (local data files)")
+    le.add_argument("--max-length", type=int, default=None, help="context in tokens (default: the model's)")
+    le.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
+    le.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling) and ours (sampling)")
+    le.add_argument("--log-samples", action="store_true", help="also write every request and response")
 
 
 def _bar(total: int, args, rank0: bool, unit: str):
@@ -143,6 +161,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     try:
+        if args.task == "lm_eval":
+            from megagpt2.eval.harness import main_lm_eval
+
+            return main_lm_eval(args)
         model, tokenizer, meta, ps = model_from_args(args)
         rank0 = ps.rank == 0
         run = run_ppl if args.task == "ppl" else run_choice_task
