@@ -102,7 +102,7 @@ def runs(trained, tmp_path_factory):
             "--batch-size", "3", "--log-samples", "--no-progress", "--output", str(out)]
     assert evaluate_tool.main(argv) == 0
     hf = HFLM(pretrained=trained["hf"], device="cpu", dtype="float32", batch_size=3)
-    theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), task_manager=task_manager(str(tmp / "tasks")),
+    theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), task_manager=task_manager(str(tmp / "tasks"), TASKS),
                                      log_samples=True, bootstrap_iters=0)
     return {"ours": json.loads(out.read_text()), "theirs": theirs, "tmp": tmp, "argv": argv}
 
@@ -167,7 +167,8 @@ def test_tp2_equals_tp1(runs, tmp_path):
 
 
 def test_unknown_task_lists_the_known_ones(runs, trained, capsys):
-    argv = ["lm_eval", "--load", trained["hf"], "--tasks", "tiny_lambda", "--include-path", str(runs["tmp"] / "tasks")]
+    argv = ["lm_eval", "--load", trained["hf"], "--tasks", "tiny_lambda", "--include-path", str(runs["tmp"] / "tasks"),
+            "--no-default-tasks"]
     assert evaluate_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s) tiny_lambda" in err and "tiny_hellaswag" in err and "tiny_lambada" in err

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 
 def _offline() -> None:
@@ -19,51 +19,48 @@ def _offline() -> None:
         os.environ.setdefault(var, "1")
 
 
-def task_manager(include_path: Optional[str]):
-    """lm-eval's TaskManager with the user's task folder (refused clearly when missing)."""
+def task_manager(include_path: Optional[str], tasks: Sequence[str] = (), defaults: bool = True):
+    """lm-eval's TaskManager for `tasks`: the --include-path folder alone when it defines all of
+    them (indexing lm-eval's ~14,000 built-in task files takes seconds to minutes), else the
+    folder plus the built-in tasks (unless defaults=False). Unknown names raise ValueError
+    listing the tasks of the folder and the closest known names."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not os.path.isdir(include_path):
         raise FileNotFoundError(f"--include-path {include_path} is not a directory of task YAML files")
-    return TaskManager(include_path=include_path)
+    local = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    if local is not None and not _missing(tasks, local):
+        return local
+    manager = TaskManager(include_path=include_path) if defaults else local
+    missing = _missing(tasks, manager) if manager is not None else list(tasks)
+    if missing:
+        known = manager.all_tasks if manager is not None else []
+        mine = local.all_tasks if local is not None else []
+        close = sorted({m for n in missing for m in difflib.get_close_matches(n, known, n=5, cutoff=0.6)})
+        msg = f"unknown lm-eval task(s) {', '.join(missing)}."
+        msg += (f" Tasks in {include_path}: {', '.join(mine) or 'none'}." if include_path
+                else " No --include-path was given for local task YAMLs.")
+        if close:
+            msg += f" Closest known tasks: {', '.join(close)}."
+        if defaults:
+            msg += f" lm-eval knows {len(known)} tasks, groups and tags (TaskManager().all_tasks lists them)."
+        raise ValueError(msg)
+    return manager
 
 
-def check_tasks(names: list[str], manager, include_path: Optional[str]) -> None:
-    """Raise ValueError for unknown task names, listing the tasks of --include-path and the
-    closest of lm-eval's own."""
+def _missing(tasks: Sequence[str], manager) -> list[str]:
     known = set(manager.all_tasks)
-    missing = [n for n in names if n not in known and not manager.match_tasks([n])]
-    if not missing:
-        return
-    local = sorted(t for t in known if include_path and _defined_in(manager, t, include_path))
-    close = sorted({m for n in missing for m in difflib.get_close_matches(n, known, n=5, cutoff=0.6)})
-    msg = f"unknown lm-eval task(s) {', '.join(missing)}."
-    if include_path:
-        msg += f" Tasks in {include_path}: {', '.join(local) or 'none'}."
-    else:
-        msg += " No --include-path was given for local task YAMLs."
-    if close:
-        msg += f" Closest known tasks: {', '.join(close)}."
-    msg += f" lm-eval knows {len(known)} tasks and groups (TaskManager().all_tasks lists them)."
-    raise ValueError(msg)
-
-
-def _defined_in(manager, name: str, folder: str) -> bool:
-    info = manager.task_index.get(name, {})
-    path = info.get("yaml_path") if isinstance(info, dict) else getattr(info, "yaml_path", None)
-    if not path or path == -1:
-        return False
-    return os.path.abspath(str(path)).startswith(os.path.abspath(folder))
+    return [n for n in tasks if n not in known and not manager.match_tasks([n])]
 
 
 def run_lm_eval(lm, tasks: list[str], include_path: Optional[str] = None, num_fewshot: Optional[int] = None,
-                limit: Optional[float] = None, seed: int = 1234, log_samples: bool = False) -> Optional[dict]:
+                limit: Optional[float] = None, seed: int = 1234, log_samples: bool = False,
+                defaults: bool = True) -> Optional[dict]:
     """lm-eval's results dict (None on ranks other than 0)."""
     _offline()
     import lm_eval
 
-    manager = task_manager(include_path)
-    check_tasks(tasks, manager, include_path)
+    manager = task_manager(include_path, tasks, defaults)
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -94,7 +91,8 @@ def main_lm_eval(args: Any) -> int:
     lm = MegaGPT2LM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                     max_gen_toks=args.max_gen_toks, seed=args.seed, progress=not args.no_progress)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = run_lm_eval(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed, args.log_samples)
+    results = run_lm_eval(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed,
+                          args.log_samples, not args.no_default_tasks)
     if ps.rank == 0 and results is not None:
         results.setdefault("config", {})["model_args"] = f"load={args.load},tp={args.tp},dtype={args.dtype}"
         print(results_table(results))

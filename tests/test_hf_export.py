@@ -1,0 +1,114 @@
+"""`tools/convert_checkpoint.py --to hf` writes a complete folder: transformers' AutoTokenizer and
+AutoModelForCausalLM read it with nothing else, encode as megagpt2 does, and greedy `generate`
+gives the tokens tools/generate.py gives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megagpt2.interop.hf_tokenizer import PROBES, check_tokenizer_export
+from tools import convert_checkpoint
+from tools import generate as generate_tool
+
+
+def test_folder_is_complete(trained):
+    from pathlib import Path
+
+    hf = Path(trained["hf"])
+    names = {p.name for p in hf.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "vocab.json", "merges.txt"} <= names
+    eod = trained["tok"].eod
+    assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == eod
+    assert json.loads((hf / "config.json").read_text())["eos_token_id"] == eod
+    assert (hf / "merges.txt").read_text().startswith("#version")
+
+
+def test_autotokenizer_encodes_as_megagpt2(trained):
+    from transformers import AutoTokenizer
+
+    hf, tok = AutoTokenizer.from_pretrained(trained["hf"]), trained["tok"]
+    for text in PROBES + ("a <|endoftext|> inside text",):
+        assert hf(text)["input_ids"] == tok.encode(text)
+        assert hf.decode(tok.encode(text)) == text
+    assert hf.eos_token_id == hf.bos_token_id == tok.eod
+    assert check_tokenizer_export(tok, trained["hf"]) is None
+
+
+def test_transformers_generate_equals_tools_generate(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = ["Q: what is the apple?\nA:", "apple river stone = pomme", "The music"]
+    out = tmp_path / "gen.jsonl"
+    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--no-stop-at-eod",
+                               "--batch-size", "2", "--output", str(out), *sum((["--prompt", p] for p in prompts), [])
+                               ]) == 0
+    ours = [json.loads(x)["tokens"] for x in out.read_text().splitlines()]
+    tok = AutoTokenizer.from_pretrained(trained["hf"])
+    model = AutoModelForCausalLM.from_pretrained(trained["hf"]).eval()
+    for prompt, want in zip(prompts, ours):
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            got = model.generate(**ids, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+        assert got[0, ids["input_ids"].shape[1]:].tolist() == want
+    assert len({tuple(t) for t in ours}) == 3 and any(len(set(t)) > 2 for t in ours)  # not one token repeated
+
+
+def _wordpiece_json(path) -> str:
+    """A BERT-style tokenizer.json: WordPiece with the [CLS] ... [SEP] post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    tk.train_from_iterator(["the apple river, stone music!", "中文 的 句子 。", "garden window silver"] * 20, trainer)
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
+                                                                                            ("[SEP]", 3)])
+    tk.save(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_ckpt(tmp_path_factory):
+    from megagpt2.checkpoint.reshard import default_sharding, write_converted
+    from megagpt2.config import Config
+    from megagpt2.model import GPT2
+    from megagpt2.tokenizer import build_tokenizer
+
+    tmp = tmp_path_factory.mktemp("bert")
+    tok = build_tokenizer("HFTokenizer", tokenizer_model=_wordpiece_json(tmp / "tokenizer.json"))
+    cfg = Config()
+    cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions = 1, 16, 2, 32
+    cfg.model.vocab_size = tok.vocab_size
+    cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model = "HFTokenizer", str(tmp / "tokenizer.json")
+    model = GPT2(cfg.model, seed=0)
+    full = {k: v.detach() for k, v in model.state_dict().items()}
+    meta = {"config": cfg.to_dict(), "tokenizer": tok.identity(), "step": 1}
+    write_converted(full, default_sharding(full), meta, str(tmp / "ckpt"), tp=1)
+    return tmp, tok
+
+
+def test_hf_tokenizer_json_export_adds_no_cls_sep(tiny_bert_ckpt, capsys):
+    from transformers import AutoTokenizer
+
+    tmp, tok = tiny_bert_ckpt
+    assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(tmp / "hf"), "--to", "hf"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    hf = AutoTokenizer.from_pretrained(str(tmp / "hf"))
+    for text in ("the apple river, stone!", "中文的句子。", "a [SEP] inside"):
+        assert hf(text)["input_ids"] == tok.encode(text)
+        assert hf.cls_token_id is None or hf.cls_token_id not in hf(text)["input_ids"][:1]
+    assert hf.eos_token == "[SEP]" and hf.pad_token == "[PAD]" and hf.unk_token == "[UNK]"
+    assert json.loads((tmp / "hf" / "generation_config.json").read_text())["eos_token_id"] == tok.eod
+
+
+def test_export_refuses_a_tokenizer_of_another_vocabulary(tiny_bert_ckpt, tmp_path, capsys):
+    tmp, _ = tiny_bert_ckpt
+    assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(tmp_path / "x"), "--to", "hf",
+                                    "--tokenizer-type", "GPT2BPETokenizer"]) == 2
+    assert "tokenizer does not match" in capsys.readouterr().err
