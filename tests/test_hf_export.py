@@ -43,8 +43,7 @@ def test_transformers_generate_equals_tools_generate(trained, tmp_path):
 
     prompts = ["Q: what is the apple?\nA:", "apple river stone = pomme", "The music"]
     out = tmp_path / "gen.jsonl"
-    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--no-stop-at-eod",
-                               "--batch-size", "2", "--output", str(out), *sum((["--prompt", p] for p in prompts), [])
+    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--batch-size", "2", "--output", str(out), *sum((["--prompt", p] for p in prompts), [])
                                ]) == 0
     ours = [json.loads(x)["tokens"] for x in out.read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(trained["hf"])
@@ -52,9 +51,10 @@ def test_transformers_generate_equals_tools_generate(trained, tmp_path):
     for prompt, want in zip(prompts, ours):
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
-            got = model.generate(**ids, do_sample=False, max_new_tokens=12, min_new_tokens=12)
+            got = model.generate(**ids, do_sample=False, max_new_tokens=12)  # stops at generation_config's eos
         assert got[0, ids["input_ids"].shape[1]:].tolist() == want
     assert len({tuple(t) for t in ours}) == 3 and any(len(set(t)) > 2 for t in ours)  # not one token repeated
+    assert any(t[-1] == trained["tok"].eod and len(t) < 12 for t in ours)  # both stopped at the end of document
 
 
 def _wordpiece_json(path) -> str:

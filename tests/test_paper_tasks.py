@@ -59,14 +59,15 @@ def test_cbt_equals_transformers_on_whole_texts(trained, hf_model, tmp_path):
     truth = cbt_file(tmp_path / "cbt.txt")
     got = _run("cbt", tmp_path, "--load", trained["ckpt"], "--input", str(tmp_path / "cbt.txt"), "--batch-size", "7")
     tok = trained["tok"]
-    chosen = []
-    for ex in read_cbt(str(tmp_path / "cbt.txt")):
+    for ex, pick in zip(read_cbt(str(tmp_path / "cbt.txt")), got["chosen"]):
         context, completions = cbt_texts(ex)
-        assert context.startswith(ex.context[0].replace(" ,", ",")) and '"The ' in completions[0]
+        assert " ," not in context and " ." not in context and completions[0].startswith(' "The ')
         whole = [_hf_text_logprob(hf_model, [tok.eod] + tok.encode(context + c)) for c in completions]
-        chosen.append(ex.candidates[max(range(10), key=lambda j: whole[j])])
-    assert got["chosen"] == chosen and got["n"] == 4 and got["truncated"] == 0
-    assert got["accuracy"] == sum(c == t["answer"] for c, t in zip(chosen, truth)) / 4
+        # our pick is the most probable whole text, up to float32 noise on a ~300-nat sum
+        assert max(whole) - whole[ex.candidates.index(pick)] <= REL * abs(max(whole))
+        assert len(set(round(w, 1) for w in whole)) > 5  # candidates really differ
+    assert got["n"] == 4 and got["truncated"] == 0
+    assert got["accuracy"] == sum(c == t["answer"] for c, t in zip(got["chosen"], truth)) / 4
 
 
 def test_bits_per_byte_and_char_are_the_summed_nll(trained, hf_model, tmp_path):
@@ -160,7 +161,7 @@ def test_translate_prompt_and_bleu_from_sacrebleu(gen_runs):
     rows = [json.loads(x) for x in (tmp / "tr.jsonl").read_text().splitlines()]
     demos = [f"{r['en']} = {r['fr']}\n" for r in rows]
     assert res["examples"][0]["prompt"] == fewshot_prefix(demos, 2, 5, 0, 0, "") + f"{rows[0]['en']} ="
-    assert res["examples"][0]["prompt"].count(" = ") == 3
+    assert res["examples"][0]["prompt"].count(" = ") == 2 and res["examples"][0]["prompt"].count("\n") == 2
     hyps = [e["answer"] for e in res["examples"]]
     assert res["bleu"] == sacrebleu.corpus_bleu(hyps, [[r["fr"] for r in rows]]).score
 

@@ -160,7 +160,7 @@ def run_paper_tasks(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
             "window": args.window, "stride": args.stride}
     report = run_paper(model, tokenizer, args.data_dir, tasks, opts, log=print if rank0 else (lambda _: None))
     if rank0:
-        print(format_tables(report, args.load))
+        print(format_tables(report, os.path.basename(os.path.normpath(args.load))))
     return report, {"data_dir": args.data_dir, **opts}
 
 
@@ -232,7 +232,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = {"task": args.task, "load": args.load, "input": args.input or args.data_path, "metrics": metrics,
+    source = getattr(args, "input", None) or getattr(args, "data_path", None) or getattr(args, "data_dir", None)
+    result = {"task": args.task, "load": args.load, "input": source, "metrics": metrics,
               "settings": {**settings, "batch_size": args.batch_size, "dtype": args.dtype, "tp": args.tp},
               "tokenizer": tokenizer.identity()["type"], "step": meta.get("step"),
               "seconds": round(time.time() - t0, 3)}

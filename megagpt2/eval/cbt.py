@@ -80,7 +80,7 @@ def evaluate_cbt(model: GPT2, tokenizer: Tokenizer, examples: list[CBTExample], 
     pairs, owner = [], []
     for i, ex in enumerate(examples):
         context, completions = cbt_texts(ex, style)
-        ctx_ids = tokenizer.encode(context) or [tokenizer.eod]
+        ctx_ids = [tokenizer.eod] + tokenizer.encode(context)  # the text is a document: it starts after an eod
         for text in completions:
             pairs.append((ctx_ids, tokenizer.encode(text)))
             owner.append(i)
