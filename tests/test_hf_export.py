@@ -112,3 +112,29 @@ def test_export_refuses_a_tokenizer_of_another_vocabulary(tiny_bert_ckpt, tmp_pa
     assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(tmp_path / "x"), "--to", "hf",
                                     "--tokenizer-type", "GPT2BPETokenizer"]) == 2
     assert "tokenizer does not match" in capsys.readouterr().err
+
+
+def test_sentencepiece_export_encodes_as_megagpt2(tmp_path):
+    """A SentencePiece BPE model as tools/train_tokenizer.py trains it (identity normalisation,
+    whitespace kept, byte fallback): tokenizer.model plus a tokenizer.json that agrees."""
+    import random
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from megagpt2.interop.hf_tokenizer import save_hf_tokenizer
+    from megagpt2.tokenizer import build_tokenizer
+    from tests.eval_fixtures import WORDS
+
+    rng = random.Random(0)
+    (tmp_path / "c.txt").write_text("".join(" ".join(rng.choice(WORDS) for _ in range(8)) + "  and\tthen.\n"
+                                            for _ in range(2000)))
+    sentencepiece.SentencePieceTrainer.Train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=290, model_type="bpe", byte_fallback=True, minloglevel=2,
+                                             normalization_rule_name="identity", remove_extra_whitespaces=False)
+    tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model"))
+    save_hf_tokenizer(tok, str(tmp_path / "hf"), 64)
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+    assert check_tokenizer_export(tok, str(tmp_path / "hf"), PROBES + ("  two leading", "end  ", "x</s>y")) is None
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf.eos_token_id == tok.eod and hf.decode(tok.encode(PROBES[1])) == PROBES[1]

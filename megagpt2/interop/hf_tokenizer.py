@@ -10,9 +10,9 @@ becomes the tokenizer's eos and bos token). Per kind:
 - Hugging Face tokenizer.json (BPE, WordPiece/BERT, unigram): the file with its post-processor
   (the one that wraps text in [CLS] ... [SEP]), truncation and padding removed, class
   PreTrainedTokenizerFast; special tokens in text stay special, as in megagpt2.
-- SentencePiece: the .model file as tokenizer.model. transformers 5 has no exact converter for an
-  arbitrary SentencePiece model, so that folder needs the `sentencepiece` package to tokenize
-  (see docs/evaluation.md); `check_tokenizer_export` says when AutoTokenizer disagrees.
+- SentencePiece: the .model file as tokenizer.model and a tokenizer.json built from it that
+  segments the way SentencePiece does (identity normalisation, as tools/train_tokenizer.py
+  trains by default); `check_tokenizer_export` says when AutoTokenizer disagrees.
 
 `check_tokenizer_export` encodes probe texts with both and names the first difference.
 """
@@ -84,12 +84,35 @@ def _save_tokenizer_json(tokenizer: Tokenizer, out: Path, model_max_length: int)
 
 
 def _save_sentencepiece(tokenizer: Tokenizer, out: Path, model_max_length: int) -> list[str]:
-    shutil.copyfile(tokenizer.files["tokenizer_model"], out / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "model_max_length": model_max_length, "add_bos_token": False,
-              "add_eos_token": False, "legacy": True, "split_special_tokens": True,
-              "clean_up_tokenization_spaces": False, **_special(tokenizer)}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-    return ["tokenizer.model", "tokenizer_config.json"]
+    """tokenizer.model (the original) and a tokenizer.json that segments as SentencePiece does:
+    transformers' own conversion (LlamaTokenizer's) gives the vocabulary and scores, but its
+    Metaspace step does not add SentencePiece's dummy prefix before a leading space, so the text
+    is normalised as SentencePiece does it (prefix, spaces to U+2581) and split before each U+2581.
+    Models trained with a non-identity normalisation rule may still differ: the export check says."""
+    import sentencepiece
+    from tokenizers import decoders, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    model_file = tokenizer.files["tokenizer_model"]
+    shutil.copyfile(model_file, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}), encoding="utf-8")
+    backend = AutoTokenizer.from_pretrained(str(out)).backend_tokenizer
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(model_file)
+    dummy = sp.EncodeAsPieces("a")[0].startswith("\u2581")  # trained with add_dummy_prefix
+    steps = [normalizers.Prepend("\u2581")] if dummy else []
+    backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + ([decoders.Strip(" ", 1, 0)] if dummy else []))
+    unk = sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None
+    eod = sp.IdToPiece(tokenizer.eod)  # control pieces decode to "": name them by their piece
+    pad = sp.IdToPiece(tokenizer.pad) if tokenizer.pad is not None else None
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, unk_token=unk,
+                                 split_special_tokens=True, clean_up_tokenization_spaces=False, eos_token=eod,
+                                 bos_token=eod, pad_token=pad)
+    hf.save_pretrained(str(out))
+    return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
 
 
 def check_tokenizer_export(tokenizer: Tokenizer, out_dir: str, texts: Sequence[str] = PROBES) -> Optional[str]:
