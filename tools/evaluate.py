@@ -12,6 +12,10 @@
         --num-fewshot 5 --fewshot-pool train.jsonl --fewshot-seed 1234
     # tensor parallel: one rank per shard
     torchrun --nproc_per_node 2 tools/evaluate.py lambada --load checkpoints/run --tp 2 --input lambada_test.jsonl
+    # the GPT-2 paper's tasks: CBT, generation tasks, and all of Table 3 from a folder of task files
+    python tools/evaluate.py cbt --load checkpoints/run --input cbtest_CN_test_2500ex.txt
+    python tools/evaluate.py qa --load checkpoints/run --input nq_open.jsonl --num-fewshot 5
+    python tools/evaluate.py paper --load checkpoints/run --data-dir gpt2_eval/ --output paper.json
     # lm-evaluation-harness tasks (local task YAMLs, offline), lm-eval's results JSON
     python tools/evaluate.py lm_eval --load checkpoints/run --tasks my_lambada,my_hellaswag \
         --include-path my_tasks/ --batch-size 16 --output results.json
