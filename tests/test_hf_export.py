@@ -43,8 +43,9 @@ def test_transformers_generate_equals_tools_generate(trained, tmp_path):
 
     prompts = ["Q: what is the apple?\nA:", "apple river stone = pomme", "The music"]
     out = tmp_path / "gen.jsonl"
-    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--batch-size", "2", "--output", str(out), *sum((["--prompt", p] for p in prompts), [])
-                               ]) == 0
+    flags = [x for p in prompts for x in ("--prompt", p)]
+    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--batch-size", "2",
+                               "--output", str(out), *flags]) == 0
     ours = [json.loads(x)["tokens"] for x in out.read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(trained["hf"])
     model = AutoModelForCausalLM.from_pretrained(trained["hf"]).eval()
@@ -66,7 +67,8 @@ def _wordpiece_json(path) -> str:
     tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tk.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    tk.train_from_iterator(["the apple river, stone music!", "中文 的 句子 。", "garden window silver"] * 20, trainer)
+    texts = ["the apple river, stone music!", "中文 的 句子 。", "garden window silver"] * 20
+    tk.train_from_iterator(texts, trainer)
     tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
                                                                                             ("[SEP]", 3)])
     tk.save(str(path))

@@ -172,5 +172,6 @@ def test_unknown_task_lists_the_known_ones(runs, trained, capsys):
     assert evaluate_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s) tiny_lambda" in err and "tiny_hellaswag" in err and "tiny_lambada" in err
-    assert evaluate_tool.main(["lm_eval", "--load", trained["hf"], "--tasks", "x", "--include-path", "/nonexistent"]) == 2
+    missing = str(runs["tmp"] / "no_such_folder")
+    assert evaluate_tool.main(["lm_eval", "--load", trained["hf"], "--tasks", "x", "--include-path", missing]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -99,8 +99,8 @@ def _gen_files(folder) -> None:
              "questions": [{"input_text": "what was by the river?"}, "what was quiet?"],
              "answers": [{"input_text": "the apple"}, "the stone"]}]
     (folder / "coqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in coqa))
-    summ = [{"article": f"The {w} was bright. It was {rng.choice(WORDS)}. Then it was quiet.", "highlights": f"The {w}."}
-            for w in WORDS[:3]]
+    summ = [{"article": f"The {w} was bright. It was {rng.choice(WORDS)}. Then it was quiet.",
+             "highlights": f"The {w}."} for w in WORDS[:3]]
     (folder / "summ.jsonl").write_text("".join(json.dumps(r) + "\n" for r in summ))
     pairs = [(rng.sample(range(len(WORDS)), 3)) for _ in range(4)]
     tr = [{"en": " ".join(WORDS[j] for j in p), "fr": " ".join(FRENCH[j] for j in p)} for p in pairs]

@@ -28,7 +28,8 @@ from ..tokenizer import Tokenizer
 
 UNK_CANDIDATES = ("[UNK]", "<unk>", "<|unk|>")
 PROBES = ("Hello world", " leading space, then\ttabs and\n\nblank lines  (two spaces)",
-          "Numbers 1234 and 3.14; punctuation: \"quotes\" 'single' -- dashes", "naïve café ünïcode 日本語 中文，标点？")
+          "Numbers 1234 and 3.14; punctuation: \"quotes\" 'single' -- dashes",
+          "naïve café ünïcode 日本語 中文，标点？")
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str, model_max_length: int) -> list[str]:
