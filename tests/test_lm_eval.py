@@ -175,3 +175,16 @@ def test_unknown_task_lists_the_known_ones(runs, trained, capsys):
     missing = str(runs["tmp"] / "no_such_folder")
     assert evaluate_tool.main(["lm_eval", "--load", trained["hf"], "--tasks", "x", "--include-path", missing]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_model_by_name_from_arg_string(trained):
+    import lm_eval.api.registry as registry
+
+    from megagpt2.eval.lm_eval import MegaGPT2LM
+
+    assert registry.get_model("megagpt2") is MegaGPT2LM
+    lm = MegaGPT2LM.create_from_arg_string(f"load={trained['ckpt']},max_gen_toks=16", {"batch_size": 2, "device": None})
+    assert lm.batch_size == 2 and lm.max_gen_toks == 16 and lm.max_length == 128
+    assert lm.eot_token_id == trained["tok"].eod
+    with pytest.raises(ValueError, match="load="):
+        MegaGPT2LM.create_from_arg_string("tp=1")

@@ -113,6 +113,8 @@ def add_lm_eval_parser(sub, common: argparse.ArgumentParser) -> None:
     le.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
     le.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling) and ours (sampling)")
     le.add_argument("--log-samples", action="store_true", help="also write every request and response")
+    le.add_argument("--bootstrap-iters", type=int, default=0,
+                    help="bootstrap resamples for standard errors (lm-eval's CLI uses 100000; 0 = none, fast)")
     le.add_argument("--no-default-tasks", action="store_true",
                     help="only the tasks of --include-path (never index lm-eval's built-in tasks)")
 

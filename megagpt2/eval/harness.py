@@ -55,7 +55,7 @@ def _missing(tasks: Sequence[str], manager) -> list[str]:
 
 def run_lm_eval(lm, tasks: list[str], include_path: Optional[str] = None, num_fewshot: Optional[int] = None,
                 limit: Optional[float] = None, seed: int = 1234, log_samples: bool = False,
-                defaults: bool = True) -> Optional[dict]:
+                defaults: bool = True, bootstrap_iters: int = 0) -> Optional[dict]:
     """lm-eval's results dict (None on ranks other than 0)."""
     _offline()
     import lm_eval
@@ -64,7 +64,7 @@ def run_lm_eval(lm, tasks: list[str], include_path: Optional[str] = None, num_fe
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                    task_manager=manager, log_samples=log_samples, random_seed=seed,
                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                   bootstrap_iters=0)
+                                   bootstrap_iters=bootstrap_iters)
 
 
 def write_results(results: dict, path: str) -> None:
@@ -92,7 +92,7 @@ def main_lm_eval(args: Any) -> int:
                     max_gen_toks=args.max_gen_toks, seed=args.seed, progress=not args.no_progress)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_lm_eval(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed,
-                          args.log_samples, not args.no_default_tasks)
+                          args.log_samples, not args.no_default_tasks, args.bootstrap_iters)
     if ps.rank == 0 and results is not None:
         results.setdefault("config", {})["model_args"] = f"load={args.load},tp={args.tp},dtype={args.dtype}"
         print(results_table(results))
