@@ -86,6 +86,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # index caches; default: next to the data
     format: str = "pretrain"  # pretrain | dialogue | instruction (fine-tuning jsonl)
     num_workers: int = 0
+    clean: str = "none"  # cleaning preset for fine-tuning turns (none | web), as preprocess_data.py --clean
 
 
 @dataclass
@@ -162,6 +163,7 @@ _CHOICES = {
     "parallel.partition": ("uniform", "parameters"),
     "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer"),
     "data.format": ("pretrain", "dialogue", "instruction"),
+    "data.clean": ("none", "web"),  # megagpt2.corpus.cleaning.PRESETS
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
