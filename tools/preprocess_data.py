@@ -7,7 +7,9 @@ reads every input (jsonl/json with --json-keys, optionally .gz/.zst/.xz/.bz2; di
 documents; OpenWebText-style tar archives of .xz members; globs), cleans (by default losslessly:
 see --clean) and tokenizes in ``--workers`` processes, deduplicates (when asked) in input order in
 this process (so the output is identical for any worker count) and writes
-``{prefix}_{key}_document.bin/.idx`` and ``{prefix}_report.json``. Bad input (malformed JSON, corrupt archive members) is counted, logged
+``{prefix}_{key}_document.bin/.idx``, the tokenizer sidecar ``{prefix}_{key}_document.tokenizer/``
+(which the trainer, inspect_dataset.py and evaluate.py use when given no tokenizer) and
+``{prefix}_report.json``. Bad input (malformed JSON, corrupt archive members) is counted, logged
 with its location and skipped; invalid UTF-8 is repaired (U+FFFD) and counted. Outputs are written
 under temporary names and renamed only when the run completes. See docs/data.md.
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megagpt2.corpus.cleaning import add_cleaning_args, cleaning_from_args  # noqa: E402
 from megagpt2.corpus.pipeline import PipelineOptions, run_pipeline  # noqa: E402
 from megagpt2.corpus.readers import expand_inputs  # noqa: E402
+from megagpt2.data.sidecar import sidecar_dir  # noqa: E402
 from megagpt2.tokenizer import add_tokenizer_args, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     report = _run(args, opts, tokenizer)
     print(format_report(report))
     for key, path in report["outputs"].items():
-        print(f"wrote {path}.bin/.idx")
+        print(f"wrote {path}.bin/.idx and {sidecar_dir(path)}/")
     return 0
 
 

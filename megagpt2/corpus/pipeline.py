@@ -14,6 +14,7 @@ expensive per-document stage parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -29,6 +30,7 @@ from megagpt2.corpus.cleaning import CleaningConfig, DocumentStages, DuplicateIn
 from megagpt2.corpus.progress import Progress
 from megagpt2.corpus.readers import InputPosition, expand_inputs, iter_records
 from megagpt2.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
+from megagpt2.data.sidecar import commit_sidecar, discard_sidecar, stage_sidecar
 
 log = logging.getLogger("preprocess_data")
 
@@ -182,6 +184,7 @@ def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, prog
 def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     """Preprocess ``opts.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; returns counts.
 
+    Each output gets its tokenizer sidecar (``{dataset}.tokenizer/``, megagpt2.data.sidecar).
     ``tokenizer`` must be ``build_tokenizer(**opts.tokenizer_kwargs)`` (workers rebuild it from
     those arguments). Outputs appear under their final names only if the whole run succeeds.
     """
@@ -194,15 +197,22 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     progress = Progress(InputPosition(inputs), opts.progress)
     tokens: Counter = Counter({k: 0 for k in opts.json_keys})
     settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning)
+    staged: dict[str, str] = {}
     try:
         for result in _ordered_results(_chunks(opts, progress), opts.workers, settings, tokenizer):
             _write_result(result, duplicates, builders, progress, tokens)
             progress.tick()
+        built_with = {"append_eod": opts.append_eod, "cleaning": dataclasses.asdict(opts.cleaning)}
         for key, builder in builders.items():
-            builder.finalize(paths[key] + ".idx")
+            staged[key] = stage_sidecar(paths[key], tokenizer, opts.tokenizer_kwargs.get("eod_token"),
+                                        built_with)
+        for key, builder in builders.items():
+            builder.finalize(paths[key] + ".idx", lambda k=key: commit_sidecar(staged.pop(k), paths[k]))
     except BaseException:
         for builder in builders.values():
             builder.abort()
+        for tmp in staged.values():
+            discard_sidecar(tmp)
         raise
     finally:
         progress.close()
