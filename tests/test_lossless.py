@@ -111,7 +111,17 @@ def test_docs_and_help_list_exactly_what_each_preset_does(capsys):
         for line in describe_cleaning(config):
             assert line in docs, f"docs/data.md lacks the {name} stage {line!r}"
             assert line in shown, f"--help lacks the {name} stage {line!r}"
-    assert set(PRESETS) == {"none", "web"}  # config.py's data.clean choices name the same presets
+
+
+
+def test_fine_tuning_config_names_the_same_presets():
+    from megagpt2.config import _CHOICES, Config, ConfigError, validate
+
+    assert _CHOICES["data.clean"] == tuple(PRESETS)
+    cfg = Config()
+    cfg.data.clean = "webtext"
+    with pytest.raises(ConfigError, match="data.clean='webtext' is not one of none, web"):
+        validate(cfg)
 
 
 def test_tokenizer_pretraining_and_chat_data_see_the_same_text(tmp_path):
