@@ -16,6 +16,10 @@ every document is one training sentence (SentencePiece skips sentences longer th
 Defaults make the tokenizer lossless for pretraining: identity normalisation, whitespace kept as
 is, and byte fallback (characters outside the vocabulary, newlines included, become byte pieces),
 so ``decode(encode(text)) == text``. EOS (``</s>``, id 2) is the end-of-document token.
+
+Documents go through the same cleaning as in tools/preprocess_data.py, with the same flags
+(``--clean`` preset and per-stage flags; default lossless): give both tools the same cleaning
+flags so the tokenizer is trained on the text it will tokenize.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megagpt2.corpus.cleaning import (  # noqa: E402
+    CleaningConfig,
+    add_cleaning_args,
+    clean_documents,
+    cleaning_from_args,
+)
 from megagpt2.corpus.readers import input_kind, open_compressed  # noqa: E402
 
 
@@ -41,7 +51,8 @@ class InputError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True,
                         help="files or globs (quote them): text or jsonl, compressed or not")
     parser.add_argument("--json-key", default="text", help="field holding the text in jsonl")
@@ -70,7 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+    add_cleaning_args(parser)
     args = parser.parse_args(argv)
+    args.cleaning = cleaning_from_args(args)
     if args.vocab_size < 8:
         parser.error(f"--vocab-size must be at least 8, got {args.vocab_size}")
     args.files = expand_inputs(args.input, parser)
@@ -126,31 +139,35 @@ def iter_documents(path: str, jsonl: bool, json_key: str) -> Iterator[str]:
 
 
 class SentenceStream:
-    """Iterates training sentences (non-empty lines) of all files, with a progress bar.
+    """Iterates training sentences (non-empty lines) of all cleaned documents, with a progress bar.
 
     SentencePiece may wrap an exception raised inside its sentence iterator into a RuntimeError,
     so the original InputError is also kept in ``self.error`` for the caller to report.
     """
 
-    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool) -> None:
+    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool,
+                 cleaning: CleaningConfig | None = None) -> None:
         self.files, self.fmt, self.json_key, self.quiet = files, fmt, json_key, quiet
+        self.cleaning = cleaning or CleaningConfig()
         self.sentences = 0
         self.error: InputError | None = None
+
+    def _documents(self, bar: tqdm) -> Iterator[str]:
+        for path in self.files:
+            yield from iter_documents(path, is_jsonl(path, self.fmt), self.json_key)
+            bar.update(1)
+            bar.set_postfix(sentences=self.sentences)
 
     def __iter__(self) -> Iterator[str]:
         bar = tqdm(total=len(self.files), unit="file", desc="reading", disable=self.quiet,
                    file=sys.stderr)
         try:
-            for path in self.files:
-                jsonl = is_jsonl(path, self.fmt)
-                for document in iter_documents(path, jsonl, self.json_key):
-                    for line in document.split("\n"):
-                        line = line.rstrip("\r")
-                        if line.strip():
-                            self.sentences += 1
-                            yield line
-                bar.update(1)
-                bar.set_postfix(sentences=self.sentences)
+            for document in clean_documents(self._documents(bar), self.cleaning):
+                for line in document.split("\n"):
+                    line = line.rstrip("\r")
+                    if line.strip():
+                        self.sentences += 1
+                        yield line
         except InputError as e:
             self.error = e
             raise
@@ -187,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet)
+    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet, args.cleaning)
     try:
         train(args, stream)
     except InputError as e:  # some SentencePiece builds pass iterator exceptions through

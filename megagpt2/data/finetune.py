@@ -23,6 +23,10 @@ Too long (more than seq_length + 1 tokens): the context is cut from the left, ke
 bot turn whole; if that turn alone does not fit, the sample starts one token before it and the
 turn is cut on the right.
 
+Cleaning: every turn goes through the same ``clean_text`` as preprocessing and tokenizer training
+(``data.clean``, a preset name; default lossless), so chat data reaches the model as the
+pretraining text did. Invalid UTF-8 becomes U+FFFD, as in preprocessing.
+
 Split: examples are shuffled with the seed, then divided by the data.split weights (train, valid,
 test). Each dataset repeats whole epochs, reshuffled per epoch with (seed, epoch), until it has
 the number of samples the run needs.
@@ -36,18 +40,22 @@ from typing import Sequence
 
 import numpy as np
 
+from ..corpus.cleaning import clean_text, cleaning_preset
 from ..jsonl import iter_json_lines
 
 FORMATS = ("dialogue", "instruction")
 
 
-def read_turns(path: str, fmt: str) -> list[list[str]]:
-    """Examples of a fine-tuning jsonl as lists of turns (user, bot, user, bot ...)."""
+def read_turns(path: str, fmt: str, clean: str = "none") -> list[list[str]]:
+    """Examples of a fine-tuning jsonl as lists of turns (user, bot, user, bot ...), each turn
+    cleaned with the preset ``clean`` (see megagpt2.corpus.cleaning)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown fine-tuning format {fmt!r}; expected one of {FORMATS}")
+    cleaning = cleaning_preset(clean)
     out, skipped = [], 0
-    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file"):
+    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file", errors="replace"):
         turns = _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
+        turns = [clean_text(turn, cleaning) for turn in turns]
         if len(turns) < 2:
             skipped += 1
             continue
@@ -159,10 +167,10 @@ def split_bounds(split: str, n: int) -> list[int]:
 
 
 def build_finetune_datasets(data_path: str, format: str, tokenizer, seq_length: int, split: str, seed: int,
-                            total_train_samples: int, valid_samples: int):
+                            total_train_samples: int, valid_samples: int, clean: str = "none"):
     """(train, valid): datasets of {"tokens", "loss_mask"} (int64, seq_length + 1); valid is None
-    when its split is empty."""
-    examples = read_turns(data_path, format)
+    when its split is empty. ``clean`` is the cleaning preset applied to every turn."""
+    examples = read_turns(data_path, format, clean)
     flat = tokenizer.encode_batch([u for turns in examples for u in turns])
     L, sep = seq_length + 1, tokenizer.eod
     tokens, masks, at = [], [], 0
