@@ -137,13 +137,12 @@ def model_from_args(args) -> tuple[GPT2, Tokenizer, dict[str, Any], ParallelStat
     device = pick_device(args.device, env.local_rank)
     if env.world_size > 1:
         init_distributed(env, device, timeout_seconds=600)
+    from ..tokenizer import TOKENIZER_FLAGS, tokenizer_from_args
+
     tokenizer = None
-    flags = (args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.eod_token)
-    if any(f is not None for f in flags):
+    if any(getattr(args, flag, None) is not None for flag in TOKENIZER_FLAGS):
         try:
-            tokenizer = build_tokenizer(args.tokenizer_type or "GPT2BPETokenizer", vocab_file=args.vocab_file,
-                                        merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                                        eod_token=args.eod_token)
+            tokenizer = tokenizer_from_args(args)
         except TokenizerError as e:
             raise ModelLoadError(str(e)) from e
     ps = ParallelState(args.tp)
