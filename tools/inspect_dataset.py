@@ -2,8 +2,10 @@
 
     python tools/inspect_dataset.py --prefix data/webtext_text_document --doc 0 --doc 17
 
-Without tokenizer flags the GPT-2 tokenizer is used for decoding; ``--ids`` prints token ids
-instead of text.
+Without tokenizer flags the GPT-2 tokenizer is used for decoding (give the flags the data was
+preprocessed with, e.g. ``--tokenizer-type BertWordPieceLowerCase --vocab-file vocab.txt
+--newline-token [SEP]``). Special tokens are left out of the text unless ``--show-special``;
+``--ids`` prints token ids instead of text.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=int, action="append", default=[],
                    help="document number to print (repeatable; negative counts from the end)")
     p.add_argument("--ids", action="store_true", help="print token ids instead of decoded text")
+    p.add_argument("--show-special", action="store_true",
+                   help="keep special tokens ([CLS], <|endoftext|> ...) in the decoded text")
     add_tokenizer_args(p)
     args = p.parse_args(argv)
     try:
@@ -51,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(summary(ds))
-    tokenizer = tokenizer_from_args(args) if args.doc and not args.ids else None
+    try:
+        tokenizer = tokenizer_from_args(args) if args.doc and not args.ids else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for n in args.doc:
         d = n + ds.num_documents if n < 0 else n
         if not 0 <= d < ds.num_documents:
@@ -59,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         tokens = ds.document(d)
         print(f"--- document {d} ({len(tokens)} tokens) ---")
-        print(tokens.tolist() if tokenizer is None else tokenizer.decode(tokens.tolist()))
+        if tokenizer is None:
+            print(tokens.tolist())
+        else:
+            print(tokenizer.decode(tokens.tolist(), skip_special_tokens=not args.show_special))
     return 0
 
 

@@ -51,6 +51,7 @@ class PipelineOptions:
     log_errors: int = 100
     tokenizer_kwargs: dict = field(default_factory=dict)  # build_tokenizer(**tokenizer_kwargs)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    prepend_bos: bool = False  # the tokenizer's document-start id before every document
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -64,16 +65,18 @@ def _init_worker(settings: tuple, tokenizer=None) -> None:
         return
     from megagpt2.tokenizer import build_tokenizer
 
-    tokenizer_kwargs, append_eod, dtype, cleaning = settings
-    _WORKER.update(settings=settings, append_eod=append_eod, dtype=np.dtype(dtype),
+    tokenizer_kwargs, append_eod, dtype, cleaning, prepend_bos = settings
+    _WORKER.update(settings=settings, append_eod=append_eod, prepend_bos=prepend_bos, dtype=np.dtype(dtype),
                    tokenizer=tokenizer or build_tokenizer(**tokenizer_kwargs),
                    stages=DocumentStages(cleaning))
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens back to back, tokens per document), EOD appended when configured."""
+    """(all tokens back to back, tokens per document), BOS / EOD added when configured."""
     tokenizer = _WORKER["tokenizer"]
     ids = tokenizer.encode_batch(texts)
+    if _WORKER["prepend_bos"]:
+        ids = [[tokenizer.bos] + doc for doc in ids]
     if _WORKER["append_eod"]:
         for doc in ids:
             doc.append(tokenizer.eod)
@@ -210,7 +213,7 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     duplicates = DuplicateIndex(opts.cleaning)
     progress = _Progress(opts.progress)
     tokens: Counter = Counter({k: 0 for k in opts.json_keys})
-    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning)
+    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning, opts.prepend_bos)
     try:
         for result in _ordered_results(_chunks(opts, progress), opts.workers, settings, tokenizer):
             _write_result(result, duplicates, builders, progress, tokens)
