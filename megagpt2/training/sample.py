@@ -13,7 +13,8 @@ def print_sample(model, tokenizer, prompt: str, ps: ParallelState, device: torch
                  max_new_tokens: int = 60) -> None:
     """Data-parallel replica 0 samples (all its TP ranks together); rank 0 prints.
 
-    The sample stops at the end of a document, never contains the unknown token and is printed
+    The sample stops at the end of a document, never contains the unknown or document-start
+    token and is printed
     without special tokens (readable Chinese with a BERT vocabulary)."""
     if ps.pp_size == 1 and ps.dp_rank == 0:
         ids = tokenizer.encode(prompt)
@@ -21,7 +22,7 @@ def print_sample(model, tokenizer, prompt: str, ps: ParallelState, device: torch
         if not ids or (tokenizer.bos is not None and ids[0] != tokenizer.bos):
             ids = [start] + ids  # as documents start in the data
         budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
-        banned = () if tokenizer.unk is None else (tokenizer.unk,)
+        banned = tuple(t for t in (tokenizer.unk, tokenizer.bos) if t is not None and t != tokenizer.eod)
         cfg = SamplingConfig(max_new_tokens=max(budget, 1), temperature=0.8, top_k=40, seed=0,
                              stop_token=tokenizer.eod, banned_tokens=banned)
         out = generate(model, [ids], cfg, pad_id=tokenizer.eod)[0]
