@@ -14,8 +14,7 @@ def print_sample(model, tokenizer, prompt: str, ps: ParallelState, device: torch
     """Data-parallel replica 0 samples (all its TP ranks together); rank 0 prints.
 
     The sample stops at the end of a document, never contains the unknown or document-start
-    token and is printed
-    without special tokens (readable Chinese with a BERT vocabulary)."""
+    token and is printed without special tokens (readable Chinese with a BERT vocabulary)."""
     if ps.pp_size == 1 and ps.dp_rank == 0:
         ids = tokenizer.encode(prompt)
         start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
