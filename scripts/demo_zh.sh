@@ -64,8 +64,9 @@ for stage in ("pretrain", "chat"):
     valid = [r["valid_loss"] for r in rows if "valid_loss" in r]
     print(f"[demo_zh] {stage} validation loss: {' -> '.join(f'{v:.3f}' for v in valid)}")
 EOF
-echo "[demo_zh] a one-turn chat with the fine-tuned model (GPT2-chitchat's interact.py settings):"
+echo "[demo_zh] a one-turn chat with the fine-tuned model (chitchat's interact.py settings, repetition"
+echo "[demo_zh] penalty 1.2); the user says 床前明月光，"
 echo "床前明月光，" | $PY tools/generate.py --load "$run_dir/chat" --interactive --history-turns 3 \
-  --top-k 8 --max-new-tokens 25
+  --top-k 8 --max-new-tokens 25 --repetition-penalty 1.2
 echo
 echo "[demo_zh] checkpoints, metrics.jsonl and loss.png are in $run_dir/{pretrain,chat}"
