@@ -188,7 +188,7 @@ def test_preprocess_and_inspect_in_gpt2_chinese_layout(tmp_path, wordpiece, caps
              "--bos-token", "[MASK]", "--eod-token", "[CLS]", "--newline-token", "[SEP]"]
     prefix = str(tmp_path / "zh")
     assert preprocess_data.main(["--input", str(corpus), "--output-prefix", prefix, "--append-eod",
-                                 "--prepend-bos", "--no-fix-unicode", "--progress", "--no-dedup"] + flags) == 0
+                                 "--prepend-bos", "--no-fix-unicode", "--no-progress", "--no-dedup"] + flags) == 0
     ds = IndexedDataset(prefix + "_text_document")
     first = ds.document(0).tolist()
     assert first[0] == 4 and first[-1] == 2 and first.count(3) == 1  # [MASK] ... [CLS], newline = [SEP]
