@@ -68,9 +68,15 @@ class ParallelConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* / --*-token options)."""
+    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* / --*-token options).
 
-    tokenizer_type: str = "GPT2BPETokenizer"
+    All unset (the default) means "the tokenizer the data was built with" (its sidecar), else the
+    one train.init_from was trained with, else GPT-2 BPE (megagpt2.tokenizer.resolve). Setting
+    any field makes the choice explicit; a dataset or checkpoint that records another tokenizer
+    is then refused. A resolved run records the tokenizer it used here.
+    """
+
+    tokenizer_type: Optional[str] = None  # GPT2BPETokenizer | SentencePieceTokenizer | HFTokenizer
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
@@ -89,6 +95,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # index caches; default: next to the data
     format: str = "pretrain"  # pretrain | dialogue | instruction (jsonl) | chitchat (blank-line text)
     num_workers: int = 0
+    clean: str = "none"  # cleaning preset for fine-tuning turns (none | web), as preprocess_data.py --clean
 
 
 @dataclass
@@ -166,6 +173,7 @@ _CHOICES = {
     "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
                                  "BertWordPieceLowerCase", "BertWordPieceCase"),
     "data.format": ("pretrain", "dialogue", "instruction", "chitchat"),
+    "data.clean": ("none", "web"),  # megagpt2.corpus.cleaning.PRESETS
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -289,6 +297,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
+        if value is None and dotted == "tokenizer.tokenizer_type":
+            continue  # unset: the dataset's tokenizer (megagpt2.tokenizer.resolve)
         if value not in choices:
             errors.append(f"{dotted}={value!r} is not one of {', '.join(choices)}")
     m, par = cfg.model, cfg.parallel

@@ -3,7 +3,7 @@
 
     # perplexity of a text file (WikiText-style detokenized), window 1024, stride 512
     python tools/evaluate.py ppl --load checkpoints/run --input wiki.test.raw --detokenize wikitext --stride 512
-    # perplexity of a preprocessed dataset (.bin/.idx prefix)
+    # perplexity of a preprocessed dataset (.bin/.idx prefix; its tokenizer sidecar must match the model's)
     python tools/evaluate.py ppl --load checkpoints/run --data-path data/owt_text_document --max-tokens 1000000
     # LAMBADA last-word accuracy and perplexity
     python tools/evaluate.py lambada --load hf_gpt2 --input lambada_test.jsonl --output lambada.json
@@ -139,11 +139,33 @@ def table(task: str, metrics: dict) -> str:
     return "\n".join([task, line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
 
 
+def dataset_tokenizer(args, model, tokenizer, meta: dict):
+    """ppl --data-path: the tokens were written by the dataset's tokenizer (its sidecar), so that
+    is the one to use when nothing pins the model's (no flags, no identity in the checkpoint);
+    otherwise the two must be the same, or the run is refused naming both."""
+    from megagpt2.data.sidecar import read_dataset_tokenizer
+    from megagpt2.eval.loading import check_tokenizer
+
+    sidecar = read_dataset_tokenizer(args.data_path)
+    if sidecar is None:
+        return tokenizer
+    flags = any(getattr(args, k) is not None for k in ("tokenizer_type", "vocab_file", "merge_file",
+                                                        "tokenizer_model", "eod_token"))
+    if not flags and not meta.get("tokenizer"):
+        own = sidecar.build()
+        check_tokenizer(meta, own, model.cfg.vocab_size, args.load)
+        return own
+    sidecar.check(tokenizer, "the --tokenizer-* flags" if flags else f"the model {args.load}")
+    return tokenizer
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     try:
         model, tokenizer, meta, ps = model_from_args(args)
+        if args.task == "ppl" and args.data_path:
+            tokenizer = dataset_tokenizer(args, model, tokenizer, meta)
         rank0 = ps.rank == 0
         run = run_ppl if args.task == "ppl" else run_choice_task
         metrics, settings = run(model, tokenizer, args, rank0)

@@ -26,6 +26,10 @@ whitespace kept as is, and byte fallback (characters outside the vocabulary, new
 become byte pieces), so ``decode(encode(text)) == text``. EOS (``</s>``, id 2) is the
 end-of-document token. WordPiece is lossy by design (BERT normalisation; see
 megagpt2/tokenizer/wordpiece.py and docs/chinese.md).
+
+Documents go through the same cleaning as in tools/preprocess_data.py, with the same flags
+(``--clean`` preset and per-stage flags; default lossless): give both tools the same cleaning
+flags so the tokenizer is trained on the text it will tokenize.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megagpt2.corpus.cleaning import (  # noqa: E402
+    CleaningConfig,
+    add_cleaning_args,
+    clean_documents,
+    cleaning_from_args,
+)
 from megagpt2.corpus.readers import input_kind, open_compressed  # noqa: E402
 from megagpt2.tokenizer.wordpiece import SPECIAL_TOKENS, train_wordpiece  # noqa: E402
 
@@ -56,7 +66,8 @@ class InputError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--type", choices=("sentencepiece", "wordpiece"), default="sentencepiece",
                         help="sentencepiece (.model) or BERT-style wordpiece (tokenizer.json + vocab.txt)")
     parser.add_argument("--input", nargs="+", required=True,
@@ -96,7 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+    add_cleaning_args(parser)
     args = parser.parse_args(argv)
+    args.cleaning = cleaning_from_args(args)
     if args.vocab_size < 8:
         parser.error(f"--vocab-size must be at least 8, got {args.vocab_size}")
     check_outputs(args, parser)
@@ -168,31 +181,35 @@ def iter_documents(path: str, jsonl: bool, json_key: str) -> Iterator[str]:
 
 
 class SentenceStream:
-    """Iterates training sentences (non-empty lines) of all files, with a progress bar.
+    """Iterates training sentences (non-empty lines) of all cleaned documents, with a progress bar.
 
     SentencePiece may wrap an exception raised inside its sentence iterator into a RuntimeError,
     so the original InputError is also kept in ``self.error`` for the caller to report.
     """
 
-    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool) -> None:
+    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool,
+                 cleaning: CleaningConfig | None = None) -> None:
         self.files, self.fmt, self.json_key, self.quiet = files, fmt, json_key, quiet
+        self.cleaning = cleaning or CleaningConfig()
         self.sentences = 0
         self.error: InputError | None = None
+
+    def _documents(self, bar: tqdm) -> Iterator[str]:
+        for path in self.files:
+            yield from iter_documents(path, is_jsonl(path, self.fmt), self.json_key)
+            bar.update(1)
+            bar.set_postfix(sentences=self.sentences)
 
     def __iter__(self) -> Iterator[str]:
         bar = tqdm(total=len(self.files), unit="file", desc="reading", disable=self.quiet,
                    file=sys.stderr)
         try:
-            for path in self.files:
-                jsonl = is_jsonl(path, self.fmt)
-                for document in iter_documents(path, jsonl, self.json_key):
-                    for line in document.split("\n"):
-                        line = line.rstrip("\r")
-                        if line.strip():
-                            self.sentences += 1
-                            yield line
-                bar.update(1)
-                bar.set_postfix(sentences=self.sentences)
+            for document in clean_documents(self._documents(bar), self.cleaning):
+                for line in document.split("\n"):
+                    line = line.rstrip("\r")
+                    if line.strip():
+                        self.sentences += 1
+                        yield line
         except InputError as e:
             self.error = e
             raise
@@ -258,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     """Train and write the tokenizer files; exits non-zero with a message on bad input."""
     args = parse_args(argv)
     if args.type == "wordpiece":
-        return write_wordpiece(args, SentenceStream(args.files, args.format, args.json_key, args.quiet))
+        return write_wordpiece(args, SentenceStream(args.files, args.format, args.json_key, args.quiet,
+                                                    args.cleaning))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet)
+    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet, args.cleaning)
     try:
         train(args, stream)
     except InputError as e:  # some SentencePiece builds pass iterator exceptions through

@@ -29,6 +29,10 @@ Too long (more than seq_length + 1 tokens): the context is cut from the left, ke
 bot turn whole; if that turn alone does not fit, the sample starts one token before it and the
 turn is cut on the right.
 
+Cleaning: every turn goes through the same ``clean_text`` as preprocessing and tokenizer training
+(``data.clean``, a preset name; default lossless), so chat data reaches the model as the
+pretraining text did. Invalid UTF-8 becomes U+FFFD, as in preprocessing.
+
 Split: examples are shuffled with the seed, then divided by the data.split weights (train, valid,
 test). Each dataset repeats whole epochs, reshuffled per epoch with (seed, epoch), until it has
 the number of samples the run needs.
@@ -44,17 +48,21 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..corpus.cleaning import clean_text, cleaning_preset
 from ..jsonl import iter_json_lines
 
 FORMATS = ("dialogue", "instruction", "chitchat")
 
 
-def read_turns(path: str, fmt: str) -> list[list[str]]:
-    """Examples of a fine-tuning file as lists of turns (user, bot, user, bot ...)."""
+def read_turns(path: str, fmt: str, clean: str = "none") -> list[list[str]]:
+    """Examples of a fine-tuning file as lists of turns (user, bot, user, bot ...), each turn
+    cleaned with the preset ``clean`` (see megagpt2.corpus.cleaning)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown fine-tuning format {fmt!r}; expected one of {FORMATS}")
+    cleaning = cleaning_preset(clean)
     out, skipped = [], 0
     for turns in _examples(path, fmt):
+        turns = [clean_text(turn, cleaning) for turn in turns]
         if len(turns) < 2:
             skipped += 1
             continue
@@ -70,21 +78,18 @@ def _examples(path: str, fmt: str) -> Iterator[list[str]]:
     if fmt == "chitchat":
         yield from read_chitchat(path)
         return
-    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file"):
+    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file", errors="replace"):
         yield _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
 
 
 def read_chitchat(path: str) -> list[list[str]]:
-    """Dialogues of a GPT2-chitchat text file: blocks separated by blank lines, a line per turn."""
+    """Dialogues of a GPT2-chitchat text file: blocks separated by blank lines, a line per turn
+    (invalid UTF-8 becomes U+FFFD, as in the jsonl formats)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"fine-tuning data {path} does not exist (data.path must name a "
                                 "text file of blank-line-separated dialogues for data.format=chitchat)")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text at byte {e.start}; chitchat files are UTF-8") from None
-    text = text.replace("\r\n", "\n").lstrip("\ufeff")
+    text = p.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
     return [block.split("\n") for block in re.split(r"\n(?:[ \t]*\n)+", text.strip("\n")) if block.strip()]
 
 
@@ -191,10 +196,10 @@ def split_bounds(split: str, n: int) -> list[int]:
 
 
 def build_finetune_datasets(data_path: str, format: str, tokenizer, seq_length: int, split: str, seed: int,
-                            total_train_samples: int, valid_samples: int):
+                            total_train_samples: int, valid_samples: int, clean: str = "none"):
     """(train, valid): datasets of {"tokens", "loss_mask"} (int64, seq_length + 1); valid is None
-    when its split is empty."""
-    examples = read_turns(data_path, format)
+    when its split is empty. ``clean`` is the cleaning preset applied to every turn."""
+    examples = read_turns(data_path, format, clean)
     flat = tokenizer.encode_batch([u for turns in examples for u in turns])
     L, sep, start = seq_length + 1, tokenizer.eod, getattr(tokenizer, "bos", None)
     tokens, masks, at = [], [], 0

@@ -34,6 +34,7 @@ def default_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
     stored = meta.get("config", {}).get("tokenizer")
     if stored:
         cfg = config_from_dict({"tokenizer": stored}).tokenizer
+        cfg.tokenizer_type = cfg.tokenizer_type or "GPT2BPETokenizer"  # unset in a config = GPT-2 BPE
         try:
             return build_tokenizer(**asdict(cfg))
         except TokenizerError as e:
