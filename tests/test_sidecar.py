@@ -118,7 +118,9 @@ def test_vocab_error_blames_the_tokenizer_not_the_model(data):
 def test_inspect_dataset_decodes_with_the_sidecar(data, capsys):
     assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0"]) == 0
     out = capsys.readouterr().out
-    assert "tokenizer   HFTokenizer, 400 ids" in out and TEXTS[0] + "<|endoftext|>" in out
+    assert "tokenizer   HFTokenizer, 400 ids" in out and TEXTS[0] + "\n" in out and "<|endoftext|>" not in out
+    assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0", "--show-special"]) == 0
+    assert TEXTS[0] + "<|endoftext|>" in capsys.readouterr().out
     assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0", "--tokenizer-type",
                                  "GPT2BPETokenizer"]) == 1
     err = capsys.readouterr().err

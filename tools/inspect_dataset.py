@@ -5,6 +5,8 @@
 Documents are decoded with the tokenizer the dataset was built with (its sidecar,
 ``PREFIX.tokenizer/``), else GPT-2 BPE; tokenizer flags choose one explicitly and are refused
 when the sidecar records another. ``--ids`` prints token ids instead of text.
+Special tokens are left out of the text unless ``--show-special`` (readable Chinese with a BERT
+vocabulary, its ``--newline-token`` shown as line breaks).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=int, action="append", default=[],
                    help="document number to print (repeatable; negative counts from the end)")
     p.add_argument("--ids", action="store_true", help="print token ids instead of decoded text")
+    p.add_argument("--show-special", action="store_true",
+                   help="keep special tokens ([CLS], <|endoftext|> ...) in the decoded text")
     add_tokenizer_args(p)
     p.set_defaults(tokenizer_type=None)  # None: the dataset's own tokenizer
     args = p.parse_args(argv)
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         tokens = ds.document(d)
         print(f"--- document {d} ({len(tokens)} tokens) ---")
-        print(tokens.tolist() if tokenizer is None else tokenizer.decode(tokens.tolist()))
+        if tokenizer is None:
+            print(tokens.tolist())
+        else:
+            print(tokenizer.decode(tokens.tolist(), skip_special_tokens=not args.show_special))
     return 0
 
 

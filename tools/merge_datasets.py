@@ -48,7 +48,8 @@ def _merged_sidecar(prefixes: list[str], output_prefix: str):
                   f"{sidecars[0].describe()} like {sidecars[0].prefix}", file=sys.stderr)
     first = sidecars[0]
     return stage_sidecar(output_prefix, first.build(), first.info.get("eod_token"),
-                         {"merged_from": list(prefixes)})
+                         {"merged_from": list(prefixes)}, first.info.get("bos_token"),
+                         first.info.get("newline_token"))
 
 
 def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:

@@ -28,7 +28,7 @@ from megagpt2.corpus.cleaning import add_cleaning_args, cleaning_from_args  # no
 from megagpt2.corpus.pipeline import PipelineOptions, run_pipeline  # noqa: E402
 from megagpt2.corpus.readers import expand_inputs  # noqa: E402
 from megagpt2.data.sidecar import sidecar_dir  # noqa: E402
-from megagpt2.tokenizer import add_tokenizer_args, build_tokenizer  # noqa: E402
+from megagpt2.tokenizer import TOKENIZER_FLAGS, add_tokenizer_args, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="outputs are {prefix}_{key}_document.bin/.idx and {prefix}_report.json")
     io.add_argument("--append-eod", action="store_true",
                     help="append the tokenizer's end-of-document id after every document")
+    io.add_argument("--prepend-bos", action="store_true",
+                    help="put the document-start token (--bos-token) before every document "
+                         "(GPT2-Chinese: --bos-token [MASK] --eod-token [CLS] --append-eod)")
     io.add_argument("--workers", type=int, default=1,
                     help="processes that clean and tokenize (1 = all in this process)")
     io.add_argument("--chunk-bytes", type=int, default=1 << 19,
@@ -63,14 +66,15 @@ def prepare(args: argparse.Namespace):
 
     Bad flags or inputs raise ValueError (TokenizerError is one) before any output is created.
     """
-    tokenizer_kwargs = dict(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                            merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                            eod_token=args.eod_token)
+    tokenizer_kwargs = {flag: getattr(args, flag) for flag in TOKENIZER_FLAGS}
     tokenizer = build_tokenizer(**tokenizer_kwargs)
+    if args.prepend_bos and tokenizer.bos is None:
+        raise ValueError("--prepend-bos needs a document-start token: pass --bos-token (for example "
+                         "[MASK] or [CLS] with a BERT vocabulary)")
     expand_inputs(args.input)  # a missing or unsupported input fails here
     opts = PipelineOptions(args.input, args.output_prefix, args.json_keys, args.append_eod,
                            args.workers, args.chunk_bytes, args.progress, args.log_errors,
-                           tokenizer_kwargs, cleaning_from_args(args))
+                           tokenizer_kwargs, cleaning_from_args(args), args.prepend_bos)
     return opts, tokenizer
 
 
@@ -82,6 +86,7 @@ def preprocess(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, opts: PipelineOptions, tokenizer) -> dict:
     report = run_pipeline(opts, tokenizer)
     report.update(inputs=list(args.input), workers=args.workers, append_eod=args.append_eod,
+                  prepend_bos=args.prepend_bos,
                   clean=args.clean, cleaning=vars(opts.cleaning), tokenizer=tokenizer.identity())
     _write_json(f"{args.output_prefix}_report.json", report)
     return report

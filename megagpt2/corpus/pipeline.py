@@ -47,6 +47,7 @@ class PipelineOptions:
     log_errors: int = 100
     tokenizer_kwargs: dict = field(default_factory=dict)  # build_tokenizer(**tokenizer_kwargs)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    prepend_bos: bool = False  # the tokenizer's document-start id before every document
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -60,16 +61,18 @@ def _init_worker(settings: tuple, tokenizer=None) -> None:
         return
     from megagpt2.tokenizer import build_tokenizer
 
-    tokenizer_kwargs, append_eod, dtype, cleaning = settings
-    _WORKER.update(settings=settings, append_eod=append_eod, dtype=np.dtype(dtype),
+    tokenizer_kwargs, append_eod, dtype, cleaning, prepend_bos = settings
+    _WORKER.update(settings=settings, append_eod=append_eod, prepend_bos=prepend_bos, dtype=np.dtype(dtype),
                    tokenizer=tokenizer or build_tokenizer(**tokenizer_kwargs),
                    stages=DocumentStages(cleaning))
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens back to back, tokens per document), EOD appended when configured."""
+    """(all tokens back to back, tokens per document), BOS / EOD added when configured."""
     tokenizer = _WORKER["tokenizer"]
     ids = tokenizer.encode_batch(texts)
+    if _WORKER["prepend_bos"]:
+        ids = [[tokenizer.bos] + doc for doc in ids]
     if _WORKER["append_eod"]:
         for doc in ids:
             doc.append(tokenizer.eod)
@@ -196,16 +199,18 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     duplicates = DuplicateIndex(opts.cleaning)
     progress = Progress(InputPosition(inputs), opts.progress)
     tokens: Counter = Counter({k: 0 for k in opts.json_keys})
-    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning)
+    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning, opts.prepend_bos)
     staged: dict[str, str] = {}
     try:
         for result in _ordered_results(_chunks(opts, progress), opts.workers, settings, tokenizer):
             _write_result(result, duplicates, builders, progress, tokens)
             progress.tick()
-        built_with = {"append_eod": opts.append_eod, "cleaning": dataclasses.asdict(opts.cleaning)}
+        built_with = {"append_eod": opts.append_eod, "prepend_bos": opts.prepend_bos,
+                      "cleaning": dataclasses.asdict(opts.cleaning)}
+        kw = opts.tokenizer_kwargs
         for key, builder in builders.items():
-            staged[key] = stage_sidecar(paths[key], tokenizer, opts.tokenizer_kwargs.get("eod_token"),
-                                        built_with)
+            staged[key] = stage_sidecar(paths[key], tokenizer, kw.get("eod_token"), built_with,
+                                        kw.get("bos_token"), kw.get("newline_token"))
         for key, builder in builders.items():
             builder.finalize(paths[key] + ".idx", lambda k=key: commit_sidecar(staged.pop(k), paths[k]))
     except BaseException:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from megagpt2.tokenizer import Tokenizer, TokenizerError, build_tokenizer, check_same_identity
+from megagpt2.tokenizer.base import LAYOUT_KEYS
 from megagpt2.tokenizer.base import sha256_of_file
 
 SIDECAR_SUFFIX = ".tokenizer"
@@ -44,7 +45,8 @@ def sidecar_dir(prefix: str) -> str:
 def describe_identity(identity: dict) -> str:
     """'HFTokenizer, 21,128 ids, eod 102, tokenizer_model sha256 3f2a9c1e...': for messages."""
     files = ", ".join(f"{role} sha256 {sha[:12]}" for role, sha in sorted(identity.get("files", {}).items()))
-    return (f"{identity.get('type')}, {identity.get('vocab_size', 0):,} ids, eod {identity.get('eod')}"
+    layout = "".join(f", {k} {identity[k]}" for k in LAYOUT_KEYS if identity.get(k) is not None)
+    return (f"{identity.get('type')}, {identity.get('vocab_size', 0):,} ids, eod {identity.get('eod')}{layout}"
             + (f", {files}" if files else ""))
 
 
@@ -62,8 +64,10 @@ class DatasetTokenizer:
     @property
     def identity(self) -> dict:
         """Same shape as ``Tokenizer.identity()``, so the two compare directly."""
-        return {"type": self.info["type"], "vocab_size": self.info["vocab_size"], "eod": self.info["eod"],
-                "files": {role: f["sha256"] for role, f in self.info["files"].items()}}
+        out = {"type": self.info["type"], "vocab_size": self.info["vocab_size"], "eod": self.info["eod"],
+               "files": {role: f["sha256"] for role, f in self.info["files"].items()}}
+        out.update({k: self.info[k] for k in LAYOUT_KEYS if self.info.get(k) is not None})  # bos, newline ids
+        return out
 
     def describe(self) -> str:
         return describe_identity(self.identity)
@@ -96,6 +100,9 @@ class DatasetTokenizer:
         cfg: dict[str, Optional[str]] = {"tokenizer_type": self.info["type"], "vocab_file": None,
                                          "merge_file": None, "tokenizer_model": None,
                                          "eod_token": self.info.get("eod_token")}
+        for key in ("bos_token", "newline_token"):  # layout tokens, recorded when set
+            if self.info.get(key) is not None:
+                cfg[key] = self.info[key]
         if self.info["type"] == "GPT2BPETokenizer" and _is_default_gpt2(self.identity["files"]):
             return cfg
         cfg.update(self.file_paths())
@@ -175,11 +182,13 @@ def dataset_tokenizers(data_path: str) -> list[tuple[str, Optional[DatasetTokeni
 # -- writing ---------------------------------------------------------------------------------
 
 def stage_sidecar(prefix: str, tokenizer: Tokenizer, eod_token: Optional[str] = None,
-                  built_with: Optional[dict] = None) -> str:
+                  built_with: Optional[dict] = None, bos_token: Optional[str] = None,
+                  newline_token: Optional[str] = None) -> str:
     """Write the sidecar of ``prefix`` under a temporary name; returns it (see ``commit_sidecar``).
 
     ``eod_token`` is the end-of-document override the tokenizer was built with (None = its
-    default); ``built_with`` (cleaning settings, ...) is recorded for people.
+    default); ``built_with`` (cleaning settings, ...) is recorded for people; ``bos_token`` and
+    ``newline_token`` are the layout tokens it was built with (megagpt2.tokenizer).
     """
     tmp = f"{sidecar_dir(prefix)}.tmp-{os.getpid()}"
     if os.path.exists(tmp):
@@ -200,6 +209,8 @@ def stage_sidecar(prefix: str, tokenizer: Tokenizer, eod_token: Optional[str] = 
             files[role] = {"name": name, "sha256": sha, "source": os.path.abspath(source)}
         info = {"format": FORMAT, "version": VERSION, "type": identity["type"],
                 "vocab_size": identity["vocab_size"], "eod": identity["eod"], "eod_token": eod_token,
+                "bos_token": bos_token, "newline_token": newline_token,
+                **{k: identity[k] for k in LAYOUT_KEYS if k in identity},
                 "files": files, "built_with": built_with or {}}
         with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=1)

@@ -152,13 +152,12 @@ def start_model(load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32
 
 def tokenizer_from_flags(args) -> Optional[Tokenizer]:
     """The tokenizer the flags of `add_model_args` name, or None for the checkpoint's own."""
-    flags = (args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.eod_token)
-    if all(f is None for f in flags):
+    from ..tokenizer import TOKENIZER_FLAGS, tokenizer_from_args
+
+    if all(getattr(args, flag, None) is None for flag in TOKENIZER_FLAGS):
         return None
     try:
-        return build_tokenizer(args.tokenizer_type or "GPT2BPETokenizer", vocab_file=args.vocab_file,
-                               merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                               eod_token=args.eod_token)
+        return tokenizer_from_args(args)
     except TokenizerError as e:
         raise ModelLoadError(str(e)) from e
 
