@@ -34,8 +34,10 @@ Attention = Literal["flash", "fused_softmax", "torch"]
 Kernels = Literal["auto", "triton", "torch", "apex"]
 Schedule = Literal["none", "gpipe", "1f1b", "interleaved"]
 Partition = Literal["uniform", "parameters"]
-TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer"]
-DataFormat = Literal["pretrain", "dialogue", "instruction"]
+TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
+                        "BertWordPieceLowerCase", "BertWordPieceCase"]
+DataFormat = Literal["pretrain", "dialogue", "instruction", "chitchat"]
+Clean = Literal["none", "web"]  # megagpt2.corpus.cleaning.PRESETS
 DecayStyle = Literal["cosine", "linear", "constant"]
 OnNonfinite = Literal["stop", "skip"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -85,12 +87,21 @@ class ParallelConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* options)."""
+    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* / --*-token options).
 
-    tokenizer_type: TokenizerType = "GPT2BPETokenizer"  # tokenizer kind (tools/preprocess_data.py --tokenizer-type)
-    vocab_file: Optional[str] = None  # GPT-2 BPE encoder.json / vocab.json (none: the GPT-2 files shipped)
+    All unset (the default) means "the tokenizer the data was built with" (its sidecar), else the
+    one train.init_from was trained with, else GPT-2 BPE (megagpt2.data.run_tokenizer). Setting
+    any field makes the choice explicit; a dataset or checkpoint that records another tokenizer
+    is then refused. A resolved run records the tokenizer it used here.
+    """
+
+    tokenizer_type: Optional[TokenizerType] = None  # tokenizer kind (tools/preprocess_data.py --tokenizer-type)
+    vocab_file: Optional[str] = None  # GPT-2 BPE encoder.json / vocab.json, or a BERT vocab.txt
     merge_file: Optional[str] = None  # GPT-2 BPE vocab.bpe / merges.txt
     tokenizer_model: Optional[str] = None  # SentencePiece .model or Hugging Face tokenizer.json
+    eod_token: Optional[str] = None  # default: the type's own (<|endoftext|>, [SEP], ...)
+    bos_token: Optional[str] = None  # document start, e.g. [MASK] (GPT2-Chinese), [CLS] (chitchat)
+    newline_token: Optional[str] = None  # stands for "\n", e.g. [SEP] (GPT2-Chinese)
 
 
 @dataclass
@@ -101,8 +112,9 @@ class DataConfig:
     split: str = "969,30,1"  # train,valid,test weights
     seq_length: int = 1024  # tokens per sample
     cache_dir: Optional[str] = None  # index caches; default: next to the data
-    format: DataFormat = "pretrain"  # .bin/.idx, or fine-tuning jsonl
+    format: DataFormat = "pretrain"  # .bin/.idx, fine-tuning jsonl (dialogue, instruction) or chitchat text
     num_workers: int = 0  # DataLoader worker processes
+    clean: Clean = "none"  # cleaning preset for fine-tuning turns, as tools/preprocess_data.py --clean
 
 
 @dataclass
@@ -174,6 +186,13 @@ class Config:
 
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _literal_of(tp: Any) -> Any:
+    """The Literal of an enumerated field (also inside Optional[...]), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if typing.get_origin(a) is Literal), None)
+    return tp if typing.get_origin(tp) is Literal else None
 
 
 def _check_choice(value: Any, tp: Any, dotted: str) -> Any:
@@ -293,8 +312,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] =
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
     for section, key, value, item in parse_overrides(overrides or []):
-        _apply(cfg, section, key, yaml.safe_load(value) if value.strip() else "", f"override {item!r}")
+        _apply(cfg, section, key, _override_value(cfg, section, key, value), f"override {item!r}")
     return cfg
+
+
+def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:
+    """The YAML value of an override; text YAML reads as a list or mapping stays text for a
+    string field, so `--tokenizer.bos_token=[MASK]` needs no quotes."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    sub = getattr(cfg, section, None)
+    tp = _field_types(type(sub)).get(key) if dataclasses.is_dataclass(sub) else None
+    if isinstance(value, (list, dict)) and tp in (str, Optional[str]):
+        return text
+    return value
 
 
 def config_from_dict(doc: dict) -> Config:
@@ -315,9 +345,10 @@ def validate(cfg: Config) -> None:
     for section in dataclasses.fields(Config):
         sub = getattr(cfg, section.name)
         for key, tp in _field_types(type(sub)).items():
-            if typing.get_origin(tp) is Literal:
+            choice, value = _literal_of(tp), getattr(sub, key)
+            if choice is not None and value is not None:  # None: unset Optional (tokenizer: the dataset's)
                 try:
-                    _check_choice(getattr(sub, key), tp, f"{section.name}.{key}")
+                    _check_choice(value, choice, f"{section.name}.{key}")
                 except ConfigError as e:
                     errors.append(str(e))
     errors += _range_errors(cfg) + _shape_errors(cfg)

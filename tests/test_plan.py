@@ -54,8 +54,8 @@ def test_a_good_run_plans_its_layout_batch_split_and_tokenizer(prefix):
                                                  "micro-batches per step, got gradient_accumulation_steps=2"),
     (["parallel.pp=2", "model.n_layer=4"], 2, ds_config(stage=3, accum=2), "supports ZeRO stages 0-2"),
     (["parallel.virtual_stages=2", "parallel.schedule=interleaved"], 1, DS, "it needs parallel.pp > 1"),
-    (["model.vocab_size=1000"], 1, DS, "the tokenizer (GPT2BPETokenizer) has 50257 tokens but "
-                                       "model.vocab_size=1000; set model.vocab_size=50257"),
+    (["model.vocab_size=1000"], 1, DS, "has 50,257 ids but model.vocab_size=1,000: if model.vocab_size is "
+                                       "right, the tokenizer is the wrong one"),
     (["data.split=1,x"], 1, DS, "data.split: split '1,x' must be comma-separated numbers"),
     ([], 1, {**DS, "optimizer": {"type": "Adam"}}, "must not define optimizer/scheduler"),
     ([], 1, {**DS, "bf16": {"enabled": "yes"}}, "bf16.enabled must be true, false or \"auto\""),
@@ -152,7 +152,7 @@ def _entry(args: list[str], cwd: Path, **env: str) -> tuple[subprocess.Completed
 
 @pytest.mark.parametrize("args,needle", [
     (["--data.path=nowhere/owt"], "no dataset at nowhere/owt ("),
-    (["--model.vocab_size=1000"], "has 50257 tokens but model.vocab_size=1000"),
+    (["--model.vocab_size=1000"], "has 50,257 ids but model.vocab_size=1,000"),
     (["@world:2", "--parallel.pp=2", "--model.n_layer=3"], "model.n_layer=3 is not divisible by parallel.pp"),
     (["--parallel.pp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 1 x 2"),
     (["@ds:train_batch_size=12"], "train_batch_size=12 but train_micro_batch_size_per_gpu"),

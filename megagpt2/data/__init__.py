@@ -5,7 +5,10 @@
     blending.py      data.path and data.split parsing, weighted blends
     sampler.py       the resumable batch sampler and its DataLoader
     gpt_dataset.py   GPT samples of seq_length + 1 tokens; build_gpt_datasets (imports torch)
-    finetune.py      dialogue / instruction samples with a loss mask
+    finetune.py      dialogue / instruction / chitchat samples with a loss mask
+    sidecar.py       the tokenizer a dataset was built with, next to its .bin/.idx
+    run_tokenizer.py which tokenizer a run uses: explicit, else the dataset's, else init_from's
+    preprocess.py    tools/preprocess_data.py's multiprocess pipeline: read, clean, tokenize, write
 
 The names below need no torch (preprocessing and the run plan import them); import the rest
 from their modules.

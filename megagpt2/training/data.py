@@ -79,7 +79,7 @@ def build_data(data: DataConfig, layout: ParallelLayout, micro: int, global_batc
         from ..data.finetune import build_finetune_datasets
 
         train, valid = build_finetune_datasets(data.path, data.format, tokenizer, data.seq_length, data.split, seed,
-                                               train_samples, valid_samples)
+                                               train_samples, valid_samples, data.clean)
     if train is None:
         raise ValueError(f"data.path={data.path!r} with split {data.split!r} has no training documents")
     return DataState(train, valid, layout, micro, global_batch, train_samples, eval_steps, data.num_workers)

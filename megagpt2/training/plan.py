@@ -13,7 +13,8 @@ cheapest first and stop at the first group that fails:
   3. the files: every data prefix has a readable .bin/.idx pair (or the fine-tuning jsonl
      exists), data.split parses, train.init_from exists; paths in messages are absolute, as
      resolved from the directory the run was started in;
-  4. the tokenizer: it builds from its files and fits model.vocab_size.
+  4. the tokenizer (megagpt2.data.run_tokenizer): the explicit one, else the dataset's sidecar,
+     else train.init_from's; it builds, agrees with every source and fits model.vocab_size.
 
 The plan keeps what it built (layout, typed DeepSpeed config, pipeline split, tokenizer) so the
 run uses exactly what was checked.
@@ -22,14 +23,17 @@ run uses exactly what was checked.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..config import Config, ConfigError, validate
 from ..parallel import ParallelLayout, ParallelLayoutError
 from ..pipeline import StageLayout, check_layout, partition
-from ..tokenizer import Tokenizer, TokenizerError, build_tokenizer
+from ..tokenizer import Tokenizer, TokenizerError
 from .ds_config import DeepSpeedConfig, DSConfigError
+
+if TYPE_CHECKING:
+    from ..data.run_tokenizer import ResolvedTokenizer
 
 
 class PlanError(ConfigError):
@@ -45,6 +49,7 @@ class RunPlan:
     layout: ParallelLayout  # this rank's place in the grid
     split: Optional[StageLayout]  # blocks per virtual stage; None without pipelining
     tokenizer: Tokenizer
+    tokenizer_summary: str = ""  # which tokenizer and where it came from, for the log
 
     @property
     def micro_batch(self) -> int:
@@ -65,10 +70,10 @@ def plan_run(cfg: Config, ds: Union[str, dict[str, Any]], world_size: int, rank:
     layout, ds_cfg, split, errors = _layout(cfg, ds, world_size, rank)
     _raise_if(errors)
     _raise_if(data_errors(cfg) + _init_from_errors(cfg))
-    tokenizer, errors = _tokenizer(cfg)
+    resolved, errors = _tokenizer(cfg)
     _raise_if(errors)
-    assert layout is not None and ds_cfg is not None and tokenizer is not None
-    return RunPlan(cfg, ds_cfg, layout, split, tokenizer)
+    assert layout is not None and ds_cfg is not None and resolved is not None
+    return RunPlan(cfg, ds_cfg, layout, split, resolved.tokenizer, resolved.summary())
 
 
 def _raise_if(errors: list[str]) -> None:
@@ -183,13 +188,16 @@ def _init_from_errors(cfg: Config) -> list[str]:
     return []
 
 
-def _tokenizer(cfg: Config) -> tuple[Optional[Tokenizer], list[str]]:
-    """The run's tokenizer, checked against the model's vocabulary."""
+def _tokenizer(cfg: Config) -> tuple[Optional[ResolvedTokenizer], list[str]]:
+    """The run's tokenizer (explicit, else the dataset's, else train.init_from's, else GPT-2 BPE),
+    checked against every dataset sidecar, train.init_from and model.vocab_size. `cfg.tokenizer`
+    becomes what was used, so checkpoints record the real tokenizer."""
+    from ..data.run_tokenizer import check_model_vocab, resolve_tokenizer
+
     try:
-        tokenizer = build_tokenizer(**asdict(cfg.tokenizer))
+        resolved = resolve_tokenizer(cfg.tokenizer, cfg.data, cfg.train.init_from)
+        check_model_vocab(resolved, cfg.model.vocab_size, cfg.train.init_from)
     except TokenizerError as e:
-        return None, [f"tokenizer: {e}"]
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        return None, [f"the tokenizer ({cfg.tokenizer.tokenizer_type}) has {tokenizer.vocab_size} tokens but "
-                      f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}"]
-    return tokenizer, []
+        return None, [str(e)]
+    cfg.tokenizer = resolved.config
+    return resolved, []

@@ -35,6 +35,8 @@ class Trainer:
         cfg = plan.cfg
         self.plan, self.cfg, self.groups, self.layout, self.device = plan, cfg, groups, groups.layout, device
         self.tokenizer = plan.tokenizer
+        if plan.tokenizer_summary:
+            self.log(plan.tokenizer_summary)
         self.micro, self.accum, self.global_batch = plan.micro_batch, plan.grad_accum, plan.global_batch
         torch.manual_seed(cfg.train.seed)
         self.engine, self.model, self.executor = build_engine(plan, groups, device)
