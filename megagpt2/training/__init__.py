@@ -3,6 +3,9 @@
 Up to the plan nothing imports torch or starts a process group, so every mistake of the
 config/launch kind ends within a second with one message, printed by the first rank only, and
 exit code 2. Only then are the device, torch.distributed, the process groups and the trainer set up.
+Rank 0 takes the checkpoint directory's lock (megagpt2.training.lock) before torch.distributed starts;
+when another run holds it, every rank exits 2 together and nothing is written. Exit codes: 0 (done, or
+stopped cleanly by SIGTERM/SIGUSR1/a vanished launcher), 130 (stopped by Ctrl-C), 2 (refused), 1 (failed).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from ..config import ConfigError, load_config
 from ..distributed import LaunchEnv, LaunchEnvError, detect_env
 from .cli import parse_args
 from .ds_config import DSConfigError
+from .lock import LockHeld, RunLock
 from .plan import RunPlan, plan_run
 from .signals import Signals
 
@@ -27,12 +31,13 @@ USAGE_ERRORS = (ConfigError, DSConfigError, LaunchEnvError)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Everything is checked before any process group exists; then every rank trains."""
-    signals = Signals()  # first: a SIGTERM during start-up is kept, not fatal
+    signals = Signals()  # first: a SIGTERM or Ctrl-C during start-up is kept, not fatal
     env: Optional[LaunchEnv] = None
     try:
         args, overrides = parse_args(argv)
         cfg = load_config(args.config, overrides)
         env = detect_env()
+        signals.first_rank = env.rank == 0
         plan = plan_run(cfg, args.deepspeed_config, env.world_size, env.rank)
     except USAGE_ERRORS as e:
         return _refuse(e, env)
@@ -100,13 +105,48 @@ def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals
     from .trainer import Trainer, describe
 
     timeout = plan.cfg.parallel.timeout_seconds
-    init_distributed(env, device, timeout)
-    groups = build_process_groups(plan.layout, timeout)
-    trainer = Trainer(plan, groups, device, signals)
-    if env.rank == 0:
-        print(describe(plan, trainer.model.num_parameters()), flush=True)
-    trainer.train()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
+    lock, refusal = _lock_checkpoint_dir(plan, env)
+    try:
+        init_distributed(env, device, timeout)
+        if _any_rank(refusal is not None):  # every rank learns rank 0's outcome and exits 2 with it
+            if refusal is not None:
+                print(f"error: {refusal}", file=sys.stderr, flush=True)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            return 2
+        if lock is not None:
+            signals.on_exit_now.append(lock.release)
+            if lock.took_over:
+                print(f"megagpt2: {lock.took_over}", flush=True)
+        groups = build_process_groups(plan.layout, timeout)
+        trainer = Trainer(plan, groups, device, signals)
+        if env.rank == 0:
+            print(describe(plan, trainer.model.num_parameters()), flush=True)
+        result = trainer.train()
+        if dist.is_initialized():
+            dist.barrier()  # every rank has written its part of the last checkpoint
+            dist.destroy_process_group()
+        return signals.exit_code(result["stop_code"])
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_checkpoint_dir(plan: RunPlan, env: LaunchEnv) -> tuple[Optional[RunLock], Optional[LockHeld]]:
+    """Rank 0 (which writes the directory's shared files) takes checkpoint.dir's lock before anything
+    is written there; (None, None) on the other ranks and when nothing is saved."""
+    if env.rank != 0 or not plan.cfg.checkpoint.dir:
+        return None, None
+    try:
+        return RunLock.acquire(plan.cfg.checkpoint.dir), None
+    except LockHeld as e:
+        return None, e
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    from ..parallel.collectives import all_reduce_small
+
+    return bool(all_reduce_small(torch.tensor([float(flag)]), op=dist.ReduceOp.MAX).item())

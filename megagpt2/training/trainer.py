@@ -20,7 +20,7 @@ from .data import build_data
 from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops, print_sample
 from .model_setup import build_engine
 from .plan import RunPlan
-from .signals import Signals
+from .signals import TIME_LIMIT, Signals
 
 
 class NonFiniteError(RuntimeError):
@@ -47,6 +47,7 @@ class Trainer:
         self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=self.layout.rank == 0)
         self.step = 0
         self.signals = signals or Signals()
+        self.stop_code = 0  # why the loop stopped early (signals.SIGTERM, ...); 0: it did not
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
         self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
@@ -119,10 +120,15 @@ class Trainer:
         return True
 
     # -- the loop -------------------------------------------------------------------------------
-    def _agree(self, *flags: bool) -> list[bool]:
-        """Every rank learns whether any rank raised each flag (signals reach ranks unevenly)."""
-        t = all_reduce_small(torch.tensor([float(f) for f in flags]), op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+    def _agree(self, *values: int) -> list[int]:
+        """Every rank learns the largest value any rank gave for each flag or code (signals reach ranks
+        unevenly: a `kill` of one rank, a launcher that only one node had)."""
+        t = all_reduce_small(torch.tensor([float(v) for v in values]), op=dist.ReduceOp.MAX)
+        return [int(v) for v in t.tolist()]
+
+    def _stop_code(self, over_time: bool) -> int:
+        """This rank's reason to stop after this step (megagpt2.training.signals codes; 0: none)."""
+        return max(self.signals.code(), TIME_LIMIT if over_time else 0)
 
     def _log_step(self, r: StepResult, dt: float) -> None:
         cfg = self.cfg
@@ -165,7 +171,7 @@ class Trainer:
             self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
-            nonfinite, stop = self._agree(r.nonfinite, self.signals.received is not None or over_time)
+            nonfinite, stop = self._agree(r.nonfinite, self._stop_code(over_time))
             if nonfinite and cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(f"step {self.step}: loss {r.loss} / grad norm {r.grad_norm} is not finite; "
                                      f"stopping without a checkpoint (train.on_nonfinite=skip skips such steps)")
@@ -177,7 +183,7 @@ class Trainer:
             if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0:
                 self._eval_and_log()
             if stop:
-                stopped_by = "signal" if self.signals.received is not None else "time limit"
+                self.stop_code, stopped_by = stop, self.signals.describe(stop)
                 self.log(f"stopping at step {self.step} ({stopped_by}); checkpointing")
                 self.save()
                 last_saved = self.step
@@ -193,7 +199,8 @@ class Trainer:
 
     def _finish(self, stopped_by: Optional[str]) -> dict[str, Any]:
         cfg = self.cfg
-        out: dict[str, Any] = {"step": self.step, "stopped_by": stopped_by, "history": self.scalars.history}
+        out: dict[str, Any] = {"step": self.step, "stopped_by": stopped_by, "stop_code": self.stop_code,
+                               "history": self.scalars.history}
         if cfg.logging.plot and cfg.checkpoint.dir:
             png = self.scalars.plot(Path(cfg.checkpoint.dir) / "loss.png")
             if png:
