@@ -24,12 +24,14 @@ def launcher_env(step_seconds: float = 0.0, **extra: str) -> dict:
     a job), with the repository and, when step_seconds > 0, the slow-step hook on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS
            and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "MEGAGPT2_"))}
-    env.update(PYTHONPATH=f"{HOOKS}:{REPO}" if step_seconds else str(REPO), OMP_NUM_THREADS="1",
-               PYTHON=sys.executable)
-    if step_seconds:
-        env["MEGAGPT2_TEST_STEP_SECONDS"] = str(step_seconds)
-    env.update(extra)
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    env.update(slow_steps(step_seconds), **extra)
     return env
+
+
+def slow_steps(seconds: float) -> dict:
+    """Variables that make every training step `seconds` longer (tests/hooks); {} for 0."""
+    return {"PYTHONPATH": f"{HOOKS}:{REPO}", "MEGAGPT2_TEST_STEP_SECONDS": str(seconds)} if seconds else {}
 
 
 def write_run_files(tmp: Path, cfg: Config, ds: dict) -> tuple[Path, Path]:

@@ -27,7 +27,7 @@ import pytest
 
 from megagpt2.config import dump_yaml
 from tests.dist_utils import free_port
-from tests.launch_utils import REPO, launcher_env, read_metrics, start_ranks, train_losses, wait_all
+from tests.launch_utils import REPO, launcher_env, read_metrics, slow_steps, start_ranks, train_losses, wait_all
 from tests.train_utils import ds_config, make_dataset, tiny_config
 
 STEPS = 24  # the reference run; the lr schedule decays over these steps whatever train.steps is
@@ -143,3 +143,62 @@ def test_each_launcher_stops_with_a_checkpoint_and_the_next_run_resumes_exactly(
     rest = losses_after(ckpt, stop)
     assert sorted(rest) == list(range(stop + 1, STEPS + 1))
     assert_same(rest, reference, "the run after launch/mpirun.sh")
+
+
+def test_a_second_run_on_the_directory_exits_2_naming_the_first_which_goes_on_untouched(files, reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = start_ranks(2, files["config"], files["ds"], extra_env=slow_steps(1.0), log_dir=tmp_path,
+                        args=(f"--checkpoint.dir={ckpt}", f"--train.steps={ENDLESS}"))
+    try:
+        deadline = time.time() + TIMEOUT
+        while not train_losses(ckpt) and time.time() < deadline and all(p.poll() is None for p in first):
+            time.sleep(0.2)
+        assert train_losses(ckpt), (tmp_path / "rank0.log").read_text()[-3000:]
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = start_ranks(2, files["config"], files["ds"], log_dir=second_dir,
+                             args=(f"--checkpoint.dir={ckpt}", "--train.seed=7"))
+        assert wait_all(second, timeout=TIMEOUT) == [2, 2]
+        log0, log1 = (second_dir / "rank0.log").read_text(), (second_dir / "rank1.log").read_text()
+        assert f"checkpoint.dir {ckpt} is in use by another run: pid {first[0].pid} on this machine" in log0, log0
+        assert f"lock file {ckpt / 'run.lock'}" in log0 and "error" not in log1  # said once, by rank 0
+        assert all(p.poll() is None for p in first), "the first run ended while the second was refused"
+        first[1].send_signal(signal.SIGTERM)  # one rank only, as `kill <pid>` would: all stop, naming it
+        assert wait_all(first, timeout=TIMEOUT) == [0, 0]
+    finally:
+        for p in first:
+            if p.poll() is None:
+                p.kill()
+    stop = latest_step(ckpt)
+    assert f"stopping at step {stop} (SIGTERM)" in (tmp_path / "rank0.log").read_text()
+    assert [r["step"] for r in read_metrics(ckpt) if "loss" in r] == list(range(1, stop + 1))  # one series
+    assert_same(train_losses(ckpt), reference, "the first run")
+    assert not (ckpt / "run.lock").exists()
+
+
+def test_ctrl_c_checkpoints_and_exits_130_and_twice_exits_at_once(files, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "launch/pretrain_gpt2.py", *train_args(files, ckpt)]
+
+    def start(step_seconds: float) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(step_seconds), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    proc = start(SLOW)
+    wait_for_step(proc, ckpt, 2, "python")
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=TIMEOUT)[0]
+    stop = latest_step(ckpt)
+    assert proc.returncode == 130 and f"stopping at step {stop} (SIGINT)" in out, out[-3000:]
+    assert "Ctrl-C again exits at once" in out
+
+    proc = start(5.0)  # long steps: a second Ctrl-C must not wait for the step to end
+    wait_for_step(proc, ckpt, stop + 1, "python, resumed")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=TIMEOUT)[0]
+    assert proc.returncode == 130 and time.time() - t0 < 4, out[-3000:]
+    assert f"resumed from {ckpt / f'step_{stop:08d}'}" in out and "exiting now without a checkpoint" in out
+    assert latest_step(ckpt) == stop and not (ckpt / "run.lock").exists()
