@@ -1,14 +1,18 @@
 """The sbatch scripts on a real one-node Slurm cluster: 2 CPU ranks (gloo), the tiny model, a few steps.
 
-Checks that each launch variant trains and resumes from the previous one's checkpoint, that a signal
-checkpoints at the current step and ends the job cleanly, and that the time-limit warning (USR1 to the
-batch script) checkpoints, requeues the job and the requeued run resumes. Skipped, with the reason,
-only where Slurm is not installed (.ci/install_slurm.sh installs it).
+Checks that each launch variant (the three batch scripts, and srun run interactively through
+launch/graceful.py) stops on a SIGTERM to its top process with a checkpoint at the step it reached and
+a clean exit, and that the next variant resumes from it exactly (its losses equal an unbroken run's);
+that a signal to the ranks checkpoints and ends the job cleanly; and that the time-limit warning (USR1
+to the batch script) checkpoints, requeues the job and the requeued run resumes. Skipped, with the
+reason, only where Slurm is not installed (.ci/install_slurm.sh installs it).
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from megagpt2.config import dump_yaml
+from tests.launch_utils import read_metrics, slow_steps, start_ranks, train_losses, wait_all
 from tests.slurm_cluster import SlurmCluster, missing_slurm
 from tests.train_utils import ds_config, make_dataset, tiny_config
 
@@ -27,6 +32,8 @@ JOB_TIMEOUT = 180  # seconds; generous: other test runs may share the 2 cores
 CPU_JOB = ["--gpus-per-node=0", "--time=15"]
 PER_RANK = ["--ntasks-per-node=2", "--cpus-per-task=1"]  # srun and deepspeed variants: a task per rank
 PER_NODE = ["--ntasks-per-node=1", "--cpus-per-task=2"]  # torchrun variant: a task per node
+STEPS = 24  # the unbroken reference run; the lr schedule decays over these steps whatever train.steps is
+ENDLESS = 100000  # train.steps of a run that a signal stops
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +47,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """A random-token dataset, the tiny config (micro batch 4 x 2 ranks) and its DeepSpeed JSON."""
     d = tmp_path_factory.mktemp("slurm_run")
     prefix = make_dataset(d / "data")
-    cfg = tiny_config(prefix, None, steps=4)
+    cfg = tiny_config(prefix, None, steps=STEPS, optim={"decay_steps": STEPS})
     (d / "tiny.yaml").write_text(dump_yaml(cfg))
     (d / "ds.json").write_text(json.dumps(ds_config(stage=2, micro=4)))
     return {"dir": d, "config": d / "tiny.yaml", "ds": d / "ds.json"}
@@ -93,24 +100,75 @@ def wait_for_steps(cluster: SlurmCluster, job: int, ckpt: Path, at_least: int) -
         time.sleep(0.5)
 
 
-def test_each_variant_trains_then_the_next_resumes(cluster, files, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    log = finish(cluster, submit(cluster, files, "pretrain_gpt2.sbatch", ckpt, steps=4))
-    assert "megagpt2: job" in log and "rendezvous" in log  # the per-job log header
-    assert "world 2 = tp 1 x pp 1 x dp 2" in log
-    assert steps_recorded(ckpt) == [1, 2, 3, 4]
-    assert latest(ckpt) == 4
+@pytest.fixture(scope="module")
+def reference(files) -> dict[int, float]:
+    """step -> loss of an unbroken 2-rank run of STEPS steps (started directly, without Slurm)."""
+    ckpt = files["dir"] / "reference"
+    codes = wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
+                                 log_dir=files["dir"]), timeout=JOB_TIMEOUT)
+    assert codes == [0, 0], (files["dir"] / "rank0.log").read_text()[-3000:]
+    return train_losses(ckpt)
 
-    log = finish(cluster, submit(cluster, files, "pretrain_gpt2_deepspeed.sbatch", ckpt, steps=6))
-    assert "--launcher slurm" in log and f"resumed from {ckpt / 'step_00000004'}" in log
-    assert steps_recorded(ckpt) == [1, 2, 3, 4, 5, 6]  # the resumed run's first step is latest + 1
-    assert latest(ckpt) == 6
 
-    log = finish(cluster, submit(cluster, files, "pretrain_gpt2_torchrun.sbatch", ckpt, steps=8, layout=PER_NODE,
-                                 env={"NPROC_PER_NODE": "2"}))
-    assert "torch.distributed.run" in log and f"resumed from {ckpt / 'step_00000006'}" in log
-    assert steps_recorded(ckpt) == list(range(1, 9))
-    assert latest(ckpt) == 8
+def segment_losses(ckpt: Path, after: int) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(ckpt) if "loss" in r and r["step"] > after}
+
+
+def check_segment(name: str, log: str, ckpt: Path, stop: int, reason: str, reference: dict) -> int:
+    """The run stopped at the step it reached, resumed from `stop`, and matched the unbroken run."""
+    new_stop = latest(ckpt)
+    assert f"stopping at step {new_stop} ({reason})" in log, f"{name}:\n{log[-4000:]}"
+    assert stop == 0 or f"resumed from {ckpt / f'step_{stop:08d}'}" in log, f"{name}:\n{log[-4000:]}"
+    assert new_stop < STEPS, f"{name}: stopped at {new_stop}, past the reference run (machine too slow?)"
+    losses = segment_losses(ckpt, stop)
+    assert sorted(losses) == list(range(stop + 1, new_stop + 1)), f"{name}: steps {sorted(losses)}"
+    for step, loss in losses.items():
+        assert loss == reference[step], f"{name}: step {step} loss {loss} != unbroken run's {reference[step]}"
+    return new_stop
+
+
+# (script, task layout, environment, what its log shows of the launcher it used)
+VARIANTS = [("pretrain_gpt2.sbatch", PER_RANK, {}, "megagpt2: srun --kill-on-bad-exit=1"),
+            ("pretrain_gpt2_deepspeed.sbatch", PER_RANK, {}, "--launcher slurm"),
+            ("pretrain_gpt2_torchrun.sbatch", PER_NODE, {"NPROC_PER_NODE": "2"}, "torch.distributed.run")]
+
+
+def test_each_variant_stops_on_sigterm_and_the_next_resumes_exactly(cluster, files, reference, tmp_path):
+    ckpt, stop, slow = tmp_path / "ckpt", 0, slow_steps(0.5)
+    for script, layout, env, launcher in VARIANTS:
+        job = submit(cluster, files, script, ckpt, steps=ENDLESS, layout=layout, env={**slow, **env})
+        wait_for_steps(cluster, job, ckpt, at_least=stop + 2)
+        cluster.run(["scancel", "--batch", "--signal=TERM", str(job)])  # the job's top process: the script
+        log = finish(cluster, job)
+        assert launcher in log and "megagpt2: job" in log and "rendezvous" in log, log[-3000:]  # the header
+        assert "world 2 = tp 1 x pp 1 x dp 2" in log, log[-3000:]
+        assert "megagpt2: batch script got SIGTERM" in log and "requeueing" not in log, log[-3000:]
+        stop = check_segment(script, log, ckpt, stop, "SIGTERM", reference)
+
+    # srun run by hand (inside salloc, say): srun turns a SIGTERM into SIGKILL for its tasks, so it runs
+    # under launch/graceful.py, which sends srun SIGUSR1 (forwarded to every task) instead.
+    cmd = [sys.executable, "launch/graceful.py", "srun", "-n", "2", "--gpus-per-node=0", "--kill-on-bad-exit=1",
+           sys.executable, "-u", "launch/pretrain_gpt2.py", "--config", str(files["config"]), "--deepspeed_config",
+           str(files["ds"]), f"--train.steps={ENDLESS}", f"--checkpoint.dir={ckpt}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**cluster.env, **slow}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while len(steps_recorded(ckpt)) < stop + 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=JOB_TIMEOUT)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "got SIGTERM: sending SIGUSR1" in out, out[-4000:]
+    stop = check_segment("graceful.py srun", out, ckpt, stop, "SIGUSR1", reference)
+
+    assert wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
+                                log_dir=tmp_path), timeout=JOB_TIMEOUT) == [0, 0]
+    rest = segment_losses(ckpt, stop)
+    assert sorted(rest) == list(range(stop + 1, STEPS + 1))
+    assert all(loss == reference[step] for step, loss in rest.items()), (rest, reference)
 
 
 def wait_for_restarts(cluster: SlurmCluster, job: int, restarts: int) -> None:
