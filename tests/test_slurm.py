@@ -188,7 +188,7 @@ def test_signals_checkpoint_then_requeue_resumes(cluster, files, tmp_path):
     log = finish(cluster, job)
     first_stop = latest(ckpt)
     assert steps_recorded(ckpt) == list(range(1, first_stop + 1))  # saved at the step it had reached
-    assert f"stopping at step {first_stop} (signal)" in log and "requeueing" not in log
+    assert f"stopping at step {first_stop} (SIGTERM)" in log and "requeueing" not in log
 
     # The rerun (here `scontrol requeue`, as Slurm does after a preemption) resumes from that checkpoint.
     cluster.run(["scontrol", "requeue", str(job)])
@@ -206,7 +206,7 @@ def test_signals_checkpoint_then_requeue_resumes(cluster, files, tmp_path):
     assert second_stop >= first_stop + 3
     assert steps_recorded(ckpt)[:second_stop] == list(range(1, second_stop + 1))
     assert "run 2 on" in log and f"resumed from {ckpt / f'step_{first_stop:08d}'}" in log
-    assert "got SIGUSR1" in log and f"stopping at step {second_stop} (signal)" in log
+    assert "got SIGUSR1" in log and f"stopping at step {second_stop} (SIGUSR1)" in log
     assert "requeueing job" in log
 
 

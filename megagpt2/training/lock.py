@@ -35,7 +35,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 10.0
@@ -69,13 +69,13 @@ def _process_start(pid: int) -> Optional[float]:
         return None
 
 
-def job_id(env: Optional[dict] = None) -> Optional[str]:
+def job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The scheduler's or launcher's id of this job: "slurm 4242", "torchelastic abc", "mpirun ..."."""
-    env = os.environ if env is None else env
+    source = os.environ if env is None else env
     for var, kind in (("SLURM_JOB_ID", "slurm"), ("TORCHELASTIC_RUN_ID", "torchelastic"),
                       ("PMIX_NAMESPACE", "mpirun")):
-        if env.get(var):
-            return f"{kind} {env[var]}"
+        if source.get(var):
+            return f"{kind} {source[var]}"
     return None
 
 
