@@ -15,10 +15,11 @@ if [ ! -f "${prefix}_text_document.idx" ]; then
   $PY tools/preprocess_data.py --input data/demo/scrape.jsonl --output-prefix "$prefix" --workers 2 --append-eod
 fi
 run_dir=runs/demo-$(date +%Y%m%d-%H%M%S)
+# graceful.py: Ctrl-C makes the ranks checkpoint and the demo exit 130 (bare deepspeed would not wait)
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  launcher=(.venv/bin/deepspeed)                 # every local GPU
+  launcher=($PY launch/graceful.py .venv/bin/deepspeed)                 # every local GPU
 else
-  launcher=(.venv/bin/deepspeed --num_gpus 2)    # 2 CPU ranks on gloo
+  launcher=($PY launch/graceful.py .venv/bin/deepspeed --num_gpus 2)    # 2 CPU ranks on gloo
 fi
 "${launcher[@]}" launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json \
   --config configs/gpt2/tiny.yaml --data.path="${prefix}_text_document" \

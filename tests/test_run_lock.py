@@ -11,7 +11,7 @@ import time
 import pytest
 
 from megagpt2.training import lock as L
-from megagpt2.training.lock import LOCK_NAME, LockHeld, RunLock
+from megagpt2.training.lock import LOCK_NAME, LockError, LockHeld, RunLock
 
 
 def write_lock(directory, **fields) -> dict:
@@ -143,3 +143,9 @@ def test_job_ids():
     assert L.job_id({"SLURM_JOB_ID": "12"}) == "slurm 12"
     assert L.job_id({"TORCHELASTIC_RUN_ID": "abc"}) == "torchelastic abc"
     assert L.job_id({}) is None
+
+
+def test_a_directory_that_cannot_be_written_is_a_lock_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(LockError, match=r"checkpoint.dir .*file/ckpt: cannot create its lock file .*--checkpoint.dir"):
+        RunLock.acquire(str(tmp_path / "file" / "ckpt"))

@@ -19,7 +19,7 @@ from ..config import ConfigError, load_config
 from ..distributed import LaunchEnv, LaunchEnvError, detect_env
 from .cli import parse_args
 from .ds_config import DSConfigError
-from .lock import LockHeld, RunLock
+from .lock import LockError, RunLock
 from .plan import RunPlan, plan_run
 from .signals import Signals
 
@@ -132,14 +132,14 @@ def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals
             lock.release()
 
 
-def _lock_checkpoint_dir(plan: RunPlan, env: LaunchEnv) -> tuple[Optional[RunLock], Optional[LockHeld]]:
+def _lock_checkpoint_dir(plan: RunPlan, env: LaunchEnv) -> tuple[Optional[RunLock], Optional[LockError]]:
     """Rank 0 (which writes the directory's shared files) takes checkpoint.dir's lock before anything
     is written there; (None, None) on the other ranks and when nothing is saved."""
     if env.rank != 0 or not plan.cfg.checkpoint.dir:
         return None, None
     try:
         return RunLock.acquire(plan.cfg.checkpoint.dir), None
-    except LockHeld as e:
+    except LockError as e:  # held by another run, or not writable
         return None, e
 
 

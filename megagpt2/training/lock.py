@@ -42,7 +42,11 @@ HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 
 
-class LockHeld(RuntimeError):
+class LockError(RuntimeError):
+    """The checkpoint directory cannot be locked; the message says why and what to do."""
+
+
+class LockHeld(LockError):
     """Another run holds the checkpoint directory; the message names it and says what to do."""
 
 
@@ -144,8 +148,17 @@ class RunLock:
 
     @classmethod
     def acquire(cls, directory: str, heartbeat: float = HEARTBEAT_S) -> "RunLock":
-        """Create `<directory>/run.lock` (and the directory); LockHeld if a live run holds it."""
+        """Create `<directory>/run.lock` (and the directory); LockHeld if a live run holds it,
+        LockError if the directory cannot be written."""
         path = Path(directory).resolve() / LOCK_NAME
+        try:
+            return cls._acquire(path, heartbeat)
+        except OSError as e:
+            raise LockError(f"checkpoint.dir {path.parent}: cannot create its lock file {path} ({e.strerror or e}); "
+                            f"give --checkpoint.dir a directory this run may write") from None
+
+    @classmethod
+    def _acquire(cls, path: Path, heartbeat: float = HEARTBEAT_S) -> "RunLock":
         path.parent.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         me = identity(token)
