@@ -41,6 +41,7 @@ class ModelConfig:
     attention: str = "flash"  # flash | fused_softmax | torch
     kernels: str = "auto"  # auto | triton | torch | apex
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (the blocks, under activation checkpointing)
 
     @property
     def padded_vocab_size(self) -> int:

@@ -38,6 +38,10 @@ def build_engine(cfg: Config, ds: dict, ps: ParallelState, device: torch.device)
         if pipeline is not None:
             pipeline.sync_tied_weight_from_first_stage(model)
     model.to(device)
+    if cfg.model.compile:
+        from ..model.compile import compile_model
+
+        compile_model(model, cfg.model.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
