@@ -97,8 +97,7 @@ def measure_second_step(trainer) -> None:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
                 result = inner_step()
-        found.update(static=static, peak=static + allocation_peak(prof), activations=tracker.peak,
-                     where=peak_context(prof))
+        found.update(static=static, peak=static + allocation_peak(prof), activations=tracker.peak)
         return result
 
     def record(**values):
@@ -106,18 +105,3 @@ def measure_second_step(trainer) -> None:
 
     trainer.train_step, trainer._record = step, record
 
-
-def peak_context(prof, n: int = 6) -> list[str]:
-    """(debug) the innermost ops running when the allocation curve peaked."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    now = peak = 0
-    at = 0
-    for e in events:
-        now += e.nbytes()
-        if now > peak:
-            peak, at = now, e.start_ns()
-    ops = [e for e in prof.profiler.kineto_results.events()
-           if e.name() != "[memory]" and e.start_ns() <= at <= e.start_ns() + e.duration_ns()]
-    ops.sort(key=lambda e: e.duration_ns())
-    return [e.name() for e in ops[:n]]

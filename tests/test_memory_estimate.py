@@ -95,3 +95,19 @@ def test_estimate_memory_tool(capsys):
     assert "stage 3" in out and "peak" in out and "GiB" in out
     with pytest.raises(SystemExit):
         main(["--config", "configs/gpt2/1.5b.yaml", "--pp", "5"])  # 48 layers do not split in 5
+
+
+def test_training_log_line_puts_the_estimate_next_to_the_measured_peak():
+    import re
+
+    import torch
+
+    from megagpt2.config import Config
+    from megagpt2.parallel import ParallelState
+    from megagpt2.training.metrics import memory_report
+
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
+          "bf16": {"enabled": False}}
+    line = memory_report(Config(), ds, ParallelState(), torch.device("cpu"))
+    m = re.fullmatch(r"memory after step 1: peak ([\d.]+) GiB resident \(process\) \| estimate ([\d.]+) GiB peak .*", line)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, line

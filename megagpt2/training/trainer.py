@@ -18,7 +18,7 @@ from ..parallel import ParallelState
 from ..checkpoint import store as ckpt
 from .data import DataState, build_data
 from .gradnorm import engine_keeps_no_norm, grad_norm
-from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops
+from .metrics import Scalars, flops_per_token, memory_gb, memory_report, peak_tflops
 from .model_setup import build_engine
 from .signals import Signals
 
@@ -222,6 +222,8 @@ class Trainer:
         while self.step < cfg.train.steps:
             r = self.train_step()
             self.step += 1
+            if self.step == 1:
+                log(memory_report(cfg, run.ds, run.ps, run.device), run)
             self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
