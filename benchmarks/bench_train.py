@@ -29,9 +29,11 @@ Figures are printed (and written to --out after every row), never asserted on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -169,7 +171,7 @@ def fits(cfg, micro: int, device: torch.device) -> tuple[bool, str]:
     from megagpt2.training.memory import estimate
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    need = estimate(cfg.model, cfg.data.seq_length, micro, zero_stage=2, precision=precision).total / 2**30
+    need = estimate(cfg.model, cfg.data.seq_length, micro, zero_stage=2, precision=precision).peak / 2**30
     if device.type == "cuda":
         have = torch.cuda.mem_get_info(device)[0] / 2**30
     else:
@@ -219,8 +221,7 @@ def add_derived(rows: list[dict], peak: float | None) -> None:
 
 def bench(args: argparse.Namespace) -> dict:
     from megagpt2.config import load_config
-    from megagpt2.model import GPT2
-    from megagpt2.training.metrics import flops_per_token, peak_tflops
+    from megagpt2.training.metrics import peak_tflops
 
     device = torch.device(args.device)
     peak = peak_tflops(device) if device.type == "cuda" else cpu_peak_tflops()
@@ -236,46 +237,68 @@ def bench(args: argparse.Namespace) -> dict:
         result["launch"] = launch_times(args.launch_config or ("124m" if device.type == "cuda" else "tiny"),
                                         prefix, device, PRESETS, ROOT)
         _save(args, result)
-    _init_one_rank(device)
-    for name in args.models:
-        cfg = shape_config(name, args, prefix)
-        seq, micro = cfg.data.seq_length, args.micro_batch
-        shape = f"{name} {micro}x{seq}"
-        base = {"shape": shape, "tokens_per_step": micro * seq, "flops_per_token": flops_per_token(cfg.model, seq)}
-        ok, why = fits(cfg, micro, device)
-        wanted = [k for k in all_rows(device, not args.no_compile) if any(fnmatch.fnmatch(k, p) for p in args.rows)]
-        if not ok:
-            result["rows"] += [{**base, "row": k, "skipped": why} for k in wanted]
-            print(f"{shape}: skipped, {why}", file=sys.stderr)
-            continue
-        state = GPT2(cfg.model, seed=args.seed).state_dict() if any(not k.startswith("megagpt2") for k in wanted) else None
-        gen = torch.Generator().manual_seed(args.seed)
-        tokens = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=gen).to(device)
-        x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-        for key in wanted:
-            row = {**base, "row": key}
-            print(f"{shape} {key} ...", file=sys.stderr, flush=True)
-            try:
-                row.update(run_row(key, cfg, state, x, y, device, args))
-            except Exception as e:  # noqa: BLE001 - one failing row must not cost the others
-                row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(f"{shape} {key}: FAILED: {row['error']}", file=sys.stderr)
-            result["rows"].append(row)
-            add_derived(result["rows"], peak)
-            _save(args, result)
-        del state
+    with one_rank_group(device):
+        for name in args.models:
+            _bench_shape(name, args, prefix, device, peak, result)
     tmp.cleanup()
     return result
 
 
-def _init_one_rank(device: torch.device) -> None:
-    """A one-rank process group for the DeepSpeed engine (gloo on CPU, NCCL on CUDA), quietly."""
+def _bench_shape(name: str, args: argparse.Namespace, prefix: str, device: torch.device, peak, result: dict) -> None:
+    """Every wanted row at one preset, appended to result["rows"] (and saved) one by one."""
+    from megagpt2.model import GPT2
+    from megagpt2.training.metrics import flops_per_token
+
+    cfg = shape_config(name, args, prefix)
+    seq, micro = cfg.data.seq_length, args.micro_batch
+    shape = f"{name} {micro}x{seq}"
+    base = {"shape": shape, "tokens_per_step": micro * seq, "flops_per_token": flops_per_token(cfg.model, seq)}
+    ok, why = fits(cfg, micro, device)
+    wanted = [k for k in all_rows(device, not args.no_compile) if any(fnmatch.fnmatch(k, p) for p in args.rows)]
+    if not ok:
+        result["rows"] += [{**base, "row": k, "skipped": why} for k in wanted]
+        print(f"{shape}: skipped, {why}", file=sys.stderr)
+        _save(args, result)
+        return
+    state = GPT2(cfg.model, seed=args.seed).state_dict() if any(not k.startswith("megagpt2") for k in wanted) else None
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=gen).to(device)
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    for key in wanted:
+        row = {**base, "row": key}
+        print(f"{shape} {key} ...", file=sys.stderr, flush=True)
+        try:
+            row.update(run_row(key, cfg, state, x, y, device, args))
+        except Exception as e:  # noqa: BLE001 - one failing row must not cost the others
+            row["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            print(f"{shape} {key}: FAILED: {row['error']}", file=sys.stderr)
+        result["rows"].append(row)
+        add_derived(result["rows"], peak)
+        _save(args, result)
+
+
+@contextlib.contextmanager
+def one_rank_group(device: torch.device):
+    """A one-rank process group for the DeepSpeed engine (gloo on CPU, NCCL on CUDA), quietly;
+    afterwards the group is destroyed and the environment put back (main() may run inside tests)."""
     import logging
+
+    import torch.distributed as dist
 
     from megagpt2.distributed import detect_env, init_distributed
 
+    saved = dict(os.environ)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    init_distributed(detect_env(), device, 600)
+    owned = not dist.is_initialized()
+    if owned:
+        init_distributed(detect_env(), device, 600)
+    try:
+        yield
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _save(args: argparse.Namespace, result: dict) -> None:
@@ -287,22 +310,26 @@ def _save(args: argparse.Namespace, result: dict) -> None:
 def format_table(result: dict) -> str:
     meta = result["meta"]
     peak = meta["peak_tflops"]
-    lines = [f"device: {meta['device']}  {meta['dtype']}  torch {meta['torch']}  peak "
-             f"{peak:.1f} TFLOP/s ({meta['peak_source']})" if peak else f"device: {meta['device']}"]
-    head = (f"{'shape':<14} {'row':<32} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+    lines = [f"device: {meta['device']}  {meta['dtype']}  torch {meta['torch']}  {meta['date']}  peak "
+             f"{peak:.3g} TFLOP/s ({meta['peak_source']})" if peak else f"device: {meta['device']}"]
+    head = (f"{'shape':<14} {'row':<34} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
             f"{'peak GiB':>8} {'vs plain:compile':>16} {'first loss':>10}")
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
-        lead = f"{r['shape']:<14} {r['row']:<32}"
+        lead = f"{r['shape']:<14} {r['row']:<34}"
         if "error" in r or "skipped" in r:
             lines.append(f"{lead} {'FAILED: ' + r['error'][:90] if 'error' in r else 'skipped: ' + r['skipped']}")
             continue
         lines.append(f"{lead} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.3f} {100 * r['mfu']:5.1f}% "
-                     f"{r['peak_gib']:8.2f} {r['vs_plain_compiled']:15.2f}x {r['loss']:10.4f}")
+                     f"{r['peak_gib']:8.2f} {_ratio(r['vs_plain_compiled']):>16} {r['loss']:10.4f}")
     for r in result.get("launch", []):
         took = f"{r['seconds']:.1f} s" if "seconds" in r else f"FAILED: {r['error'][:90]}"
         lines.append(f"launch to first step, {r['what']}: {took}")
     return "\n".join(lines)
+
+
+def _ratio(x: float) -> str:
+    return "-" if x != x else f"{x:.2f}x"  # NaN: no plain:compile row at this shape
 
 
 def parse_args(argv=None) -> argparse.Namespace:
