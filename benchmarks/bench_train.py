@@ -254,7 +254,10 @@ def _bench_shape(name: str, args: argparse.Namespace, prefix: str, device: torch
     shape = f"{name} {micro}x{seq}"
     base = {"shape": shape, "tokens_per_step": micro * seq, "flops_per_token": flops_per_token(cfg.model, seq)}
     ok, why = fits(cfg, micro, device)
-    wanted = [k for k in all_rows(device, not args.no_compile) if any(fnmatch.fnmatch(k, p) for p in args.rows)]
+    available = all_rows(device, not args.no_compile)
+    wanted = []  # in the order of the --rows patterns: a time limit then costs the last ones
+    for pattern in args.rows:
+        wanted += [k for k in available if fnmatch.fnmatch(k, pattern) and k not in wanted]
     if not ok:
         result["rows"] += [{**base, "row": k, "skipped": why} for k in wanted]
         print(f"{shape}: skipped, {why}", file=sys.stderr)

@@ -63,6 +63,14 @@ def peak_rss_gib() -> float:
         return float("nan")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _time_to_first_step(cmd: list[str], cwd: Path, timeout: float) -> dict:
     """Seconds from starting `cmd` to its first 'step 1' line; the process is then let finish."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
@@ -108,8 +116,8 @@ def launch_times(preset: str, data_prefix: str, device: torch.device, presets: d
     launcher = Path(sys.executable).with_name("deepspeed")
     launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
     if launcher:
-        runs.append(("megagpt2 (deepspeed --num_gpus 1 launch/pretrain_gpt2.py)",
-                     [sys.executable, launcher, "--num_gpus", "1"] + entry))
+        runs.append(("megagpt2 (deepspeed --num_gpus 1 launch/pretrain_gpt2.py)",  # port 29500 may be taken
+                     [sys.executable, launcher, "--num_gpus", "1", "--master_port", str(_free_port())] + entry))
     out = []
     for what, cmd in runs:
         print(f"launch timing: {what} ...", file=sys.stderr, flush=True)
