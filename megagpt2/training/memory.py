@@ -1,7 +1,7 @@
 """Per-rank memory of a training run, estimated from the config alone (no model is built).
 
     est = estimate(cfg.model, seq=1024, micro_batch=8, tp=2, pp=2, dp=4, zero_stage=2)
-    est.total, est.parameters, est.gradients, est.optimizer, est.activations, est.transient
+    est.peak, est.parameters, est.gradients, est.buckets, est.optimizer, est.activations, est.transient
 
 What is counted is what megagpt2 and DeepSpeed 0.19 actually hold (checked against bytes
 measured on CPU by tests/test_memory_estimate.py), not a textbook formula:
@@ -18,8 +18,9 @@ measured on CPU by tests/test_memory_estimate.py), not a textbook formula:
 - activations: the tensors autograd saves for backward, per micro-batch, times the micro-batches
   a pipeline rank holds at once under its schedule. Per block: the LayerNorm inputs (and, with
   activation checkpointing, only the block input), the inputs of the four matmuls, the q/k/v
-  projection, the attention's own state (flash: the log-sum-exp, its output doubling as the c_proj input; the other paths: the
-  (T x T) probabilities per head), the GELU input, the dropout masks; plus the output head's
+  projection, the attention's own state (flash: the log-sum-exp, its output doubling as the
+  c_proj input; the other paths: the (T x T) probabilities per head), the GELU input, the dropout
+  masks; plus the output head's
   fp32 softmax over the vocabulary shard, which at GPT-2 sizes is often the largest single item.
 - transient: the largest short-lived allocation on top of the saved activations: the logits next
   to the loss's fp32 softmax, or a block's backward (its MLP gradients, and under activation
@@ -27,6 +28,10 @@ measured on CPU by tests/test_memory_estimate.py), not a textbook formula:
 - peak: the highest of the step's phases: the loss's backward (all activations of the micro-batches
   in flight + the logits), a block's backward (activations, the reduction buffers, earlier
   micro-batches' gradients), the end of backward (gradients and buffers).
+
+Not modelled: interleaved pipeline chunks (virtual stages count as one chunk per rank). Half
+precision has not been measured (CPU runs fp32): DeepSpeed may keep bf16 gradient partitions in
+fp32. The step-1 log line shows the estimate next to the measured peak on any run.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class MemoryEstimate:
     buckets: int  # DeepSpeed's gradient reduction buffers (ZeRO >= 1), alive through backward
     optimizer: int
     activations: int
-    transient: int  # the cross-entropy backward, or one block's recomputation
+    transient: int  # the logits next to the loss's softmax, or one block's backward (and recomputation)
     peak: int
 
     @property
