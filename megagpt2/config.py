@@ -126,6 +126,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: bool = True
     tag: Optional[str] = None  # resume from this checkpoint (e.g. step_00000400) instead of the newest
+    fallback: bool = True  # a damaged newest checkpoint: resume from the newest that verifies (false: stop)
+    verify: str = "checksum"  # checksum | size: how much of each file is checked before resuming
+    allow_batch_change: bool = False  # resume with another global batch size (the sample position is kept)
 
 
 @dataclass
@@ -165,6 +168,7 @@ _CHOICES = {
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
+    "checkpoint.verify": ("checksum", "size"),
 }
 
 

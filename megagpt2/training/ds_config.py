@@ -67,11 +67,13 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def resolve_ds_config(ds: dict[str, Any], dp_size: int, device: torch.device) -> dict[str, Any]:
+def resolve_ds_config(ds: dict[str, Any], dp_size: int, device: torch.device,
+                      allow_cpu_bf16: bool = False) -> dict[str, Any]:
     """A copy of `ds` ready for deepspeed.initialize: batch sizes filled in, "auto" resolved.
 
     bf16 "auto" means bf16 on a CUDA device that supports it and ZeRO stage >= 1 (with stage 0
-    DeepSpeed's bf16 path drifts from fp32), else fp32.
+    DeepSpeed's bf16 path drifts from fp32), else fp32. Half precision on CPU is refused unless
+    `allow_cpu_bf16` (tests of bf16 numerics: DeepSpeed's CPU accelerator runs bf16 with ZeRO >= 1).
     """
     out = copy.deepcopy(ds)
     micro, accum, total = resolve_batch(out, dp_size)
@@ -83,7 +85,9 @@ def resolve_ds_config(ds: dict[str, Any], dp_size: int, device: torch.device) ->
             sect["enabled"] = key == "bf16" and bf16_supported(device) and stage >= 1
     if out.get("fp16", {}).get("enabled") and out.get("bf16", {}).get("enabled"):
         raise DSConfigError("DeepSpeed config enables both fp16 and bf16; choose one")
-    if device.type != "cuda" and (out.get("fp16", {}).get("enabled") or out.get("bf16", {}).get("enabled")):
+    half = out.get("fp16", {}).get("enabled") or out.get("bf16", {}).get("enabled")
+    cpu_ok = allow_cpu_bf16 and out.get("bf16", {}).get("enabled") and stage >= 1
+    if device.type != "cuda" and half and not cpu_ok:
         raise DSConfigError(f"half precision is enabled in the DeepSpeed config but the device is {device}; "
                             f"set bf16.enabled to \"auto\" or false for CPU runs")
     if "optimizer" in out or "scheduler" in out:

@@ -16,6 +16,7 @@ from ..config import Config, dump_yaml
 from ..distributed import all_reduce_small
 from ..parallel import ParallelState
 from ..checkpoint import store as ckpt
+from ..checkpoint.resume import resume, run_layout
 from .data import DataState, build_data
 from .gradnorm import engine_keeps_no_norm, grad_norm
 from .metrics import Scalars, flops_per_token, memory_gb, peak_tflops
@@ -145,11 +146,12 @@ class Trainer:
             return None
         ps = self.run.ps
         state = {"consumed_samples": self.data.consumed, "config": cfg.to_dict(), "config_yaml": dump_yaml(cfg),
-                 "tokenizer": self.tokenizer.identity(), "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size},
+                 "tokenizer": self.tokenizer.identity(), "layout": run_layout(cfg, self.run.ds, ps),
                  "history": self.scalars.history if ps.rank == 0 else {},
                  "versions": {"torch": torch.__version__, "deepspeed": _ds_version()}}
         t0 = time.time()
-        tag = ckpt.save(self.engine, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last, self.model.tracker)
+        tag = ckpt.save(self.engine, ps, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last,
+                        self.model.tracker)
         log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)", self.run)
         return tag
 
@@ -157,19 +159,15 @@ class Trainer:
         cfg = self.run.cfg
         if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
             return False
-        tag = ckpt.find_latest(cfg.checkpoint.dir)
-        if cfg.checkpoint.tag:
-            tag = cfg.checkpoint.tag
-            if not ckpt.is_complete(Path(cfg.checkpoint.dir) / tag):
-                raise ckpt.CheckpointError(f"checkpoint.tag={tag}: {Path(cfg.checkpoint.dir) / tag} is not a complete "
-                                           f"checkpoint; complete ones: {', '.join(ckpt.complete_tags(cfg.checkpoint.dir)) or 'none'}")
-        if tag is None:
+        state = resume(self.engine, self.run.ps, cfg, run_layout(cfg, self.run.ds, self.run.ps), self.model.tracker,
+                       log=lambda msg: log(msg, self.run))
+        if state is None:
             return False
-        state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.run.ps, self.model.tracker)
         if self.pipe is not None:  # the last stage's copy of the tied embedding is in no checkpoint
             self.pipe.sync_tied_weight_from_first_stage(self.model)
         from ..tokenizer.base import check_same_identity
 
+        tag = state["tag"]
         check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
         self.step = int(state["step"])
         self.data.seek(int(state["consumed_samples"]))
