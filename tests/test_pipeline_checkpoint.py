@@ -76,19 +76,15 @@ def _full_next_loss_worker(rank, world, cfg_dict, source, consumed, global_batch
 
 
 @pytest.fixture(scope="module")
-def run_222(data_prefix, tmp_path_factory):
-    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, 4 steps, checkpoints after steps 3 and 4."""
-    tmp = tmp_path_factory.mktemp("ck222")
-    cfg = tiny_config(data_prefix, tmp / "ckpt", steps=STEPS, model={"n_layer": 4},
-                      checkpoint={"interval": 3, "keep_last": 3}).to_dict()
-    results = run_jobs(8, [(cfg, _ds(2, 2, 2), {"tp": 2, "pp": 2, "schedule": "1f1b"})])[0]
-    return tmp, cfg, results
+def run_222(source_222):
+    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, a checkpoint after every step (shared: conftest.py)."""
+    return source_222
 
 
 @pytest.mark.slow
 def test_convert_222_to_111_and_142_gives_the_same_next_step_loss(run_222):
     tmp, cfg, results = run_222
-    expected = results[0]["records"][STEPS - 1]["loss"]  # step 4: computed with the weights after step 3
+    expected = results[0]["records"][3]["loss"]  # step 4: computed with the weights after step 3
     out = tmp / "tp1"
     assert convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out),
                                     "--tp", "1"]) == 0
@@ -111,7 +107,7 @@ def test_full_weights_from_a_222_checkpoint_and_hf_export(run_222):
     from megagpt2.checkpoint.reshard import full_state_dict, load_pretrained
 
     tmp, cfg, results = run_222
-    full = full_state_dict(str(tmp / "ckpt"))  # follows `latest`: step 4
+    full = full_state_dict(str(tmp / "ckpt"))  # the newest checkpoint: the final step
     final = gathered_params(results)
     assert set(full) == set(final)
     for name, p in final.items():
