@@ -52,7 +52,8 @@ def _engine(shape: str, ps, zero: int):
     cfg = _model_config(shape)
     model = GPT2(cfg, ps)
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+          "zero_optimization": {"stage": zero, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()), config=ds,
                                            mpu=ps, dist_init_required=False)
     x = torch.randint(0, cfg.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))

@@ -99,7 +99,7 @@ def world1(src, killed, small_disk, tmp_path_factory):
 def world4a(src, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("w4a")
     layouts = {"122i": {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
-               "221": {"tp": 2, "pp": 2, "schedule": "1f1b"}, "114": {}}
+               "221sp": {"tp": 2, "pp": 2, "schedule": "1f1b", "sequence_parallel": True}, "114": {}}
     dirs = {k: seed_dir(tmp / k, src["dir"] / TAG4) for k in layouts}
     jobs = [job(_cfg(src, dirs[k]), 4, lay, capture_at=(5,)) for k, lay in layouts.items()]
     return {**dict(zip(layouts, run_jobs(4, jobs))), "dirs": dirs}
@@ -167,7 +167,8 @@ def test_dp2_and_tp2_zero0_1_2_continue_exactly_past_a_damaged_newest_checkpoint
 
 
 @pytest.mark.parametrize("name,to", [("122i", "tp=1 pp=2 dp=2 ZeRO-2 fp32 interleaved virtual stages 2"),
-                                     ("221", "tp=2 pp=2 dp=1 ZeRO-2 fp32 1f1b"), ("114", "tp=1 pp=1 dp=4 ZeRO-2 fp32")])
+                                     ("221sp", "tp=2 pp=2 dp=1 ZeRO-2 fp32 1f1b sequence parallel"),
+                                     ("114", "tp=1 pp=1 dp=4 ZeRO-2 fp32")])
 def test_pipeline_and_dp4_layouts_continue_exactly(src, world4a, name, to):
     _check_resumed(world4a[name], src, src["state"], 5, to)
     if name != "114":

@@ -223,3 +223,39 @@ def test_pruning_keeps_the_newest_removes_torn_saves_and_never_fails(two, monkey
     assert save_fake(engine, root, 4, keep_last=2) == "step_00000004"
     assert "warning: could not prune old checkpoints" in capsys.readouterr().err
     assert complete_tags(str(root)) == [S2, S3, "step_00000004"] and verify(root / "step_00000004") is None
+
+
+# -- resume ----------------------------------------------------------------------------------------
+def _resume(root: Path, logged: list, **checkpoint):
+    from megagpt2.checkpoint.resume import resume
+    from megagpt2.config import Config
+    from megagpt2.parallel import ParallelState
+
+    layout = {"tp": 1, "pp": 1, "dp": 1, "global_batch": checkpoint.pop("global_batch", 2)}
+    cfg = Config()
+    cfg.checkpoint.dir = str(root)
+    for k, v in checkpoint.items():
+        setattr(cfg.checkpoint, k, v)
+    engine = FakeEngine(seed=5)
+    return resume(engine, ParallelState(), cfg, layout, log=logged.append), engine
+
+
+def test_resume_moves_a_damaged_newest_checkpoint_aside(two):
+    root, _ = two
+    (root / S2 / "rng/rank_00000.safetensors").unlink()
+    logged: list = []
+    meta, engine = _resume(root, logged)
+    assert meta["tag"] == S1 and engine.global_steps == 1
+    assert not (root / S2).exists() and (root / f"{S2}.damaged").is_dir()
+    assert any(m.startswith(f"moved the damaged {root / S2} aside") for m in logged), logged
+    assert complete_tags(str(root)) == [S1]  # no longer counted, nor tried again
+
+
+def test_another_global_batch_needs_the_flag(two):
+    root, _ = two
+    with pytest.raises(CheckpointError, match=r"global batch of 2 samples and this run has 4.*"
+                                              r"--checkpoint.allow_batch_change=true"):
+        _resume(root, [], global_batch=4)
+    logged: list = []
+    meta, _ = _resume(root, logged, global_batch=4, allow_batch_change=True)
+    assert meta["tag"] == S2 and any(m.startswith("warning:") and "global batch" in m for m in logged), logged

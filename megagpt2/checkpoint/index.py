@@ -84,26 +84,32 @@ def index_problem(index: dict[str, dict[str, Any]]) -> Optional[str]:
     return None
 
 
-def header_problem(relpath: str, header: dict[str, Any], index: dict[str, dict[str, Any]],
+def pieces_by_file(index: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str, dict, dict]]]:
+    """{file: [(tensor name, index entry, piece), ...]}: what each tensor file should hold."""
+    out: dict[str, list] = {}
+    for name, entry in index.items():
+        for q in entry.get("pieces", []):
+            out.setdefault(q["file"], []).append((name, entry, q))
+    return out
+
+
+def header_problem(relpath: str, header: dict[str, Any], pieces: list[tuple[str, dict, dict]],
                    data_bytes: int) -> Optional[str]:
-    """Whether the safetensors header of `relpath` holds what the index says it holds."""
+    """Whether the safetensors header of `relpath` holds the `pieces` the index puts there."""
     from .files import DTYPE_CODES
 
     codes = {str(k).replace("torch.", ""): v for k, v in DTYPE_CODES.items()}
-    for name, entry in index.items():
-        for q in entry["pieces"]:
-            if q["file"] != relpath:
-                continue
-            for key in entry["keys"]:
-                h = header.get(f"{name}/{key}")
-                if h is None:
-                    return f"{relpath}: tensor {name} ({key}) is listed in the index but not in the file"
-                if h.get("shape") != [q["flat"][1]] or h.get("dtype") != codes.get(entry["dtypes"].get(key)):
-                    return (f"{relpath}: tensor {name} ({key}) is {h.get('dtype')} {h.get('shape')} in the file but "
-                            f"{entry['dtypes'].get(key)} [{q['flat'][1]}] in the index")
-                if h["data_offsets"][1] > data_bytes:
-                    return (f"{relpath}: tensor {name} ({key}) ends at byte {h['data_offsets'][1]} of the data but the "
-                            f"file holds {data_bytes} (truncated)")
+    for name, entry, q in pieces:
+        for key in entry["keys"]:
+            h = header.get(f"{name}/{key}")
+            if h is None:
+                return f"{relpath}: tensor {name} ({key}) is listed in the index but not in the file"
+            if h.get("shape") != [q["flat"][1]] or h.get("dtype") != codes.get(entry["dtypes"].get(key)):
+                return (f"{relpath}: tensor {name} ({key}) is {h.get('dtype')} {h.get('shape')} in the file but "
+                        f"{entry['dtypes'].get(key)} [{q['flat'][1]}] in the index")
+            if h["data_offsets"][1] > data_bytes:
+                return (f"{relpath}: tensor {name} ({key}) ends at byte {h['data_offsets'][1]} of the data but the "
+                        f"file holds {data_bytes} (truncated)")
     return None
 
 

@@ -67,7 +67,9 @@ def resume(engine, ps, cfg, layout: dict[str, Any], tracker=None,
     if c.tag and not is_complete(root / c.tag):
         raise CheckpointError(f"checkpoint.tag={c.tag}: {root / c.tag} is not a complete checkpoint; complete "
                               f"ones: {', '.join(tags) or 'none'}")
-    tag = choose(root, tags, c.tag, c.fallback, c.verify, log)
+    damaged: list[str] = []
+    tag = choose(root, tags, c.tag, c.fallback, c.verify, log, damaged)
+    _move_aside(root, damaged, log)
     if tag is None:
         return None
     path = root / tag
@@ -85,6 +87,23 @@ def resume(engine, ps, cfg, layout: dict[str, Any], tracker=None,
     restore_extras(engine, meta)
     _restore_rng(path, meta, layout, ps, cfg.train.seed, tracker, log)
     return {**meta, "tag": tag}
+
+
+def _move_aside(root: Path, damaged: list[str], log: Callable[[str], None]) -> None:
+    """Rename damaged checkpoints to <tag>.damaged: kept for inspection, never counted as one of
+    the checkpoint.keep_last to keep, never tried again."""
+    if damaged and _rank() == 0:
+        for t in damaged:
+            dest = root / f"{t}.damaged"
+            n = 1
+            while dest.exists():
+                n, dest = n + 1, root / f"{t}.damaged{n}"
+            (root / t).rename(dest)
+            log(f"moved the damaged {root / t} aside to {dest}")
+    if damaged:
+        from .store import _barrier
+
+        _barrier()
 
 
 def _check_batch(path: Path, meta: dict, layout: dict, allowed: bool, log: Callable[[str], None]) -> None:

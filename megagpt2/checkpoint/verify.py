@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch.distributed as dist
 
 from .files import CheckpointError, file_crc32, read_header
-from .index import header_problem, index_problem
+from .index import header_problem, index_problem, pieces_by_file
 
 STATE_FILE = "megagpt2.json"
 
@@ -70,6 +70,8 @@ def _verify_share(path: Path, mode: str, rank: int, world: int) -> Optional[str]
     if text is None:
         return f"{path / 'COMPLETE'} is missing (the save was interrupted)"
     if not text.strip():
+        if int(read_meta(path).get("format_version", 1)) >= 2:
+            return f"{path / 'COMPLETE'} is empty but {STATE_FILE} is of the layout-free format (damaged)"
         return _verify_legacy(path, mode, rank, world)
     try:
         files = json.loads(text)["files"]
@@ -80,9 +82,10 @@ def _verify_share(path: Path, mode: str, rank: int, world: int) -> Optional[str]
         problem = _check_listing(path, files, meta)
         if problem:
             return problem
+    by_file = pieces_by_file(meta.get("tensors", {})) if meta else {}
     for i, (rel, rec) in enumerate(sorted(files.items())):
         if i % world == rank:
-            problem = _check_file(path, rel, rec, mode, meta)
+            problem = _check_file(path, rel, rec, mode, by_file.get(rel) if meta else None)
             if problem:
                 return problem
     return None
@@ -109,15 +112,16 @@ def _check_listing(path: Path, files: dict, meta: Optional[dict]) -> Optional[st
     return f"{path / STATE_FILE}: {problem}" if problem else None
 
 
-def _check_file(path: Path, rel: str, rec: dict, mode: str, meta: Optional[dict]) -> Optional[str]:
+def _check_file(path: Path, rel: str, rec: dict, mode: str, pieces: Optional[list]) -> Optional[str]:
+    """`pieces`: what the index says this tensor file holds (None for other files)."""
     f = path / rel
     if not f.is_file():
         return f"{f} is missing"
     size = f.stat().st_size
     if size != rec["bytes"]:
-        return f"{f}: {size} bytes but {rec['bytes']} were written (truncated or damaged){_cut_tensor(f, meta, rel)}"
-    if rel.endswith(".safetensors") and meta is not None and rel.startswith("tensors/"):
-        problem = header_problem(rel, read_header(f), meta.get("tensors", {}), size - _data_start(f))
+        return f"{f}: {size} bytes but {rec['bytes']} were written (truncated or damaged){_cut_tensor(f)}"
+    if pieces is not None:
+        problem = header_problem(rel, read_header(f), pieces, size - _data_start(f))
         if problem:
             return f"{path}/{problem}"
     if mode == "checksum" and file_crc32(f) != rec["crc32"]:
@@ -132,9 +136,9 @@ def _data_start(f: Path) -> int:
     return 8 + struct.unpack("<Q", raw)[0] if len(raw) == 8 else 8
 
 
-def _cut_tensor(f: Path, meta: Optional[dict], rel: str) -> str:
+def _cut_tensor(f: Path) -> str:
     """"; tensor X is cut short" for a truncated tensor file whose header survived."""
-    if meta is None or not rel.endswith(".safetensors"):
+    if not f.name.endswith(".safetensors"):
         return ""
     try:
         header = read_header(f)
@@ -173,15 +177,16 @@ def _verify_legacy(path: Path, mode: str, rank: int, world: int) -> Optional[str
 
 # -- choosing a checkpoint ------------------------------------------------------------------
 def choose(root: Path, tags: list[str], tag: Optional[str], fallback: bool, mode: str,
-           log: Callable[[str], None]) -> Optional[str]:
+           log: Callable[[str], None], skipped: Optional[list[str]] = None) -> Optional[str]:
     """The tag to resume from: `tag` if given (it must verify), else the newest complete one that
-    verifies. `tags` are the complete tags, oldest first. Collective (every rank calls it)."""
+    verifies; the damaged newer ones are appended to `skipped`. `tags` are the complete tags,
+    oldest first. Collective (every rank calls it)."""
     if tag is not None:
         problem = verify(root / tag, mode)
         if problem:
             raise CheckpointError(f"checkpoint.tag={tag}: {problem}. {_older_hint(tags, tag)}")
         return tag
-    skipped = []
+    skipped = [] if skipped is None else skipped
     for t in reversed(tags):
         problem = verify(root / t, mode)
         if problem is None:
