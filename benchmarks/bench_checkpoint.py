@@ -138,16 +138,16 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
 def report(args, results: dict) -> None:
     print(f"checkpoint save/load, CPU, tp=pp=1, dp={args.dp}, ZeRO-{args.zero}, fp32; median of {args.repeat} "
           f"round(s), slowest rank; {os.cpu_count()} CPU cores; directory {args.dir}")
-    print(f"{'shape':<7} {'params':>8} {'format':<22} {'save s':>8} {'load s':>8} {'GiB on disk':>12}")
+    print(f"{'shape':<7} {'params':>8} {'format':<22} {'save s':>8} {'load s':>8} {'MiB on disk':>12}")
     for shape, (n, per_rank) in results.items():
         def med(key):
             return statistics.median(max(r[i][key] for r in per_rank) for i in range(args.repeat))
 
         nb, ob = per_rank[0][0]["native_bytes"], per_rank[0][0]["ours_bytes"]
         print(f"{shape:<7} {n / 1e6:>7.0f}M {'deepspeed (native)':<22} {med('native_save'):>8.2f} "
-              f"{med('native_load'):>8.2f} {nb / 2**30:>12.2f}")
+              f"{med('native_load'):>8.2f} {nb / 2**20:>12.0f}")
         print(f"{'':<7} {'':>8} {'megagpt2 (layout-free)':<22} {med('ours_save'):>8.2f} "
-              f"{med('ours_load') + med('ours_verify'):>8.2f} {ob / 2**30:>12.2f}   "
+              f"{med('ours_load') + med('ours_verify'):>8.2f} {ob / 2**20:>12.0f}   "
               f"(load = {med('ours_verify'):.2f} verify + {med('ours_load'):.2f} read)")
 
 

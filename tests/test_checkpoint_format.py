@@ -159,3 +159,17 @@ def test_resume_restores_the_exact_state_without_unpickling_anything(saved, monk
     assert [g["lr"] for g in fresh.optimizer.param_groups] == [g["lr"] for g in engine.optimizer.param_groups]
     _, full = read_weights(str(root))
     assert all(torch.equal(full[n], p) for n, p in engine.module.named_parameters())
+
+
+@pytest.mark.slow
+def test_bench_checkpoint_prints_both_formats(monkeypatch, capsys):
+    """Smoke test of benchmarks/bench_checkpoint.py with the tiny shape (figures are never asserted)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_checkpoint  # the spawned ranks import it by this name too
+
+    assert bench_checkpoint.main(["--shapes", "tiny", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    native = next(line for line in lines if "deepspeed (native)" in line).split()
+    ours = next(line for line in lines if "megagpt2 (layout-free)" in line).split()
+    assert float(native[-3]) > 0 and float(ours[2]) > 0
+    assert float(ours[4]) < float(native[-1])  # fewer bytes: no second copy of the weights

@@ -6,9 +6,11 @@ checkpoint after every step. Every target resumes from its step 4 (or from a lat
 another target: the reverse direction, the dp 4 -> 2 -> 4 round trip, interleaved -> 1f1b) and
 must give the same losses, grad norms and learning rates (1e-6 relative) and, before its first
 step, the same optimizer state (fp32 masters, exp_avg, exp_avg_sq, step) bit for bit, captured
-through DeepSpeed's own gather functions. Several targets also find a damaged newer checkpoint
-(each kind of file), a checkpoint cut short by kill -9, or a full disk, and fall back.
-Targets of one world size share one set of spawned ranks.
+through DeepSpeed's own gather functions. Targets: (1,1,1), (1,1,2), (2,1,1), (1,2,2) interleaved,
+(2,2,1) with sequence parallelism, (1,1,4), all ZeRO-2, and (1,1,2) with ZeRO-0 and ZeRO-1; then
+(1,1,1) -> (2,2,2), dp 4 -> 2 -> 4, interleaved -> 1f1b, and bf16 (1,1,2) -> (2,1,1). Several
+targets also find a damaged newer checkpoint (each kind of file), a checkpoint cut short by
+kill -9, or a full disk, and fall back. Targets of one world size share one set of spawned ranks.
 """
 
 from __future__ import annotations
@@ -86,13 +88,11 @@ def small_disk(src, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def world1(src, killed, small_disk, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("w1")
+def world1(src, killed, small_disk):
     disk, fake_free = small_disk
     jobs = [job(_cfg(src, disk), 1, {}, expect_error=True, fake_free=fake_free),
-            job(_cfg(src, killed["dir"]), 1, {}, capture_at=(5,)),
-            job(_cfg(src, tmp / "after_enospc"), 1, {}, copy_tags=(disk / TAG4,))]
-    return dict(zip(("enospc", "111", "after_enospc"), run_jobs(1, jobs)))
+            job(_cfg(src, killed["dir"]), 1, {}, capture_at=(5,))]
+    return dict(zip(("enospc", "111"), run_jobs(1, jobs)))
 
 
 @pytest.fixture(scope="module")
@@ -244,11 +244,15 @@ def test_hf_export_of_a_bf16_run_takes_the_fp32_masters(world2, tmp_path):
 
 # -- a full disk -----------------------------------------------------------------------------------
 def test_full_disk_says_so_removes_the_partial_save_and_keeps_the_previous(src, small_disk, world1):
+    """On a filesystem with no room for step 5 the run stops saying so; step 4 is the newest, intact
+    byte for byte (the targets above show that a copy of it resumes exactly)."""
+    from megagpt2.checkpoint import find_latest, verify
+
     disk, _ = small_disk
     err = world1["enospc"][0]["error"]
     assert "No space left" in err and str(disk / TAG5) in err and "bytes" in err, err
-    assert not (disk / TAG5).exists()
-    from megagpt2.checkpoint import find_latest, verify
-
+    assert world1["enospc"][0]["records"] and not (disk / TAG5).exists()  # step 5 trained, not saved
     assert find_latest(str(disk)) == TAG4 and verify(disk / TAG4) is None
-    _check_resumed(world1["after_enospc"], src, src["state"], 5, "tp=1 pp=1 dp=1 ZeRO-2 fp32")
+    for f in (src["dir"] / TAG4).rglob("*"):
+        if f.is_file():
+            assert (disk / TAG4 / f.relative_to(src["dir"] / TAG4)).read_bytes() == f.read_bytes(), f

@@ -195,6 +195,8 @@ def free_bytes(directory: Path) -> Optional[int]:
         st = os.statvfs(directory)
     except (OSError, AttributeError):
         return None
+    if st.f_blocks == 0:  # the filesystem does not say (some FUSE and network mounts)
+        return None
     return st.f_bavail * st.f_frsize
 
 

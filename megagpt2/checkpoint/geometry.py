@@ -106,4 +106,4 @@ def copy_runs(dest: torch.Tensor, src: torch.Tensor, dst_off: np.ndarray, src_of
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)
     dst_idx = torch.from_numpy(np.repeat(dst_off, length) + within)
     src_idx = torch.from_numpy(np.repeat(src_off, length) + within)
-    dest[dst_idx.to(dest.device)] = src[src_idx.to(src.device)].to(dest.dtype)
+    dest[dst_idx.to(dest.device)] = src[src_idx.to(src.device)].to(device=dest.device, dtype=dest.dtype)
