@@ -34,8 +34,12 @@ def test_pp2_resume_equals_uninterrupted_run(data_prefix, tmp_path):
     assert_tied_identical(c)
 
 
-def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, source, consumed, micro, accum):
-    """Load `source` into this rank's stage of `layout`; mean loss of the next global batch."""
+def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, sources, consumed, micro, accum):
+    """Load each of `sources` into this rank's stage of `layout`; mean loss of the next global batch."""
+    return [_pipeline_next_loss(cfg_dict, layout, source, consumed, micro, accum) for source in sources]
+
+
+def _pipeline_next_loss(cfg_dict, layout, source, consumed, micro, accum) -> float:
     from megagpt2.distributed import all_reduce_small
     from megagpt2.parallel import ParallelState
     from megagpt2.pipeline import build_stage
@@ -82,7 +86,10 @@ def run_222(source_222):
 
 
 @pytest.mark.slow
-def test_convert_222_to_111_and_142_gives_the_same_next_step_loss(run_222):
+def test_convert_222_to_111_and_241_gives_the_same_next_step_loss(run_222):
+    """The weights of step 3 give step 4's loss: converted to tp=1, in one process and as a
+    (tp, pp, dp) = (2, 4, 1) pipeline; and read directly from the training checkpoint by that
+    pipeline (each rank its TP shards of the fp32 masters, the last stage its head copy)."""
     tmp, cfg, results = run_222
     expected = results[0]["records"][3]["loss"]  # step 4: computed with the weights after step 3
     out = tmp / "tp1"
@@ -91,10 +98,13 @@ def test_convert_222_to_111_and_142_gives_the_same_next_step_loss(run_222):
     consumed = 3 * 8  # global batch 8 = micro 2 x accum 2 x dp 2
     one = run_distributed(_full_next_loss_worker, 1, args=(cfg, str(out), consumed, 8), timeout=300)[0]
     assert abs(one - expected) <= 1e-5 * expected, (one, expected)
+    sources = [str(out), str(tmp / "ckpt" / "step_00000003")]
     got = run_distributed(_pipeline_next_loss_worker, 8,
-                          args=(cfg, {"tp": 1, "pp": 4, "schedule": "1f1b"}, str(out), consumed, 2, 2), timeout=300)
-    for loss in got:
-        assert abs(loss - expected) <= 1e-5 * expected, (got, expected)
+                          args=(cfg, {"tp": 2, "pp": 4, "schedule": "1f1b"}, sources, consumed, 2, 4), timeout=300)
+    for losses in got:
+        assert len(losses) == 2
+        for loss in losses:
+            assert abs(loss - expected) <= 1e-5 * expected, (got, expected)
 
 
 @pytest.mark.slow

@@ -157,7 +157,7 @@ def save(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last:
     gathered = _gather((records, mine, [s.meta() for s in slices]))
     problem = None
     if rank == 0:
-        problem = _finish(root, path, step, state, engine_extras(engine), gathered, ps)
+        problem = _finish(path, step, state, engine_extras(engine), gathered)
     _fail_together([_from_rank0(problem)], path)
     if rank == 0:
         try:
@@ -169,8 +169,7 @@ def save(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last:
     return tag
 
 
-def _finish(root: Path, path: Path, step: int, state: dict[str, Any], extras: dict[str, Any],
-            gathered: list, ps) -> Optional[str]:
+def _finish(path: Path, step: int, state: dict[str, Any], extras: dict[str, Any], gathered: list) -> Optional[str]:
     """Rank 0: the metadata and COMPLETE. Returns an error message instead of raising (the other
     ranks learn it from the broadcast that follows)."""
     try:
