@@ -35,8 +35,9 @@ def src(source_222):
             "state": full_state(results, SAVED)}
 
 
-def _cfg(src, ckpt: Path, **sections) -> dict:
-    return run_config(src["prefix"], ckpt, **sections)
+def _cfg(src, ckpt: Path, interval: int = 0) -> dict:
+    """A target's config: a checkpoint every `interval` steps (0: only at the end, step 7)."""
+    return run_config(src["prefix"], ckpt, checkpoint={"interval": interval})
 
 
 def _damage(d: Path, kind: str) -> str:
@@ -68,7 +69,7 @@ def killed(src, tmp_path_factory):
     d = seed_dir(tmp_path_factory.mktemp("killed") / "ckpt", src["dir"] / TAG4)
     (d / "latest").write_text(TAG4 + "\n")
     with pytest.raises(RuntimeError, match="died without a result"):
-        run_jobs(2, [job(_cfg(src, d), 2, {}, kill_saving=5)])
+        run_jobs(2, [job(_cfg(src, d, interval=5), 2, {}, kill_saving=5)])
     torn = sorted(str(f.relative_to(d / TAG5)) for f in (d / TAG5).rglob("*") if f.is_file())
     return {"dir": d, "latest": (d / "latest").read_text().strip(), "newest": find_latest(str(d)), "torn": torn}
 
@@ -90,8 +91,8 @@ def small_disk(src, tmp_path_factory):
 @pytest.fixture(scope="module")
 def world1(src, killed, small_disk):
     disk, fake_free = small_disk
-    jobs = [job(_cfg(src, disk), 1, {}, expect_error=True, fake_free=fake_free),
-            job(_cfg(src, killed["dir"]), 1, {}, capture_at=(5,))]
+    jobs = [job(_cfg(src, disk, interval=5), 1, {}, expect_error=True, fake_free=fake_free),
+            job(_cfg(src, killed["dir"], interval=5), 1, {}, capture_at=(5,))]
     return dict(zip(("enospc", "111"), run_jobs(1, jobs)))
 
 
@@ -101,7 +102,7 @@ def world4a(src, tmp_path_factory):
     layouts = {"122i": {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
                "221sp": {"tp": 2, "pp": 2, "schedule": "1f1b", "sequence_parallel": True}, "114": {}}
     dirs = {k: seed_dir(tmp / k, src["dir"] / TAG4) for k in layouts}
-    jobs = [job(_cfg(src, dirs[k]), 4, lay, capture_at=(5,)) for k, lay in layouts.items()]
+    jobs = [job(_cfg(src, dirs[k], interval=5), 4, lay, capture_at=(5,)) for k, lay in layouts.items()]
     return {**dict(zip(layouts, run_jobs(4, jobs))), "dirs": dirs}
 
 
@@ -120,8 +121,9 @@ def world2(src, world4a, tmp_path_factory):
         names.append(name)
     jobs.append(job(_cfg(src, tmp / "121"), 2, {"pp": 2, "schedule": "1f1b"},
                     copy_tags=(world4a["dirs"]["122i"] / TAG5,)))
-    jobs.append(job(_cfg(src, tmp / "112rt"), 2, {}, capture_at=(6,), copy_tags=(world4a["dirs"]["114"] / TAG5,)))
-    jobs.append(job(_cfg(src, tmp / "bf16"), 2, {}, bf16=True, capture_at=(SAVED, 7)))
+    jobs.append(job(_cfg(src, tmp / "112rt", interval=6), 2, {}, capture_at=(6,),
+                    copy_tags=(world4a["dirs"]["114"] / TAG5,)))
+    jobs.append(job(_cfg(src, tmp / "bf16", interval=SAVED), 2, {}, bf16=True, capture_at=(SAVED, 7)))
     jobs.append(job(_cfg(src, tmp / "bf16_211"), 2, {"tp": 2}, bf16=True, copy_tags=(tmp / "bf16" / TAG4,)))
     names += ["121", "112rt", "bf16", "bf16_211"]
     return {**dict(zip(names, run_jobs(2, jobs))), "damaged": damaged, "tmp": tmp}
