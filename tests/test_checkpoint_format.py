@@ -173,3 +173,28 @@ def test_bench_checkpoint_prints_both_formats(monkeypatch, capsys):
     ours = next(line for line in lines if "megagpt2 (layout-free)" in line).split()
     assert float(native[-3]) > 0 and float(ours[2]) > 0
     assert float(ours[4]) < float(native[-1])  # fewer bytes: no second copy of the weights
+
+
+def test_the_fp16_loss_scale_carries_over():
+    """The dynamic loss scaler's state (scale, iteration, last overflow, hysteresis) is saved as JSON
+    and restored into a fresh engine's scaler."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from megagpt2.checkpoint.resume import restore_extras
+    from megagpt2.checkpoint.store import engine_extras
+
+    def fp16_engine():
+        engine = FakeEngine()
+        engine.fp16_enabled = lambda: True
+        engine.optimizer.loss_scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=100, min_scale=1,
+                                                         delayed_shift=2, consecutive_hysteresis=False)
+        return engine
+
+    a, b = fp16_engine(), fp16_engine()
+    s = a.optimizer.loss_scaler
+    s.cur_scale, s.cur_iter, s.last_overflow_iter, s.cur_hysteresis = 2.0**11, 1234, 1100, 1
+    extras = json.loads(json.dumps(engine_extras(a)))
+    restore_extras(b, extras)
+    t = b.optimizer.loss_scaler
+    assert (t.cur_scale, t.cur_iter, t.last_overflow_iter, t.cur_hysteresis) == (2.0**11, 1234, 1100, 1)
+    assert t.scale_window == 100 and t.delayed_shift == 2
