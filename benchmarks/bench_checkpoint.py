@@ -1,10 +1,11 @@
 """Save and load time and bytes on disk: megagpt2's layout-free checkpoint vs DeepSpeed's native one.
 
 Each of `--dp` CPU (gloo) ranks builds GPT-2 of each shape under a ZeRO engine (fp32, torch AdamW),
-takes one optimizer step so that the moments exist, then alternately saves with DeepSpeed's
-`engine.save_checkpoint` and with megagpt2.checkpoint.store.save, and loads each back
+takes one optimizer step so that the moments exist, then saves with DeepSpeed's
+`engine.save_checkpoint` and with megagpt2.checkpoint.store.save (which goes first alternates
+between rounds; dirty pages are flushed before each timed save) and loads each back
 (`engine.load_checkpoint`; megagpt2's verification plus reading every rank's slices). Times are
-the slowest rank's, medians over `--repeat` rounds; the page cache is warm for both.
+the slowest rank's, medians over `--repeat` rounds; the page cache is warm for both loads.
 
     python benchmarks/bench_checkpoint.py                       # 124M and 355M, dp=2, ZeRO-2
     python benchmarks/bench_checkpoint.py --shapes 124m --repeat 5 --dir /scratch/bench
@@ -76,8 +77,9 @@ def _bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _round(engine, ps, root: Path, rank: int) -> dict:
-    """One save + load in each format; returns seconds and bytes."""
+def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
+    """One save + load in each format (which saves first alternates); returns seconds and bytes.
+    Dirty pages are flushed before each timed save, so neither pays for the other's writeback."""
     import torch.distributed as dist
 
     from megagpt2.checkpoint import store
@@ -88,8 +90,12 @@ def _round(engine, ps, root: Path, rank: int) -> dict:
     out = {}
     native, ours = root / "native", root / "ours"
     state = {"consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": ps.dp_size}}
-    out["native_save"] = _timed(lambda: engine.save_checkpoint(str(native), tag="t", save_latest=False))
-    out["ours_save"] = _timed(lambda: store.save(engine, ps, str(ours), 1, state, keep_last=1))
+    saves = {"native_save": lambda: engine.save_checkpoint(str(native), tag="t", save_latest=False),
+             "ours_save": lambda: store.save(engine, ps, str(ours), 1, state, keep_last=1)}
+    for key in sorted(saves, reverse=bool(i % 2)):
+        os.sync()
+        out[key] = _timed(saves[key])
+    os.sync()
     install_safe_loader(engine)  # what resuming a first-format checkpoint uses
     out["native_load"] = _timed(lambda: engine.load_checkpoint(str(native), tag="t"))
     path = ours / "step_00000001"
@@ -124,7 +130,7 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
         results = {}
         for shape in args.shapes:
             engine, n = _engine(shape, ps, args.zero)
-            rounds = [_round(engine, ps, Path(args.dir) / shape, rank) for _ in range(args.repeat)]
+            rounds = [_round(engine, ps, Path(args.dir) / shape, rank, i) for i in range(args.repeat)]
             slowest = [None] * world
             dist.all_gather_object(slowest, rounds)
             results[shape] = (n, slowest)

@@ -6,8 +6,8 @@ pipeline's numbers or a resume: how engine.backward scales by gradient accumulat
 hook on a parameter runs before ZeRO-2 reduces its gradient, how the global grad norm counts
 parameters across model-parallel ranks, how the accumulation boundary drives engine.step(); which
 optimizer wrapper each (ZeRO stage, precision) gets, and ZeRO's per-parameter fragments
-(`_hp_mapping`: lp_fragment_address, get_hp_fragment, lazy_init_hp_params_optimizer_state,
-map_to_flat_opt_states, update_lp_params). Each check runs one tiny model in spawned gloo processes.
+(`_hp_mapping`: lp_fragment_address, hp_fragment_address, get_hp_fragment,
+lazy_init_hp_params_optimizer_state, update_lp_params). Each check runs one tiny model in spawned gloo processes.
 """
 
 from __future__ import annotations
@@ -244,7 +244,6 @@ def _full_state(engine) -> dict:
 def _fragment_worker(rank, world, stage):
     """ZeRO's per-parameter view of the flat partitions, read and written as the checkpoint does."""
     from deepspeed.utils import lazy_init_hp_params_optimizer_state
-    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
 
     engine = _adam_engine(f"zero{stage}")
     _train(engine, 2)
@@ -267,9 +266,10 @@ def _fragment_worker(rank, world, stage):
         out["views"] &= hm.get_hp_fragment("exp_avg").data_ptr() == inner.state[flat]["exp_avg"][h:].data_ptr()
         with torch.no_grad():
             hm.get_hp_fragment().add_(1.0)  # write through the views, as a resume does
-        hm.optim_fragment = {k: hm.get_hp_fragment(k) * 2 for k in ("exp_avg", "exp_avg_sq")}
-    for lps, flat in zip(opt.bit16_groups, flats):
-        map_to_flat_opt_states(flat, lps, inner.state, ["exp_avg", "exp_avg_sq"])
+    for lps, flat in zip(opt.bit16_groups, flats):  # new moment tensors, linked as a resume links them
+        for k in ("exp_avg", "exp_avg_sq"):
+            inner.state[flat][k] = inner.state[flat][k] * 2
+        lazy_init_hp_params_optimizer_state(lps, flat, inner.state)
     opt.update_lp_params()
     return before, _full_state(engine), out
 
@@ -290,7 +290,7 @@ def test_zero_fragments_tile_each_parameter_and_write_through(stage):
         assert torch.equal(after[name]["master"], tensors["master"] + 1), "writes to get_hp_fragment() are lost"
         assert torch.equal(after[name]["lp"], after[name]["master"]), "update_lp_params no longer refreshes weights"
         for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(after[name][k], tensors[k] * 2), f"map_to_flat_opt_states lost {k}"
+            assert torch.equal(after[name][k], tensors[k] * 2), f"fragments no longer link to new {k} tensors"
 
 
 def _kinds_worker(rank, world, tmp):

@@ -6,9 +6,10 @@ Three kinds of engine optimizer reach the trainer (pinned by tests/test_deepspee
       ZeRO-1 with fp32 gradient accumulation): each parameter that overlaps this rank's
       flat partition carries `_hp_mapping` (deepspeed.utils.tensor_fragment): the range of the
       flattened parameter it covers (`lp_fragment_address`) and views of that range in the fp32
-      master partition and in every optimizer-state tensor (`get_hp_fragment(key)`). Loading
-      goes through DeepSpeed's own universal-checkpoint steps: per-parameter `optim_fragment`,
-      `map_to_flat_opt_states`, then `update_lp_params` (DP all-gather of the new weights).
+      master partition and in every optimizer-state tensor (`get_hp_fragment(key)`). A load
+      reads each slice straight into the master partition and into new flat moment tensors,
+      links the fragments to them (`lazy_init_hp_params_optimizer_state`) and refreshes the
+      model's weights (`update_lp_params`, a DP all-gather), as DeepSpeed's own loaders do.
   ZeRO-0 fp32: the engine steps the torch optimizer directly; the parameter is the master and
       `optimizer.state[p]` holds the moments. Every DP rank holds all of it, so DP rank r writes
       the r-th flat range of each parameter (the writing is spread like ZeRO's).
@@ -113,6 +114,7 @@ class ZeroState(EngineState):
         self.inner = opt.optimizer
         self.groups = opt.bit16_groups if hasattr(opt, "bit16_groups") else opt.bf16_groups
         self.flats = [g["params"][0] for g in self.inner.param_groups]
+        self._moments: list[dict[str, torch.Tensor]] = []  # set by targets(), installed by finish()
 
     def slices(self) -> list[Slice]:
         from deepspeed.utils import lazy_init_hp_params_optimizer_state
@@ -136,39 +138,54 @@ class ZeroState(EngineState):
         return out
 
     def targets(self, keys: list[str]) -> list[Slice]:
+        """Views into the master partition and into new flat moment tensors (zero where only
+        alignment padding lies), so that every slice is read straight to where it belongs."""
+        moments = [{k: self._moment_buffer(i, flat) for k in keys} for i, flat in enumerate(self.flats)]
+        self._moments = moments
         out = []
         for name, p in self.params:
             hm = getattr(p, "_hp_mapping", None)
             if hm is None:
                 continue
-            addr = hm.lp_fragment_address
+            addr, at = hm.lp_fragment_address, hm.hp_fragment_address
             s = self._slice(name, p, addr.start, addr.numel)
-            s.tensors[MASTER] = hm.get_hp_fragment()  # a view: filled in place
+            s.tensors[MASTER] = hm.get_hp_fragment()
             for key in keys:
-                s.tensors[key] = torch.zeros(addr.numel, dtype=torch.float32, device=s.tensors[MASTER].device)
+                s.tensors[key] = moments[hm.param_group_index][key].narrow(0, at.start, at.numel)
             out.append(s)
         return out
 
+    def _moment_buffer(self, group: int, flat: torch.Tensor) -> torch.Tensor:
+        """A tensor like the flat partition, zero where no parameter fragment lies (the alignment
+        padding); the rest is filled by the load (no pass zeroing memory it overwrites)."""
+        out = torch.empty_like(flat, requires_grad=False)
+        spans = sorted((p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel)
+                       for p in self.groups[group] if getattr(p, "_hp_mapping", None) is not None)
+        pos = 0
+        for start, numel in spans + [(flat.numel(), 0)]:
+            if start > pos:
+                out[pos:start].zero_()
+            pos = max(pos, start + numel)
+        return out
+
     def finish(self, targets: list[Slice], keys: list[str], default_step: int) -> None:
-        from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+        """Install the moments as the optimizer's state of each flat partition, link every
+        parameter's fragment to them (DeepSpeed's lazy_init_hp_params_optimizer_state) and
+        refresh the model's weights from the masters (update_lp_params: a DP all-gather)."""
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
         by_name = {t.name: t for t in targets}
         for group, (lps, flat) in enumerate(zip(self.groups, self.flats)):
-            steps = set()
-            for name, p in self.params:
-                hm = getattr(p, "_hp_mapping", None)
-                if hm is not None and hm.param_group_index == group and name in by_name:
-                    hm.optim_fragment = {k: by_name[name].tensors[k] for k in keys}
-                    steps.add(by_name[name].step)
+            steps = {by_name[n].step for n, p in self.params if n in by_name
+                     and p._hp_mapping.param_group_index == group}
             if len(steps) > 1:
                 raise CheckpointError(f"parameters of optimizer group {group} have different steps {sorted(steps)}")
             if not keys:  # saved before the first step: the optimizer starts fresh, as then
                 continue
-            map_to_flat_opt_states(flat, lps, self.inner.state, keys)
             state = self.inner.state[flat]
-            for k in keys:  # a partition holding only padding still needs every entry
-                state.setdefault(k, torch.zeros_like(flat))
+            state.update(self._moments[group])
             state["step"] = _step_tensor(steps.pop() if steps else default_step, flat)
+            lazy_init_hp_params_optimizer_state(lps, flat, self.inner.state)
         self.optimizer.update_lp_params()
 
 

@@ -1,10 +1,11 @@
 """The files of a checkpoint: safetensors written with a running CRC-32, JSON, free-space checks.
 
-Tensor files are standard safetensors (any safetensors reader opens them; we read them with
-`safetensors.safe_open`, memory-mapped). We write them ourselves instead of calling
-`safetensors.torch.save_file` because that first copies every tensor into a Python bytes object;
-here each tensor's memory goes straight to the file while a second thread computes the CRC-32
-that the COMPLETE marker records (zlib releases the GIL, so the checksum costs no wall time).
+Tensor files are standard safetensors (any safetensors reader opens them; a test checks the
+library does). We write and read them ourselves: `safetensors.torch.save_file` first copies every
+tensor into a Python bytes object, and its reader copies each slice out of the map before we copy
+it again. Here each tensor's memory goes straight to the file while a second thread computes the
+CRC-32 that the COMPLETE marker records (zlib releases the GIL, so the checksum costs little wall
+time), and a load copies each needed slice once, from the memory-mapped file to where it belongs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class CheckpointError(RuntimeError):
 DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                torch.uint8: "U8", torch.bool: "BOOL"}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _CHUNK = 16 << 20  # bytes handed to the writer and the checksum thread at a time
 
 
@@ -153,39 +155,59 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 class OpenFiles:
-    """Memory-mapped safetensors files, opened on first use and kept (the least recently used
-    beyond `limit` are closed, so a checkpoint of thousands of ranks does not exhaust handles)."""
+    """Memory-mapped safetensors files of one checkpoint, opened on first use and kept (the least
+    recently used beyond `limit` are dropped, so a checkpoint of thousands of ranks does not
+    exhaust file handles). `read` returns a view of the mapped bytes: the caller copies it
+    wherever it belongs, the only copy a load makes."""
 
     def __init__(self, root: Path, limit: int = 64):
         self.root, self.limit = root, limit
-        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._open: OrderedDict[str, tuple[Any, dict, int]] = OrderedDict()
 
-    def get(self, relpath: str):
-        from safetensors import safe_open
+    def _get(self, relpath: str) -> tuple[Any, dict, int]:
+        import mmap
 
         if relpath in self._open:
             self._open.move_to_end(relpath)
             return self._open[relpath]
+        path = self.root / relpath
+        header = read_header(path)
         try:
-            handle = safe_open(str(self.root / relpath), framework="pt")
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{self.root / relpath}: cannot open ({e})") from None
-        self._open[relpath] = handle
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot map ({e})") from None
+        entry = (mapped, header, 8 + struct.unpack("<Q", mapped[:8])[0])
+        self._open[relpath] = entry
         if len(self._open) > self.limit:
-            self._open.popitem(last=False)
-        return handle
+            self._open.popitem(last=False)  # unmapped once no view of it is left
+        return entry
 
     def read(self, relpath: str, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the 1-D tensor `key` in file `relpath` (only those are read)."""
-        try:
-            return self.get(relpath).get_slice(key)[start:stop]
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{self.root / relpath}: cannot read {key} [{start}:{stop}] ({e})") from None
+        """A read-only view of elements [start, stop) of the 1-D tensor `key` in file `relpath`."""
+        import warnings
+
+        mapped, header, data_start = self._get(relpath)
+        h = header.get(key)
+        if h is None:
+            raise CheckpointError(f"{self.root / relpath}: no tensor {key} in the file")
+        dtype = CODE_DTYPES.get(h["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.root / relpath}: tensor {key} has unknown dtype {h['dtype']}")
+        size = torch.empty((), dtype=dtype).element_size()
+        first, last = h["data_offsets"]
+        offset = data_start + first + start * size
+        if not 0 <= start <= stop <= (last - first) // size or data_start + last > len(mapped):
+            raise CheckpointError(f"{self.root / relpath}: tensor {key} does not hold elements [{start}, {stop}) "
+                                  f"(truncated or damaged file)")
+        if stop == start:
+            return torch.empty(0, dtype=dtype)
+        with warnings.catch_warnings():  # the view is only ever read
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            return torch.frombuffer(mapped, dtype=dtype, count=stop - start, offset=offset)
 
     def close(self) -> None:
-        self._open.clear()
+        self._open.clear()  # each map closes when the last view of it goes
 
 
 # -- disk space ------------------------------------------------------------------------------

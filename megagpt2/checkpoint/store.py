@@ -26,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .engine_state import engine_state
+from .engine_state import MASTER, engine_state
 from .files import (CheckpointError, file_bytes, filesystem_id, free_bytes, human_bytes, is_disk_full,
                     write_safetensors, write_text)
 from .index import build_index
@@ -99,10 +99,16 @@ def _write_atomic(path: Path, text: str) -> dict[str, Any]:
     return write_text(path, text, atomic=True)
 
 
-def _all_finite(model: torch.nn.Module) -> bool:
+def _all_finite(slices) -> bool:
+    """Collective: are the masters every rank is about to write finite (each rank checks its own
+    share)? A sum is finite when every element is, inf - inf being nan; only a sum that overflows
+    or is not finite needs the element-wise check, 30 times slower."""
     from ..distributed import all_reduce_small
 
-    ok = torch.tensor([float(all(bool(torch.isfinite(p).all()) for p in model.parameters()))])
+    def finite(t: torch.Tensor) -> bool:
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+    ok = torch.tensor([float(all(finite(s.tensors[MASTER]) for s in slices))])
     return bool(all_reduce_small(ok, op=dist.ReduceOp.MIN).item())
 
 
@@ -126,12 +132,12 @@ def engine_extras(engine) -> dict[str, Any]:
 # -- saving ------------------------------------------------------------------------------------
 def save(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int, tracker=None) -> str:
     """Collective: every rank calls it. Returns the tag written."""
-    if not _all_finite(engine.module):
+    es = engine_state(engine, ps.tp_rank, ps.tp_size, ps.dp_rank, ps.dp_size)
+    slices = es.slices()
+    if not _all_finite(slices):
         raise CheckpointError(f"step {step}: model weights contain NaN/inf; refusing to write a checkpoint")
     root, tag = Path(ckpt_dir), tag_for(step)
     path = root / tag
-    es = engine_state(engine, ps.tp_rank, ps.tp_size, ps.dp_rank, ps.dp_size)
-    slices = es.slices()
     rank = _rank()
     files: dict[str, dict[str, torch.Tensor]] = {f"rng/rank_{rank:05d}.safetensors": rng_state(tracker)}
     tensors = {f"{s.name}/{k}": t for s in slices for k, t in s.tensors.items()}
