@@ -18,7 +18,7 @@ import torch
 from .engine_state import MASTER, engine_state
 from .files import CheckpointError, OpenFiles
 from .index import check_model, read_into
-from .store import _all_gather, _rank, set_rng_state
+from .store import _all_gather, _barrier, _rank, set_rng_state
 from .tags import STATE_FILE, complete_tags, is_complete
 from .verify import choose, read_meta
 
@@ -98,11 +98,12 @@ def _move_aside(root: Path, damaged: list[str], log: Callable[[str], None]) -> N
             n = 1
             while dest.exists():
                 n, dest = n + 1, root / f"{t}.damaged{n}"
-            (root / t).rename(dest)
-            log(f"moved the damaged {root / t} aside to {dest}")
+            try:
+                (root / t).rename(dest)
+                log(f"moved the damaged {root / t} aside to {dest}")
+            except OSError as e:  # it is skipped either way; the next save of that step replaces it
+                log(f"warning: could not move the damaged {root / t} aside: {e}")
     if damaged:
-        from .store import _barrier
-
         _barrier()
 
 

@@ -95,9 +95,8 @@ def _check_listing(path: Path, files: dict, meta: Optional[dict]) -> Optional[st
     """Everything the metadata refers to is listed in COMPLETE (so it gets checked)."""
     if STATE_FILE not in files:
         return f"{path / 'COMPLETE'} does not list {STATE_FILE}"
-    if not (path / STATE_FILE).is_file():
+    if meta is None or not (path / STATE_FILE).is_file():
         return f"{path / STATE_FILE} is missing"
-    assert meta is not None
     world = int(meta.get("layout", {}).get("world_size", 0))
     for r in range(world):
         rel = f"rng/rank_{r:05d}.safetensors"
