@@ -68,12 +68,21 @@ class ParallelConfig:
 
 @dataclass
 class TokenizerConfig:
-    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* options)."""
+    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* / --*-token options).
 
-    tokenizer_type: str = "GPT2BPETokenizer"
+    All unset (the default) means "the tokenizer the data was built with" (its sidecar), else the
+    one train.init_from was trained with, else GPT-2 BPE (megagpt2.tokenizer.resolve). Setting
+    any field makes the choice explicit; a dataset or checkpoint that records another tokenizer
+    is then refused. A resolved run records the tokenizer it used here.
+    """
+
+    tokenizer_type: Optional[str] = None  # GPT2BPETokenizer | SentencePieceTokenizer | HFTokenizer
     vocab_file: Optional[str] = None
     merge_file: Optional[str] = None
     tokenizer_model: Optional[str] = None
+    eod_token: Optional[str] = None  # default: the type's own (<|endoftext|>, [SEP], ...)
+    bos_token: Optional[str] = None  # document start, e.g. [MASK] (GPT2-Chinese), [CLS] (chitchat)
+    newline_token: Optional[str] = None  # stands for "\n", e.g. [SEP] (GPT2-Chinese)
 
 
 @dataclass
@@ -84,8 +93,9 @@ class DataConfig:
     split: str = "969,30,1"  # train,valid,test weights
     seq_length: int = 1024
     cache_dir: Optional[str] = None  # index caches; default: next to the data
-    format: str = "pretrain"  # pretrain | dialogue | instruction (fine-tuning jsonl)
+    format: str = "pretrain"  # pretrain | dialogue | instruction (jsonl) | chitchat (blank-line text)
     num_workers: int = 0
+    clean: str = "none"  # cleaning preset for fine-tuning turns (none | web), as preprocess_data.py --clean
 
 
 @dataclass
@@ -163,8 +173,10 @@ _CHOICES = {
     "model.kernels": ("auto", "triton", "torch", "apex"),
     "parallel.schedule": ("none", "gpipe", "1f1b", "interleaved"),
     "parallel.partition": ("uniform", "parameters"),
-    "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer"),
-    "data.format": ("pretrain", "dialogue", "instruction"),
+    "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
+                                 "BertWordPieceLowerCase", "BertWordPieceCase"),
+    "data.format": ("pretrain", "dialogue", "instruction", "chitchat"),
+    "data.clean": ("none", "web"),  # megagpt2.corpus.cleaning.PRESETS
     "optim.decay_style": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -259,8 +271,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.steps=100")
         dotted, value = text.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(value) if value.strip() else "", f"override {item!r}")
+        _apply(cfg, section, key, _override_value(cfg, section, key, value), f"override {item!r}")
     return cfg
+
+
+def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:
+    """The YAML value of an override; text YAML reads as a list or mapping stays text for a
+    string field, so `--tokenizer.bos_token=[MASK]` needs no quotes."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    sub = getattr(cfg, section, None)
+    tp = _field_types(type(sub)).get(key) if dataclasses.is_dataclass(sub) else None
+    if isinstance(value, (list, dict)) and tp in (str, Optional[str]):
+        return text
+    return value
 
 
 def config_from_dict(doc: dict) -> Config:
@@ -278,6 +301,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
+        if value is None and dotted == "tokenizer.tokenizer_type":
+            continue  # unset: the dataset's tokenizer (megagpt2.tokenizer.resolve)
         if value not in choices:
             errors.append(f"{dotted}={value!r} is not one of {', '.join(choices)}")
     m, par = cfg.model, cfg.parallel

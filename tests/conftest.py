@@ -8,6 +8,8 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+pytest_plugins = ["tests.eval_fixtures"]  # the tiny trained model shared by evaluation and export tests
+
 
 @pytest.fixture(scope="session")
 def source_222(tmp_path_factory):

@@ -34,6 +34,7 @@ def default_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
     stored = meta.get("config", {}).get("tokenizer")
     if stored:
         cfg = config_from_dict({"tokenizer": stored}).tokenizer
+        cfg.tokenizer_type = cfg.tokenizer_type or "GPT2BPETokenizer"  # unset in a config = GPT-2 BPE
         try:
             return build_tokenizer(**asdict(cfg))
         except TokenizerError as e:
@@ -126,26 +127,41 @@ def add_model_args(parser) -> None:
     parser.set_defaults(tokenizer_type=None)  # None = the tokenizer the checkpoint names
 
 
-def model_from_args(args) -> tuple[GPT2, Tokenizer, dict[str, Any], ParallelState]:
-    """Start torch.distributed when launched with several ranks (TP), then `load_model`."""
+def start_model(load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32", attention: Optional[str] = None,
+                tokenizer: Optional[Tokenizer] = None) -> tuple[GPT2, Tokenizer, dict[str, Any], ParallelState]:
+    """Start torch.distributed when launched with several ranks (TP), then `load_model`.
+
+    The one way tools and the lm-evaluation-harness backend get a model: each rank of a
+    `torchrun --nproc_per_node TP` launch gets its shard.
+    """
     from ..distributed import detect_env, init_distributed, pick_device
 
     env = detect_env()
-    if args.tp < 1 or env.world_size != args.tp:
-        raise ModelLoadError(f"--tp {args.tp} needs exactly {args.tp} ranks, but {env.world_size} were started "
-                             f"(use torchrun --nproc_per_node {args.tp} for tp > 1)")
-    device = pick_device(args.device, env.local_rank)
+    if tp < 1 or env.world_size != tp:
+        raise ModelLoadError(f"--tp {tp} needs exactly {tp} ranks, but {env.world_size} were started "
+                             f"(use torchrun --nproc_per_node {tp} for tp > 1)")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    dev = pick_device(device, env.local_rank)
     if env.world_size > 1:
-        init_distributed(env, device, timeout_seconds=600)
-    tokenizer = None
-    flags = (args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.eod_token)
-    if any(f is not None for f in flags):
-        try:
-            tokenizer = build_tokenizer(args.tokenizer_type or "GPT2BPETokenizer", vocab_file=args.vocab_file,
-                                        merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                                        eod_token=args.eod_token)
-        except TokenizerError as e:
-            raise ModelLoadError(str(e)) from e
-    ps = ParallelState(args.tp)
-    model, tokenizer, meta = load_model(args.load, args.tp, device, tokenizer, ps, DTYPES[args.dtype], args.attention)
+        init_distributed(env, dev, timeout_seconds=600)
+    ps = ParallelState(tp)
+    model, tokenizer, meta = load_model(load, tp, dev, tokenizer, ps, DTYPES[dtype], attention)
     return model, tokenizer, meta, ps
+
+
+def tokenizer_from_flags(args) -> Optional[Tokenizer]:
+    """The tokenizer the flags of `add_model_args` name, or None for the checkpoint's own."""
+    from ..tokenizer import TOKENIZER_FLAGS, tokenizer_from_args
+
+    if all(getattr(args, flag, None) is None for flag in TOKENIZER_FLAGS):
+        return None
+    try:
+        return tokenizer_from_args(args)
+    except TokenizerError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def model_from_args(args) -> tuple[GPT2, Tokenizer, dict[str, Any], ParallelState]:
+    """`start_model` from the flags of `add_model_args`."""
+    return start_model(args.load, args.tp, args.device, args.dtype, args.attention, tokenizer_from_flags(args))

@@ -78,7 +78,7 @@ def build_data(cfg: Config, ps: ParallelState, micro: int, global_batch: int, to
         from ..data.finetune import build_finetune_datasets
 
         train, valid = build_finetune_datasets(cfg.data.path, cfg.data.format, tokenizer, cfg.data.seq_length,
-                                               cfg.data.split, cfg.train.seed, total, valid_n)
+                                               cfg.data.split, cfg.train.seed, total, valid_n, cfg.data.clean)
     if train is None:
         raise ValueError(f"data.path={cfg.data.path!r} with split {cfg.data.split!r} has no training documents")
     return DataState(train, valid, ps, micro, global_batch, total, cfg.train.eval_steps, cfg.data.num_workers)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 
 from ..config import Config
 from ..model import GPT2
 from ..parallel import ParallelState
-from ..tokenizer import build_tokenizer
 from .optim import build_optimizer, build_scheduler
 
 
@@ -22,14 +19,25 @@ def build_model(cfg: Config, ps: ParallelState):
     return GPT2(cfg.model, ps, cfg.parallel.sequence_parallel, seed=cfg.train.seed), None
 
 
+def resolve_run_tokenizer(cfg: Config, announce: bool = True):
+    """The run's tokenizer (explicit, else the dataset's, else init_from's, else GPT-2 BPE), checked
+    against the data, train.init_from and model.vocab_size; `cfg.tokenizer` becomes what it used,
+    so checkpoints record the real tokenizer. One call, before anything is built from it."""
+    from ..tokenizer.resolve import check_model_vocab, resolve_tokenizer
+
+    resolved = resolve_tokenizer(cfg.tokenizer, cfg.data, cfg.train.init_from)
+    check_model_vocab(resolved, cfg.model.vocab_size, cfg.train.init_from)
+    cfg.tokenizer = resolved.config
+    if announce:
+        print(resolved.summary(), flush=True)
+    return resolved.tokenizer
+
+
 def build_engine(cfg: Config, ds: dict, ps: ParallelState, device: torch.device):
     """(engine, model, tokenizer, pipeline), with weights from train.init_from when set."""
     import deepspeed
 
-    tokenizer = build_tokenizer(**asdict(cfg.tokenizer))
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+    tokenizer = resolve_run_tokenizer(cfg, ps.rank == 0)
     model, pipeline = build_model(cfg, ps)
     if cfg.train.init_from:
         from ..checkpoint.reshard import load_pretrained
