@@ -48,7 +48,7 @@ def _engine(shape: str, ps, zero: int):
 
     from megagpt2.config import OptimConfig
     from megagpt2.model import GPT2
-    from megagpt2.training.optim import build_optimizer
+    from megagpt2.training.model_setup import build_optimizer
 
     cfg = _model_config(shape)
     model = GPT2(cfg, ps)
@@ -89,9 +89,9 @@ def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
 
     out = {}
     native, ours = root / "native", root / "ours"
-    state = {"consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": ps.dp_size}}
+    state = {"consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": ps.layout.dp}}
     saves = {"native_save": lambda: engine.save_checkpoint(str(native), tag="t", save_latest=False),
-             "ours_save": lambda: store.save(engine, ps, str(ours), 1, state, keep_last=1)}
+             "ours_save": lambda: store.save(engine, ps.layout, str(ours), 1, state, keep_last=1)}
     for key in sorted(saves, reverse=bool(i % 2)):
         os.sync()
         out[key] = _timed(saves[key])
@@ -100,7 +100,7 @@ def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
     out["native_load"] = _timed(lambda: engine.load_checkpoint(str(native), tag="t"))
     path = ours / "step_00000001"
     out["ours_verify"] = _timed(lambda: verify(path))
-    out["ours_load"] = _timed(lambda: load_tensors(engine, ps, path, read_meta(path)))
+    out["ours_load"] = _timed(lambda: load_tensors(engine, ps.layout, path, read_meta(path)))
     if rank == 0:
         out["native_bytes"], out["ours_bytes"] = _bytes(native / "t"), _bytes(path)
         shutil.rmtree(native)
@@ -119,14 +119,14 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout, build_process_groups
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
     try:
-        ps = ParallelState(timeout_seconds=1800)
+        ps = build_process_groups(ParallelLayout.for_world(world, rank=rank), 1800)
         results = {}
         for shape in args.shapes:
             engine, n = _engine(shape, ps, args.zero)
@@ -146,7 +146,7 @@ def report(args, results: dict) -> None:
           f"round(s), slowest rank; {os.cpu_count()} CPU cores; directory {args.dir}")
     print(f"{'shape':<7} {'params':>8} {'format':<22} {'save s':>8} {'load s':>8} {'MiB on disk':>12}")
     for shape, (n, per_rank) in results.items():
-        def med(key):
+        def med(key, per_rank=per_rank):
             return statistics.median(max(r[i][key] for r in per_rank) for i in range(args.repeat))
 
         nb, ob = per_rank[0][0]["native_bytes"], per_rank[0][0]["ours_bytes"]

@@ -15,7 +15,7 @@ the same gathered logits, so all ranks pick the same tokens. Pipeline stages are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -146,9 +146,21 @@ class _Decoder:
 
 
 @torch.no_grad()
+@overload
+def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
+             return_logits: Literal[False] = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
+             stop_fn: Optional[StopFn] = None) -> list[list[int]]: ...
+
+
+@overload
+def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0, *,
+             return_logits: Literal[True], use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
+             stop_fn: Optional[StopFn] = None) -> tuple[list[list[int]], torch.Tensor]: ...
+
+
 def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
              return_logits: bool = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
-             stop_fn: Optional[StopFn] = None):
+             stop_fn: Optional[StopFn] = None) -> Union[list[list[int]], tuple[list[list[int]], torch.Tensor]]:
     """Continue each prompt; returns the new tokens per row (list of lists).
 
     A row stops at `cfg.stop_token` (kept in its output), when `stop_fn(row, tokens)` says so

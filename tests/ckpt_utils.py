@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from megagpt2.config import config_from_dict, validate
+from megagpt2.config import config_from_dict
 from tests.dist_utils import run_distributed
 from tests.train_utils import ds_config, make_dataset, tiny_config
 
@@ -41,13 +41,10 @@ def job(cfg: dict, world: int, layout: dict, stage: int = 2, bf16: bool = False,
     expect_error: a CheckpointError is returned instead of raised; kill_saving: SIGKILL every
     rank halfway through writing its tensor file of that step; fake_free: the free space the
     filesystem reports."""
-    from megagpt2.training.ds_config import resolve_ds_config
-
     dp = world // (layout.get("tp", 1) * layout.get("pp", 1))
     ds = ds_config(stage=stage, micro=MICRO, accum=GLOBAL_BATCH // (MICRO * dp), clip=CLIP, bf16=bf16)
-    resolved = resolve_ds_config(ds, dp, torch.device("cpu"), allow_cpu_bf16=bf16)
-    return cfg, resolved, layout, {"capture_at": tuple(capture_at), "copy_tags": tuple(copy_tags),
-                                   "expect_error": expect_error, "kill_saving": kill_saving, "fake_free": fake_free}
+    return cfg, ds, layout, {"capture_at": tuple(capture_at), "copy_tags": tuple(copy_tags),
+                             "expect_error": expect_error, "kill_saving": kill_saving, "fake_free": fake_free}
 
 
 def seed_dir(dest: Path, *tags: Path) -> Path:
@@ -86,22 +83,21 @@ def capture(trainer) -> dict[str, Any]:
             steps.add(float(st["step"]))
     m = trainer.model
     tied = None
-    if trainer.pipe is not None and (m.pre_process or m.post_process):
+    if trainer.layout.pp > 1 and (m.pre_process or m.post_process):
         tied = (m.wte.weight if m.pre_process else m.head_weight).detach().float().clone()
     return {"state": state, "steps": sorted(steps), "lr": engine.get_lr()[0], "tied": tied,
             "lp": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
 
 
 def _job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, opts: dict) -> dict:
-    import megagpt2.training.trainer as T
-    from megagpt2.parallel import ParallelState
-
     from megagpt2.checkpoint import CheckpointError
+    from megagpt2.parallel import build_process_groups
+    from megagpt2.training.plan import plan_run
+    from megagpt2.training.trainer import Trainer
 
     cfg = config_from_dict(copy.deepcopy(cfg_dict))
     for k, v in layout.items():
         setattr(cfg.parallel, k, v)
-    validate(cfg, world)
     if opts["copy_tags"] and rank == 0:
         seed_dir(Path(cfg.checkpoint.dir), *opts["copy_tags"])
     import megagpt2.checkpoint.store as store
@@ -109,13 +105,14 @@ def _job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, opts: di
     free_bytes = store.free_bytes
     if opts["fake_free"] is not None:
         store.free_bytes = lambda directory: opts["fake_free"]
-    ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=90)
+    plan = plan_run(cfg, ds, world, rank)
+    grid = plan.layout
     logged: list[str] = []
-    original_log = T.log
-    T.log = lambda msg, run: (logged.append(msg), original_log(msg, run))[-1]
-    out: dict[str, Any] = {"ps": (ps.tp_rank, ps.pp_rank, ps.dp_rank), "records": [], "tied": [], "captured": {}}
+    out: dict[str, Any] = {"ps": (grid.tp_rank, grid.pp_rank, grid.dp_rank), "records": [], "tied": [], "captured": {}}
     try:
-        trainer = T.Trainer(cfg, ds, ps, torch.device("cpu"))
+        trainer = Trainer(plan, build_process_groups(grid, 90), torch.device("cpu"))
+        original_log = trainer.log
+        trainer.log = lambda msg: (logged.append(msg), original_log(msg))[-1]
         _instrument(trainer, out, opts)
         if opts["kill_saving"]:
             _kill_while_saving(opts["kill_saving"])
@@ -125,7 +122,7 @@ def _job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, opts: di
             raise
         return {**out, "error": str(e), "log": logged}
     finally:
-        T.log, store.free_bytes = original_log, free_bytes
+        store.free_bytes = free_bytes
     out["params"] = {n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
                      for n, p in trainer.model.named_parameters()}
     out["log"] = logged
@@ -138,9 +135,8 @@ def _instrument(trainer, out: dict, opts: dict) -> None:
 
     def train_step():
         r = step()
-        norm = r.grad_norm if r.grad_norm is not None else getattr(trainer.pipe, "grad_norm", None)
-        out["records"].append({"loss": r.loss, "grad_norm": norm, "lr": r.lr})
-        if trainer.pipe is not None and (m.pre_process or m.post_process):
+        out["records"].append({"loss": r.loss, "grad_norm": r.grad_norm, "lr": r.lr})
+        if trainer.layout.pp > 1 and (m.pre_process or m.post_process):
             out["tied"].append((m.wte.weight if m.pre_process else m.head_weight).detach().float().clone())
         return r
 
@@ -211,12 +207,13 @@ class FakeEngine:
     def __init__(self, seed: int = 0):
         from megagpt2.config import ModelConfig, OptimConfig
         from megagpt2.model import GPT2
-        from megagpt2.training.optim import build_optimizer
+        from megagpt2.parallel import ProcessGroups
+        from megagpt2.training.model_setup import build_optimizer
 
         cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=100,
                           make_vocab_size_divisible_by=64, dropout=0.0, attn_dropout=0.0, attention="torch",
                           kernels="torch")
-        self.module = GPT2(cfg, seed=seed)
+        self.module = GPT2(cfg, ProcessGroups.single(), seed=seed)
         self.optimizer = build_optimizer(self.module, OptimConfig(lr=1e-2, warmup_steps=0))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1.0 + s))
         self.global_steps = self.global_samples = self.skipped_steps = 0
@@ -238,11 +235,11 @@ class FakeEngine:
 
 def save_fake(engine, root: Path, step: int, keep_last: int = 5, **layout) -> str:
     from megagpt2.checkpoint import store
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
 
     state = {"consumed_samples": engine.global_samples,
              "layout": {"tp": 1, "pp": 1, "dp": 1, "global_batch": 2, **layout}}
-    return store.save(engine, ParallelState(), str(root), step, state, keep_last=keep_last)
+    return store.save(engine, ParallelLayout(), str(root), step, state, keep_last=keep_last)
 
 
 def optimizer_state(engine) -> dict:
@@ -255,7 +252,7 @@ def optimizer_state(engine) -> dict:
 def full_state(results: list[dict], which: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Whole tensors from every rank's TP shards of the state captured after resuming
     (which="resumed") or after saving step `which`."""
-    from megagpt2.parallel import unshard
+    from megagpt2.parallel.layers import unshard
 
     shards: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     split: dict[str, tuple] = {}

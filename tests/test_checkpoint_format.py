@@ -17,7 +17,7 @@ import torch
 from megagpt2.checkpoint.files import CheckpointError, OpenFiles, file_bytes, write_safetensors
 from megagpt2.checkpoint.geometry import shard_runs
 from megagpt2.checkpoint.index import build_index, coverage_problem, read_into
-from megagpt2.parallel import shard
+from megagpt2.parallel.layers import shard
 from tests.ckpt_utils import FakeEngine, optimizer_state, save_fake
 
 SPLITS = [((12, 8), 0, 3), ((12, 8), 1, 1), ((24,), 0, 1), ((6, 4, 4), 1, 2), ((12, 8), None, 1)]
@@ -131,10 +131,10 @@ def test_a_checkpoint_is_json_and_safetensors_only(saved):
 def test_resume_restores_the_exact_state_without_unpickling_anything(saved, monkeypatch):
     import pickle
 
-    from megagpt2.checkpoint.resume import load_tensors, restore_extras
     from megagpt2.checkpoint.reshard import read_weights
+    from megagpt2.checkpoint.resume import load_tensors, restore_extras
     from megagpt2.checkpoint.verify import read_meta, verify
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
 
     root, engine, want = saved
 
@@ -149,7 +149,7 @@ def test_resume_restores_the_exact_state_without_unpickling_anything(saved, monk
     assert verify(path) is None
     fresh = FakeEngine(seed=7)
     meta = read_meta(path)
-    load_tensors(fresh, ParallelState(), path, meta)
+    load_tensors(fresh, ParallelLayout(), path, meta)
     restore_extras(fresh, meta)
     got = optimizer_state(fresh)
     for name, tensors in want.items():

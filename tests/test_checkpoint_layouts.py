@@ -21,8 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ckpt_utils import (SAVED, assert_continues, assert_same_state, assert_tied_after_resume, full_state, job,
-                              run_config, run_jobs, seed_dir)
+from tests.ckpt_utils import (
+    SAVED,
+    assert_continues,
+    assert_same_state,
+    assert_tied_after_resume,
+    full_state,
+    job,
+    run_config,
+    run_jobs,
+    seed_dir,
+)
 
 TAG4, TAG5 = "step_00000004", "step_00000005"
 FROM_222 = "layout changed from tp=2 pp=2 dp=2 ZeRO-2 fp32 1f1b to "
@@ -217,7 +226,7 @@ def test_bf16_layout_change_keeps_the_fp32_masters(world2):
     for a, b in zip(got, want):
         assert abs(a - b) <= 2e-2 * abs(b), (got, want)
     full_lp = {}
-    from megagpt2.parallel import unshard
+    from megagpt2.parallel.layers import unshard
 
     for name in target[0]["resumed"]["lp"]:
         pieces = [r["resumed"]["lp"][name] for r in sorted(target, key=lambda r: r["ps"][0])]

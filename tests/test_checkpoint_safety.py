@@ -15,8 +15,8 @@ import pytest
 
 from megagpt2.checkpoint import store
 from megagpt2.checkpoint.files import CheckpointError
-from megagpt2.checkpoint.verify import choose, read_meta, verify
 from megagpt2.checkpoint.tags import complete_tags, find_latest
+from megagpt2.checkpoint.verify import choose, read_meta, verify
 from tests.ckpt_utils import FakeEngine, save_fake
 
 S1, S2, S3 = "step_00000001", "step_00000002", "step_00000003"
@@ -34,9 +34,9 @@ def two(tmp_path):
 def _loads(path: Path) -> None:
     """Load checkpoint `path` into a fresh engine (raises if it cannot)."""
     from megagpt2.checkpoint.resume import load_tensors
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
 
-    load_tensors(FakeEngine(seed=3), ParallelState(), path, read_meta(path))
+    load_tensors(FakeEngine(seed=3), ParallelLayout(), path, read_meta(path))
 
 
 def _truncate(f: Path, keep: float = 0.5) -> None:
@@ -229,7 +229,7 @@ def test_pruning_keeps_the_newest_removes_torn_saves_and_never_fails(two, monkey
 def _resume(root: Path, logged: list, **checkpoint):
     from megagpt2.checkpoint.resume import resume
     from megagpt2.config import Config
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
 
     layout = {"tp": 1, "pp": 1, "dp": 1, "global_batch": checkpoint.pop("global_batch", 2)}
     cfg = Config()
@@ -237,7 +237,7 @@ def _resume(root: Path, logged: list, **checkpoint):
     for k, v in checkpoint.items():
         setattr(cfg.checkpoint, k, v)
     engine = FakeEngine(seed=5)
-    return resume(engine, ParallelState(), cfg, layout, log=logged.append), engine
+    return resume(engine, ParallelLayout(), cfg, layout, log=logged.append), engine
 
 
 def test_resume_moves_a_damaged_newest_checkpoint_aside(two):

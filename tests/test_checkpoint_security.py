@@ -153,10 +153,10 @@ def test_hf_bin_refuses_the_payload(tmp_path):
     from megagpt2.eval import ModelLoadError, load_model
     from megagpt2.interop import save_hf_dir
     from megagpt2.model import GPT2
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ProcessGroups
 
     cfg = ModelConfig(n_layer=1, n_embd=32, n_head=4, n_positions=32)
-    save_hf_dir(GPT2(cfg, ParallelState()).state_dict(), cfg, str(tmp_path / "hf"))
+    save_hf_dir(GPT2(cfg, ProcessGroups.single()).state_dict(), cfg, str(tmp_path / "hf"))
     (tmp_path / "hf" / "model.safetensors").unlink()
     marker = tmp_path / "marker"
     write_payload(tmp_path / "hf" / "pytorch_model.bin", marker)

@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
     data = torch.tensor(stream)
     windows = torch.stack([data[i:i + 17] for i in range(0, len(data) - 17, 3)])  # (N, 17)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for step in range(80):
+    for _step in range(80):
         batch = windows[torch.randint(len(windows), (16,))]
         loss = model(batch[:, :-1], batch[:, 1:])
         opt.zero_grad()

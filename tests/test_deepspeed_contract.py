@@ -1,4 +1,4 @@
-"""The DeepSpeed behaviours megagpt2 relies on: the pipeline schedule (megagpt2/pipeline/runner.py,
+"""The DeepSpeed behaviours megagpt2 relies on: the step executor (megagpt2/pipeline/executor.py,
 tied.py) and the checkpoint format (megagpt2/checkpoint/engine_state.py).
 
 A DeepSpeed upgrade that changes any of them fails here, by name, before it silently breaks the
@@ -47,7 +47,7 @@ def _engine(model: nn.Module, stage: int, gas: int = GAS, mpu=None, clip: float 
 
 def _scaling_worker(rank, world):
     """Gradients (ZeRO-0 keeps them in p.grad) after one backward of each kind."""
-    from megagpt2.pipeline.runner import _InjectGrad
+    from megagpt2.pipeline.executor import _InjectGrad
 
     torch.manual_seed(1)
     x, g = torch.randn(5, 4), torch.randn(5, 2)
@@ -98,9 +98,10 @@ def test_tensor_hook_on_a_parameter_runs_before_zero2_reduces_it():
 
 def _norm_worker(rank, world, stage, mp_rank):
     """Global grad norm when this rank pretends to be model-parallel rank `mp_rank` (TP rank too)."""
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ProcessGroups
+    from tests.dist_utils import world_groups
 
-    class _Mpu(ParallelState):
+    class _Mpu(ProcessGroups):
         def get_model_parallel_rank(self):
             return mp_rank
 
@@ -111,7 +112,8 @@ def _norm_worker(rank, world, stage, mp_rank):
     model.a.weight.model_parallel = True  # counted anywhere; the others only on rank 0
     torch.manual_seed(3)
     x = torch.randn(5, 4)
-    engine = _engine(model, stage=stage, gas=1, mpu=_Mpu(), clip=1e9)
+    g = world_groups()
+    engine = _engine(model, stage=stage, gas=1, mpu=_Mpu(g.layout, g.tp, g.dp, g.pp, g.mp), clip=1e9)
     loss = engine(x, loss=True)
     engine.backward(loss)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -300,9 +302,9 @@ def _kinds_worker(rank, world, tmp):
     from megagpt2.checkpoint import store
     from megagpt2.checkpoint.resume import load_tensors, restore_extras
     from megagpt2.checkpoint.verify import read_meta
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
 
-    ps, names, out = ParallelState(), list(KINDS), {}
+    ps, names, out = ParallelLayout(), list(KINDS), {}
     for i, kind in enumerate(names):
         engine = _adam_engine(kind)
         _train(engine, 2)

@@ -115,9 +115,11 @@ def test_docs_and_help_list_exactly_what_each_preset_does(capsys):
 
 
 def test_fine_tuning_config_names_the_same_presets():
-    from megagpt2.config import _CHOICES, Config, ConfigError, validate
+    import typing
 
-    assert _CHOICES["data.clean"] == tuple(PRESETS)
+    from megagpt2.config import Clean, Config, ConfigError, validate
+
+    assert typing.get_args(Clean) == tuple(PRESETS)
     cfg = Config()
     cfg.data.clean = "webtext"
     with pytest.raises(ConfigError, match="data.clean='webtext' is not one of none, web"):

@@ -8,7 +8,7 @@ import torch
 from megagpt2.config import config_from_dict
 from tests.dist_utils import run_distributed
 from tests.test_pipeline import _ds, assert_tied_identical, run_jobs
-from tests.train_utils import gathered_params, make_dataset, tiny_config
+from tests.train_utils import data_state, gathered_params, make_dataset, tiny_config
 from tools import convert_checkpoint
 
 STEPS = 4
@@ -40,39 +40,39 @@ def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, sources, consumed,
 
 
 def _pipeline_next_loss(cfg_dict, layout, source, consumed, micro, accum) -> float:
-    from megagpt2.distributed import all_reduce_small
-    from megagpt2.parallel import ParallelState
-    from megagpt2.pipeline import build_stage
-    from megagpt2.training.data import build_data
     from megagpt2.checkpoint.reshard import load_pretrained
+    from megagpt2.pipeline import partition
+    from megagpt2.pipeline.executor import StepExecutor
+    from megagpt2.pipeline.stage import PipelineStage
+    from tests.dist_utils import world_groups
 
     cfg = config_from_dict(cfg_dict)
     for k, v in layout.items():
         setattr(cfg.parallel, k, v)
-    ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=60)
-    other_init = config_from_dict(cfg.to_dict())
-    other_init.train.seed = 999  # a different init: everything must come from `source`
-    model, runner = build_stage(other_init, ps)
+    par = cfg.parallel
+    groups = world_groups(par.tp, par.pp, par.virtual_stages)
+    split = partition(cfg.model, par.pp, par.virtual_stages, par.partition)
+    model = PipelineStage(cfg.model, groups, split, par.sequence_parallel, seed=999)  # all from `source`
     load_pretrained(model, source)
-    runner.sync_tied_weight_from_first_stage(model)
+    executor = StepExecutor(model, model, groups, par)  # the module stands in for the engine
+    executor.sync_tied_weight()
     model.eval()
-    data = build_data(cfg, ps, micro, micro * accum * ps.dp_size, tokenizer=None)
+    data = data_state(cfg, groups.layout, micro, micro * accum * groups.layout.dp)
     data.seek(consumed)
     batches = [data.next_train(torch.device("cpu")) for _ in range(accum)]
-    loss = runner.evaluate(model, iter(batches))  # the module stands in for the engine
-    return float(all_reduce_small(loss, group=ps.dp_group) / ps.dp_size)
+    return executor.evaluate(batches)  # averaged over data parallelism
 
 
 def _full_next_loss_worker(rank, world, cfg_dict, source, consumed, global_batch):
-    from megagpt2.model import GPT2
-    from megagpt2.parallel import ParallelState
-    from megagpt2.training.data import build_data
     from megagpt2.checkpoint.reshard import load_pretrained
+    from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
 
     cfg = config_from_dict(cfg_dict)
-    model = GPT2(cfg.model, ParallelState(), seed=999)
+    one = ProcessGroups.single()
+    model = GPT2(cfg.model, one, seed=999)
     load_pretrained(model, source)
-    data = build_data(cfg, ParallelState(), global_batch, global_batch, tokenizer=None)
+    data = data_state(cfg, one.layout, global_batch, global_batch)
     data.seek(consumed)
     x, y, _ = data.next_train(torch.device("cpu"))
     with torch.no_grad():
@@ -113,8 +113,9 @@ def test_full_weights_from_a_222_checkpoint_and_hf_export(run_222):
     export of that checkpoint computes the same logits as our model."""
     from transformers import GPT2LMHeadModel
 
-    from megagpt2.model import GPT2
     from megagpt2.checkpoint.reshard import full_state_dict, load_pretrained
+    from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
 
     tmp, cfg, results = run_222
     full = full_state_dict(str(tmp / "ckpt"))  # the newest checkpoint: the final step
@@ -124,7 +125,7 @@ def test_full_weights_from_a_222_checkpoint_and_hf_export(run_222):
         assert torch.equal(full[name], p), name
     out = tmp / "hf"
     assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(out), "--to", "hf"]) == 0
-    ours = GPT2(config_from_dict(cfg).model)
+    ours = GPT2(config_from_dict(cfg).model, ProcessGroups.single())
     load_pretrained(ours, str(tmp / "ckpt"))
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
     idx = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))

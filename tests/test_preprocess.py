@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from megagpt2.corpus import pipeline
+from megagpt2.data import preprocess as pipeline
 from megagpt2.data.indexed import IndexedDataset
 from megagpt2.tokenizer import build_tokenizer
 from tools import preprocess_data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -32,6 +33,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, prefix):
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
     assert find_latest(str(ck_b)) == "step_00000005"
     assert max(train_losses(ck_b)) == 5
+    state = json.loads((ck_b / "step_00000005" / "megagpt2.json").read_text())
+    assert "history" not in state and state["consumed_samples"] == 5 * 8  # the curves are in metrics.jsonl
     assert wait_all(start_ranks(2, cfg_b, ds_b, log_dir=tmp_path / "killed")) == [0, 0]
     log = (tmp_path / "killed" / "rank0.log").read_text()
     assert "resumed from" in log and "step 5" in log

@@ -12,9 +12,9 @@ import pytest
 
 from megagpt2.config import DataConfig, TokenizerConfig
 from megagpt2.data.indexed import IndexedDataset
+from megagpt2.data.run_tokenizer import ResolvedTokenizer, check_model_vocab, resolve_tokenizer
 from megagpt2.data.sidecar import INFO_FILE, read_dataset_tokenizer, sidecar_dir
 from megagpt2.tokenizer import TokenizerError, build_tokenizer
-from megagpt2.tokenizer.resolve import ResolvedTokenizer, check_model_vocab, resolve_tokenizer
 from tests.test_preprocess import make_doc, write_jsonl
 from tests.tokenizer_files import CHINESE, byte_level_tokenizer_json
 from tools import evaluate, inspect_dataset, merge_datasets, preprocess_data

@@ -27,11 +27,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-from megagpt2.checkpoint.reshard import default_sharding, read_weights, write_converted  # noqa: E402
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names (torch loads after --help)
 
 
 def export_hf(args, meta: dict, full: dict, cfg) -> int:
@@ -46,7 +42,9 @@ def export_hf(args, meta: dict, full: dict, cfg) -> int:
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = DTYPES[args.dtype] if args.dtype else None
+    import torch
+
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     written = save_hf_dir({k: (v.to(dtype) if dtype else v) for k, v in full.items()}, cfg, args.output, tokenizer)
     print(f"wrote {', '.join(written)}")
     problem = check_tokenizer_export(tokenizer, args.output)
@@ -56,7 +54,7 @@ def export_hf(args, meta: dict, full: dict, cfg) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--input", required=True, help="checkpoint dir, step_* tag, converted dir or HF dir")
     p.add_argument("--output", required=True, help="directory to write")
@@ -70,7 +68,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.tp < 1:
         p.error("--tp must be >= 1")
+    import torch
+
+    from megagpt2.checkpoint.reshard import default_sharding, read_weights, write_converted
+
     t0 = time.time()
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     try:
         meta, full = read_weights(args.input)
     except (FileNotFoundError, RuntimeError, ValueError, KeyError) as e:
@@ -92,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"error: {name} of shape {tuple(full[name].shape)} cannot be split over tp={args.tp}",
                       file=sys.stderr)
                 return 2
-        write_converted(full, sharding, meta, args.output, args.tp, DTYPES.get(args.dtype))
+        write_converted(full, sharding, meta, args.output, args.tp, dtype)
     print(f"wrote {args.output} ({args.to}{'' if args.to == 'hf' else f', tp={args.tp}'}) "
           f"in {time.time() - t0:.1f} s")
     return 0

@@ -250,10 +250,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megagpt2.eval.harness import main_lm_eval
 
             return main_lm_eval(args)
-        model, tokenizer, meta, ps = model_from_args(args)
+        model, tokenizer, meta, groups = model_from_args(args)
         if args.task == "ppl" and args.data_path:
             tokenizer = dataset_tokenizer(args, model, tokenizer, meta)
-        rank0 = ps.rank == 0
+        rank0 = groups.layout.rank == 0
         run = {"ppl": run_ppl, "cbt": run_cbt, "paper": run_paper_tasks}.get(args.task)
         run = run or (run_generation if args.task in GEN_TASKS else run_choice_task)
         metrics, settings = run(model, tokenizer, args, rank0)

@@ -225,8 +225,8 @@ def chat(model, tokenizer, args, rank0: bool) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer, _, ps = model_from_args(args)
-        rank0 = ps.rank == 0
+        model, tokenizer, _, groups = model_from_args(args)
+        rank0 = groups.layout.rank == 0
         if args.interactive:
             chat(model, tokenizer, args, rank0)
         else:

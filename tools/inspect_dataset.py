@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt2.config import DataConfig  # noqa: E402
 from megagpt2.data.indexed import IndexedDataset  # noqa: E402
+from megagpt2.data.run_tokenizer import resolve_tokenizer, tokenizer_from_flags  # noqa: E402
 from megagpt2.data.sidecar import read_dataset_tokenizer, sidecar_dir  # noqa: E402
 from megagpt2.tokenizer import add_tokenizer_args  # noqa: E402
-from megagpt2.tokenizer.resolve import resolve_tokenizer, tokenizer_from_flags  # noqa: E402
 
 
 def summary(ds: IndexedDataset) -> str:

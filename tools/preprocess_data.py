@@ -25,8 +25,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt2.corpus.cleaning import add_cleaning_args, cleaning_from_args  # noqa: E402
-from megagpt2.corpus.pipeline import PipelineOptions, run_pipeline  # noqa: E402
 from megagpt2.corpus.readers import expand_inputs  # noqa: E402
+from megagpt2.data.preprocess import PipelineOptions, run_pipeline  # noqa: E402
 from megagpt2.data.sidecar import sidecar_dir  # noqa: E402
 from megagpt2.tokenizer import TOKENIZER_FLAGS, add_tokenizer_args, build_tokenizer  # noqa: E402
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = _run(args, opts, tokenizer)
     print(format_report(report))
-    for key, path in report["outputs"].items():
+    for _key, path in report["outputs"].items():
         print(f"wrote {path}.bin/.idx and {sidecar_dir(path)}/")
     return 0
 

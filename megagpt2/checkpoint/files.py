@@ -42,7 +42,7 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     t = t.contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")  # pyright: ignore[reportArgumentType]  (numpy buffers)
 
 
 def safetensors_header(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> bytes:

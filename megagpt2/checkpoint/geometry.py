@@ -48,7 +48,7 @@ def shard_runs(shape: Sequence[int], dim: Optional[int], stride: int, tp_rank: i
     if dim is None or tp_size == 1:
         one = np.array([start], dtype=np.int64)
         return Runs(one, np.array([numel], dtype=np.int64), np.zeros(1, dtype=np.int64))
-    pre, D, post = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    D, post = shape[dim], math.prod(shape[dim + 1:])
     B = D // stride
     c = B // tp_size
     width = c * post  # elements of one local row

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..parallel import shard, unshard
+from ..parallel.layers import shard, unshard
 from .engine_state import MASTER
 from .files import CheckpointError, OpenFiles
 from .index import check_model, read_into
@@ -171,9 +171,9 @@ def load_pretrained(model, path: str) -> dict[str, Any]:
     else:
         meta, full = read_weights(path)
         _check_same_model(meta, model.cfg, path)
-        local = shard_for(model, full, model.ps.tp_rank, model.ps.tp_size)
+        local = shard_for(model, full, model.groups.layout.tp_rank, model.groups.layout.tp)
         if getattr(model, "post_process", False) and not getattr(model, "pre_process", True):
-            local["head_weight"] = shard(full["wte.weight"], 0, model.ps.tp_rank, model.ps.tp_size)
+            local["head_weight"] = shard(full["wte.weight"], 0, model.groups.layout.tp_rank, model.groups.layout.tp)
     for name, p in model.named_parameters():
         p.copy_(local[name].to(p.dtype))
     if "head_weight" in local:  # a pipeline's last stage: its copy of the tied embedding
@@ -191,9 +191,8 @@ def _check_same_model(meta: dict[str, Any], want, path: str) -> None:
 
 def _read_local_masters(model, d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """This rank's TP shard of each parameter it owns, read from the checkpoint's pieces."""
-    from .engine_state import split_of
 
-    index, tp_rank, tp_size = meta["tensors"], model.ps.tp_rank, model.ps.tp_size
+    index, tp_rank, tp_size = meta["tensors"], model.groups.layout.tp_rank, model.groups.layout.tp
     params = dict(model.named_parameters())
     wanted = list(params.items())
     if getattr(model, "post_process", False) and not getattr(model, "pre_process", True):

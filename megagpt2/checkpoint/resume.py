@@ -11,7 +11,7 @@ re-seeded deterministically otherwise.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ from .store import _all_gather, _barrier, _rank, set_rng_state
 from .tags import STATE_FILE, complete_tags, is_complete
 from .verify import choose, read_meta
 
+if TYPE_CHECKING:
+    from ..parallel import ParallelLayout
+
 LOSS_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor",
                     "scale_window", "min_scale", "delayed_shift", "consecutive_hysteresis", "dynamic",
                     "dynamic_loss_scale")
@@ -29,14 +32,14 @@ _GRID = ("tp", "pp", "dp")
 _KNOBS = ("tp", "pp", "dp", "zero_stage", "schedule", "virtual_stages", "sequence_parallel", "precision")
 
 
-def run_layout(cfg, ds: dict, ps) -> dict[str, Any]:
-    """The layout of this run as a checkpoint records it."""
+def run_layout(cfg, ds: dict, grid: ParallelLayout) -> dict[str, Any]:
+    """The layout of this run as a checkpoint records it (`ds`: the engine's DeepSpeed config)."""
     precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    return {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size,
+    return {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp,
             "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
-            "schedule": cfg.parallel.schedule if ps.pp_size > 1 else "none",
-            "virtual_stages": cfg.parallel.virtual_stages if ps.pp_size > 1 else 1,
-            "sequence_parallel": bool(cfg.parallel.sequence_parallel and ps.tp_size > 1), "precision": precision,
+            "schedule": cfg.parallel.schedule if grid.pp > 1 else "none",
+            "virtual_stages": cfg.parallel.virtual_stages if grid.pp > 1 else 1,
+            "sequence_parallel": bool(cfg.parallel.sequence_parallel and grid.tp > 1), "precision": precision,
             "micro_batch": ds["train_micro_batch_size_per_gpu"], "grad_accum": ds["gradient_accumulation_steps"],
             "global_batch": ds["train_batch_size"]}
 
@@ -56,7 +59,7 @@ def describe(layout: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def resume(engine, ps, cfg, layout: dict[str, Any], tracker=None,
+def resume(engine, grid: ParallelLayout, cfg, layout: dict[str, Any], tracker=None,
            log: Callable[[str], None] = print) -> Optional[dict[str, Any]]:
     """Collective: restore the newest usable checkpoint of cfg.checkpoint.dir into `engine`.
 
@@ -77,15 +80,15 @@ def resume(engine, ps, cfg, layout: dict[str, Any], tracker=None,
     if int(meta.get("format_version", 1)) < 2:
         from . import legacy
 
-        legacy.load(engine, path, meta, ps, tracker)
+        legacy.load(engine, path, meta, grid, tracker)
         return {**meta, "tag": tag}
     old = meta.get("layout", {})
     _check_batch(path, meta, layout, c.allow_batch_change, log)
     if any(old.get(k) != layout.get(k) for k in _KNOBS):
         log(f"layout changed from {describe(old)} to {describe(layout)}")
-    load_tensors(engine, ps, path, meta)
+    load_tensors(engine, grid, path, meta)
     restore_extras(engine, meta)
-    _restore_rng(path, meta, layout, ps, cfg.train.seed, tracker, log)
+    _restore_rng(path, meta, layout, grid, cfg.train.seed, tracker, log)
     return {**meta, "tag": tag}
 
 
@@ -119,19 +122,19 @@ def _check_batch(path: Path, meta: dict, layout: dict, allowed: bool, log: Calla
     log(f"warning: {what}; the run is no longer the one an unchanged batch would give")
 
 
-def load_tensors(engine, ps, path: Path, meta: dict[str, Any]) -> None:
+def load_tensors(engine, grid: ParallelLayout, path: Path, meta: dict[str, Any]) -> None:
     """Collective: fill this rank's masters and moments from the checkpoint's pieces."""
     index = meta["tensors"]
     params = dict(engine.module.named_parameters())
     where = str(path / STATE_FILE)
-    check_model(index, params, ps.tp_size, where)
+    check_model(index, params, grid.tp, where)
     names = set().union(*_all_gather(sorted(params)))
     extra = sorted(set(index) - names)
     if extra:
         raise CheckpointError(f"{where}: tensor {extra[0]} is in the checkpoint but not in the model "
                               f"(different model shape?)")
     keys = sorted(set().union(*(e["keys"] for e in index.values())) - {MASTER})
-    es = engine_state(engine, ps.tp_rank, ps.tp_size, ps.dp_rank, ps.dp_size)
+    es = engine_state(engine, grid.tp_rank, grid.tp, grid.dp_rank, grid.dp)
     targets = es.targets(keys)
     files = OpenFiles(path)
     try:
@@ -170,7 +173,8 @@ def restore_extras(engine, meta: dict[str, Any]) -> None:
                 setattr(holder, k, v)
 
 
-def _restore_rng(path: Path, meta: dict, layout: dict, ps, seed: int, tracker, log: Callable[[str], None]) -> None:
+def _restore_rng(path: Path, meta: dict, layout: dict, grid: ParallelLayout, seed: int, tracker,
+                 log: Callable[[str], None]) -> None:
     from safetensors.torch import load_file
 
     old = meta.get("layout", {})
@@ -182,8 +186,8 @@ def _restore_rng(path: Path, meta: dict, layout: dict, ps, seed: int, tracker, l
     new_seed = (seed * 1_000_003 + int(meta["step"])) % (2**63)
     torch.manual_seed(new_seed)
     if tracker is not None:
-        from ..parallel import RNGTracker
+        from ..parallel.random import RNGTracker
 
-        tracker.set_state(RNGTracker(new_seed, ps.tp_rank).get_state())
-    log(f"random states re-seeded for the new (tp, pp, dp) grid: dropout masks differ from an uninterrupted "
-        f"run from here on (nothing else does)")
+        tracker.set_state(RNGTracker(new_seed, grid.tp_rank).get_state())
+    log("random states re-seeded for the new (tp, pp, dp) grid: dropout masks differ from an uninterrupted "
+        "run from here on (nothing else does)")

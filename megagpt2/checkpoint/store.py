@@ -27,8 +27,16 @@ import torch
 import torch.distributed as dist
 
 from .engine_state import MASTER, engine_state
-from .files import (CheckpointError, file_bytes, filesystem_id, free_bytes, human_bytes, is_disk_full,
-                    write_safetensors, write_text)
+from .files import (
+    CheckpointError,
+    file_bytes,
+    filesystem_id,
+    free_bytes,
+    human_bytes,
+    is_disk_full,
+    write_safetensors,
+    write_text,
+)
 from .index import build_index
 from .legacy import safe_torch_load  # noqa: F401  (re-exported: the first format's safe loader)
 from .tags import STATE_FILE, TAG_RE, complete_tags, find_latest, is_complete, step_dirs, tag_for  # noqa: F401
@@ -103,7 +111,7 @@ def _all_finite(slices) -> bool:
     """Collective: are the masters every rank is about to write finite (each rank checks its own
     share)? A sum is finite when every element is, inf - inf being nan; only a sum that overflows
     or is not finite needs the element-wise check, 30 times slower."""
-    from ..distributed import all_reduce_small
+    from ..parallel.collectives import all_reduce_small
 
     def finite(t: torch.Tensor) -> bool:
         return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
@@ -130,9 +138,9 @@ def engine_extras(engine) -> dict[str, Any]:
 
 
 # -- saving ------------------------------------------------------------------------------------
-def save(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int, tracker=None) -> str:
+def save(engine, layout, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int, tracker=None) -> str:
     """Collective: every rank calls it. Returns the tag written."""
-    es = engine_state(engine, ps.tp_rank, ps.tp_size, ps.dp_rank, ps.dp_size)
+    es = engine_state(engine, layout.tp_rank, layout.tp, layout.dp_rank, layout.dp)
     slices = es.slices()
     if not _all_finite(slices):
         raise CheckpointError(f"step {step}: model weights contain NaN/inf; refusing to write a checkpoint")
@@ -163,6 +171,7 @@ def save(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last:
     gathered = _gather((records, mine, [s.meta() for s in slices]))
     problem = None
     if rank == 0:
+        assert gathered is not None  # rank 0 gathers
         problem = _finish(path, step, state, engine_extras(engine), gathered)
     _fail_together([_from_rank0(problem)], path)
     if rank == 0:

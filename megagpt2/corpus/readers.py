@@ -99,7 +99,7 @@ def _open_input(path: str, position: InputPosition | None) -> Iterator[IO]:
         if position is not None:
             position._start(raw)
         if kind == "gzip":
-            stream: IO = gzip.GzipFile(fileobj=raw, mode="rb")
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")  # pyright: ignore[reportAssignmentType]
         elif kind == "bz2":
             stream = bz2.BZ2File(raw, "rb")
         elif kind == "xz":

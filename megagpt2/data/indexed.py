@@ -25,6 +25,7 @@ import struct
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -67,7 +68,7 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
+def write_index(path: str, dtype, sizes: Sequence[int] | np.ndarray, doc_idx: Sequence[int] | np.ndarray) -> None:
     """Write an ``.idx`` file for ``sizes`` (tokens per sequence) and ``doc_idx`` at ``path``."""
     sizes = np.asarray(sizes, dtype=np.int32)
     doc_idx = np.asarray(doc_idx, dtype=np.int64)
@@ -94,7 +95,7 @@ class IndexedDatasetBuilder:
     ``abort()`` (or use the builder as a context manager) to delete the temporary files on error.
     """
 
-    def __init__(self, bin_path: str, dtype=np.uint16) -> None:
+    def __init__(self, bin_path: str, dtype: npt.DTypeLike = np.uint16) -> None:
         self.bin_path = bin_path
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # fail early on an unsupported dtype

@@ -110,7 +110,7 @@ class DatasetTokenizer:
 
     def build(self) -> Tokenizer:
         """The tokenizer itself, verified against the recorded identity."""
-        tokenizer = build_tokenizer(**self.config())
+        tokenizer = build_tokenizer(**self.config())  # pyright: ignore[reportArgumentType]  (None: the default)
         check_same_identity(self.identity, tokenizer.identity(), where=f"tokenizer sidecar {self.directory}")
         return tokenizer
 

@@ -53,18 +53,19 @@ def _missing(tasks: Sequence[str], manager) -> list[str]:
     return [n for n in tasks if n not in known and not manager.match_tasks([n])]
 
 
-def run_lm_eval(lm, tasks: list[str], include_path: Optional[str] = None, num_fewshot: Optional[int] = None,
+def run_lm_eval(lm, tasks: Sequence[str], include_path: Optional[str] = None, num_fewshot: Optional[int] = None,
                 limit: Optional[float] = None, seed: int = 1234, log_samples: bool = False,
                 defaults: bool = True, bootstrap_iters: int = 0) -> Optional[dict]:
     """lm-eval's results dict (None on ranks other than 0)."""
     _offline()
-    import lm_eval
+    from lm_eval.evaluator import simple_evaluate
 
     manager = task_manager(include_path, tasks, defaults)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=manager, log_samples=log_samples, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                   bootstrap_iters=bootstrap_iters)
+    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                              task_manager=manager, log_samples=log_samples, random_seed=seed,
+                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                              bootstrap_iters=bootstrap_iters)
+    return dict(results) if results is not None else None
 
 
 def write_results(results: dict, path: str) -> None:
@@ -87,13 +88,13 @@ def main_lm_eval(args: Any) -> int:
     from .lm_eval import MegaGPT2LM
     from .loading import model_from_args
 
-    model, tokenizer, _, ps = model_from_args(args)
-    lm = MegaGPT2LM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
+    model, tokenizer, _, groups = model_from_args(args)
+    lm = MegaGPT2LM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,  # pyright: ignore[reportCallIssue]  (register_model hides the signature)
                     max_gen_toks=args.max_gen_toks, seed=args.seed, progress=not args.no_progress)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     results = run_lm_eval(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed,
                           args.log_samples, not args.no_default_tasks, args.bootstrap_iters)
-    if ps.rank == 0 and results is not None:
+    if groups.layout.rank == 0 and results is not None:
         results.setdefault("config", {})["model_args"] = f"load={args.load},tp={args.tp},dtype={args.dtype}"
         print(results_table(results))
         if args.output:

@@ -70,7 +70,7 @@ class MegaGPT2LM(TemplateLM):
         self._batch_size, self._max_length = int(batch_size), int(max_length or n_ctx)
         self._max_gen_toks, self.seed, self.progress = int(max_gen_toks), int(seed), progress
         self._device = next(model.parameters()).device
-        self._rank0 = model.ps.rank == 0
+        self._rank0 = model.groups.layout.rank == 0
 
     @classmethod
     def from_checkpoint(cls, load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32",
@@ -120,8 +120,8 @@ class MegaGPT2LM(TemplateLM):
     def get_model_info(self) -> dict:
         """Recorded in the results' config."""
         cfg = self.model.cfg
-        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()) * self.model.ps.tp_size,
-                "model_dtype": str(next(self.model.parameters()).dtype), "tp": self.model.ps.tp_size,
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()) * self.model.groups.layout.tp,
+                "model_dtype": str(next(self.model.parameters()).dtype), "tp": self.model.groups.layout.tp,
                 "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_positions": cfg.n_positions}
 
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
@@ -162,15 +162,16 @@ class MegaGPT2LM(TemplateLM):
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Continuations, batched by generation settings and sorted by length."""
+        args: list[tuple[Any, ...]] = [req.args for req in requests]  # (context, gen_kwargs) each
         groups: dict[str, list[int]] = {}
-        for i, req in enumerate(requests):
-            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(json.dumps(gen_kwargs, sort_keys=True, default=str), []).append(i)
         out: list[Optional[str]] = [None] * len(requests)
         with self._bar(len(requests), "generate_until", disable_tqdm) as bar:
             for members in groups.values():
-                settings = self._sampling(requests[members[0]].args[1])
+                settings = self._sampling(args[members[0]][1])
                 budget = self.max_length - settings[0].max_new_tokens
-                ids = {i: self.tok_encode(requests[i].args[0], left_truncate_len=budget) or [self.tok.eod]
+                ids = {i: self.tok_encode(args[i][0], left_truncate_len=budget) or [self.tok.eod]
                        for i in members}
                 order = sorted(members, key=lambda i: -len(ids[i]))
                 for start in range(0, len(order), self.batch_size):
@@ -185,7 +186,7 @@ class MegaGPT2LM(TemplateLM):
         """(sampling settings, stop strings) of one request's gen_kwargs, as lm-eval normalises them."""
         if not isinstance(gen_kwargs, dict):
             raise ValueError(f"generation settings must be a dict, got {type(gen_kwargs).__name__}: {gen_kwargs!r}")
-        kw = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        kw: dict[str, Any] = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         unknown = sorted(set(kw) - GEN_KEYS)
         if unknown:
             raise ValueError(f"generation settings {unknown} are not supported by megagpt2 "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import GPT2
-from ..parallel import vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 
 IGNORE = -100
 
@@ -38,10 +38,10 @@ def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
     picked = x[scored][None]  # (1, N, C)
     local = model.logits_local(picked)  # (1, N, V/tp)
     nll = torch.zeros(targets.shape, dtype=torch.float64, device=targets.device)
-    if model.ps.tp_size == 1:  # one fused kernel, no padding columns, no softmax kept for a backward
+    if model.groups.layout.tp == 1:  # one fused kernel, no padding columns, no softmax kept for a backward
         per = F.cross_entropy(local[0, :, :model.cfg.vocab_size].float(), targets[scored], reduction="none")
     else:
-        per = vocab_parallel_cross_entropy(local, targets[scored][None], model.ps.tp_group, model.cfg.vocab_size,
+        per = vocab_parallel_cross_entropy(local, targets[scored][None], model.groups.tp, model.cfg.vocab_size,
                                            IGNORE)[0]
     nll[scored] = per.double()
     correct = None
@@ -72,7 +72,7 @@ class Score:
 
 def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
                         batch_size: int = 8, max_len: Optional[int] = None,
-                        progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+                        progress: Optional[Callable[[int], object]] = None) -> list[Score]:
     """Score each (context, continuation) pair: the continuation's tokens given the context.
 
     The input is context + continuation[:-1]; if it is longer than `max_len` (default: the

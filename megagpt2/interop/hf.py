@@ -113,8 +113,8 @@ def save_hf_dir(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, tok
     hf.pop("lm_head.weight")  # tied: HF re-ties it on load
     save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     eod = tokenizer.eod if tokenizer is not None else None
-    config = to_hf_config(cfg, eod)
-    (out / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["GPT2LMHeadModel"]}, indent=2))
+    config = {**to_hf_config(cfg, eod).to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     written = ["model.safetensors", "config.json"]
     if tokenizer is not None:
         from .hf_tokenizer import save_hf_tokenizer

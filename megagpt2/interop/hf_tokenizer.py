@@ -61,8 +61,9 @@ def _save_gpt2(tokenizer: Tokenizer, out: Path, model_max_length: int) -> list[s
     files = tokenizer.files
     vocab, merges = read_vocab_json(files["vocab_file"]), read_merges(files["merge_file"])
     special = _special(tokenizer)
-    hf = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=special["eos_token"], add_prefix_space=False,
-                       model_max_length=model_max_length, split_special_tokens=True, **special)
+    hf = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=special["eos_token"],  # pyright: ignore[reportArgumentType]
+                       add_prefix_space=False, model_max_length=model_max_length, split_special_tokens=True,
+                       **special)  # pyright: ignore[reportArgumentType]  (transformers' hints)
     hf.save_pretrained(str(out))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # transformers' slow GPT-2 reader always skips the first line: write the header it expects

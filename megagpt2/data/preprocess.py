@@ -92,7 +92,8 @@ def process_chunk(chunk: list[dict[str, str]]) -> dict:
     docs = [stages.process(fields) for fields in chunk]
     passed = [d for d in docs if d.fields is not None]
     start = time.process_time()
-    tokens = {k: _tokenize([d.fields[k] for d in passed]) for k in chunk[0]} if chunk else {}
+    texts = [d.fields for d in passed if d.fields is not None]  # all of them: passed means kept
+    tokens = {k: _tokenize([f[k] for f in texts]) for k in chunk[0]} if chunk else {}
     seconds = {k: v - before[k] for k, v in stages.seconds.items()}
     seconds["tokenize"] = time.process_time() - start
     return {"reasons": [d.reason for d in docs], "keys": [d.key for d in passed],
@@ -120,7 +121,7 @@ def _chunks(opts: PipelineOptions, progress: Progress):
     while True:
         start = time.process_time()
         record = next(records, None)
-        progress.seconds["read"] += time.process_time() - start
+        progress.seconds["read"] += time.process_time() - start  # pyright: ignore[reportArgumentType]  (a Counter of floats)
         if record is None:
             break
         progress.read += 1
@@ -133,8 +134,10 @@ def _chunks(opts: PipelineOptions, progress: Progress):
             progress.repairs.update(invalid_utf8_documents=1, invalid_utf8_sequences=record.repaired)
             logged = _log_limited(opts, logged, "%s: %d invalid UTF-8 sequence(s) replaced by U+FFFD",
                                   record.where, record.repaired)
-        chunk.append(record.fields)
-        size += len(record.fields[opts.json_keys[0]])
+        fields = record.fields
+        assert fields is not None  # a record without an error has fields
+        chunk.append(fields)
+        size += len(fields[opts.json_keys[0]])
         if size >= opts.chunk_bytes:
             yield chunk
             chunk, size = [], 0
@@ -179,7 +182,7 @@ def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, prog
         builders[key].add_documents(flat, lengths)
         tokens[key] += int(flat.size)
     progress.tokens = sum(tokens.values())
-    progress.seconds["write"] += time.process_time() - start
+    progress.seconds["write"] += time.process_time() - start  # pyright: ignore[reportArgumentType]
     progress.seconds.update(result["seconds"])
     progress.repairs.update(result["repairs"])
 
@@ -208,7 +211,7 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
         built_with = {"append_eod": opts.append_eod, "prepend_bos": opts.prepend_bos,
                       "cleaning": dataclasses.asdict(opts.cleaning)}
         kw = opts.tokenizer_kwargs
-        for key, builder in builders.items():
+        for key in builders:
             staged[key] = stage_sidecar(paths[key], tokenizer, kw.get("eod_token"), built_with,
                                         kw.get("bos_token"), kw.get("newline_token"))
         for key, builder in builders.items():

@@ -107,7 +107,8 @@ def resolve_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig, init
         config, source = tokenizer_cfg, explicit
         tokenizer = _build(config)
     elif sidecars:
-        config, source = TokenizerConfig(**sidecars[0].config()), f"dataset {sidecars[0].prefix}"
+        config = TokenizerConfig(**sidecars[0].config())  # pyright: ignore[reportArgumentType]  (a TokenizerType)
+        source = f"dataset {sidecars[0].prefix}"
         tokenizer = sidecars[0].build()
     elif ckpt_cfg is not None:
         config, source = ckpt_cfg, f"train.init_from {init_from}"
@@ -130,7 +131,7 @@ def resolve_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig, init
                      f"(a Megatron-style dataset?): assuming {tokenizer.type_name} ({source}); if the "
                      f"data was tokenized otherwise, set tokenizer.tokenizer_type and its files")
     resolved_config = TokenizerConfig(**asdict(config))
-    resolved_config.tokenizer_type = tokenizer.type_name
+    resolved_config.tokenizer_type = tokenizer.type_name  # pyright: ignore[reportAttributeAccessIssue]  (a TokenizerType)
     return ResolvedTokenizer(tokenizer, resolved_config, source, notes)
 
 
