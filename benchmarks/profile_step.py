@@ -93,8 +93,9 @@ def run(rank: int, args) -> list[dict]:
     out = []
     if args.ranks == 1:
         from megagpt2.model import GPT2
+        from megagpt2.parallel import ProcessGroups
 
-        state = GPT2(cfg.model, seed=args.seed).state_dict()
+        state = GPT2(cfg.model, ProcessGroups.single(), seed=args.seed).state_dict()
         step, keep = bench_train.plain_row(cfg, state, False, x, y, device)
         out.append(profile_impl("plain:eager", step, args))
         del step, keep
@@ -128,11 +129,11 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="profile_step_")
     args.data_prefix = make_token_file(Path(tmp.name), 50257)
     result = str(Path(tmp.name) / "rows.json")
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import spawn
 
     from megagpt2.distributed import _free_port
 
-    mp.spawn(_rank_main, args=(args, _free_port(), result), nprocs=args.ranks, join=True)
+    spawn(_rank_main, args=(args, _free_port(), result), nprocs=args.ranks, join=True)
     rows = json.loads(Path(result).read_text())
     for r in rows:
         print(f"\n== {r['impl']}: {r['ms_median']:.1f} ms/step (this machine, as measured)")

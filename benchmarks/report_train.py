@@ -23,8 +23,9 @@ def _rows_ok(rows: list[dict]) -> list[dict]:
 
 def bench_table(fig: dict) -> list[str]:
     meta = fig["meta"]
-    lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}; peak {meta['peak_tflops']:.4g} "
-             f"TFLOP/s ({meta['peak_source']}); median of {meta['iters']} steps after {meta['warmup']} + 1 untimed.", "",
+    lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}; "
+             f"peak {meta['peak_tflops']:.4g} TFLOP/s ({meta['peak_source']}); "
+             f"median of {meta['iters']} steps after {meta['warmup']} + 1 untimed.", "",
              "| shape | row | ms/step | tokens/s | TFLOP/s | MFU | peak GiB | vs plain:compile | first loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in fig["rows"]:

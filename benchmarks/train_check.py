@@ -56,6 +56,7 @@ def run_job(ckpt_dir: Path, args: argparse.Namespace, log_path: Path) -> dict:
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
             if first is None and STEP_LINE.match(line):  # step 1, or the first after a resume

@@ -35,11 +35,11 @@ def make_token_file(directory: Path, vocab: int, n_docs: int = 256, doc_len: int
 def cpu_peak_tflops(n: int = 1024, repeats: int = 10) -> float:
     """fp32 matmul rate on this CPU with the benchmark's threads (best of `repeats`): the MFU peak."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
+    _ = a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        a @ b
+        _ = a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e12
 
@@ -77,6 +77,7 @@ def _time_to_first_step(cmd: list[str], cwd: Path, timeout: float) -> dict:
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(cwd))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
     seconds, tail = None, []
     try:
         for line in proc.stdout:

@@ -2,8 +2,13 @@
 
 Everything a run needs outside DeepSpeed's own settings lives here; DeepSpeed settings (batch
 sizes, ZeRO stage, precision, clipping) live only in configs/ds/*.json and are checked against
-this tree by `megagpt2.training.ds_config`. `validate` runs before any process group exists, so a
-bad value fails fast with a message that names the field and the fix.
+this tree by the run plan (megagpt2.training.plan). `validate` checks the fields and their
+combinations; the plan adds what needs the world size, the files and the tokenizer. Both run
+before any process group exists, so a bad value fails fast with a message that names the field.
+
+The comment after each field is its description: the trainer's `--help` lists every key with
+it (a test checks that none is missing). Enumerated settings are `Literal` types, checked on load and by
+`validate` in one function (`_check_choice`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -24,23 +29,38 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent."""
 
 
+# The enumerated settings (checked by _check_choice).
+Attention = Literal["flash", "fused_softmax", "torch"]
+Kernels = Literal["auto", "triton", "torch", "apex"]
+Schedule = Literal["none", "gpipe", "1f1b", "interleaved"]
+Partition = Literal["uniform", "parameters"]
+TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
+                        "BertWordPieceLowerCase", "BertWordPieceCase"]
+DataFormat = Literal["pretrain", "dialogue", "instruction", "chitchat"]
+Verify = Literal["checksum", "size"]
+Clean = Literal["none", "web"]  # megagpt2.corpus.cleaning.PRESETS
+DecayStyle = Literal["cosine", "linear", "constant"]
+OnNonfinite = Literal["stop", "skip"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
 @dataclass
 class ModelConfig:
     """GPT-2 shape and numerics."""
 
-    n_layer: int = 2
-    n_embd: int = 64
-    n_head: int = 4
+    n_layer: int = 2  # transformer blocks
+    n_embd: int = 64  # hidden size
+    n_head: int = 4  # attention heads (divides n_embd and, with TP, is divisible by parallel.tp)
     n_positions: int = 1024  # context length
     vocab_size: int = 50257  # real tokens; the embedding is padded (see padded_vocab_size)
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = 128  # pad the embedding rows to a multiple of this (x tp)
     dropout: float = 0.1  # embedding and residual dropout
     attn_dropout: float = 0.1  # dropout on attention probabilities
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    attention: str = "flash"  # flash | fused_softmax | torch
-    kernels: str = "auto"  # auto | triton | torch | apex
-    activation_checkpointing: bool = False
+    layer_norm_eps: float = 1e-5  # LayerNorm epsilon
+    init_std: float = 0.02  # std of the normal init (residual projections: / sqrt(2 n_layer))
+    attention: Attention = "flash"  # attention implementation (docs/kernels.md)
+    kernels: Kernels = "auto"  # LayerNorm/softmax kernels; auto = Triton on CUDA
+    activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
     compile: bool = False  # torch.compile the model (the blocks, under activation checkpointing)
 
     @property
@@ -58,23 +78,32 @@ class ModelConfig:
 class ParallelConfig:
     """Model-parallel layout; data parallelism is whatever is left of the world."""
 
-    tp: int = 1
-    pp: int = 1
-    sequence_parallel: bool = False
-    schedule: str = "1f1b"  # none | gpipe | 1f1b | interleaved (used when pp > 1)
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size (stages)
+    sequence_parallel: bool = False  # split LayerNorm/dropout activations along the sequence over TP
+    schedule: Schedule = "1f1b"  # pipeline schedule (used when pp > 1)
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
-    partition: str = "uniform"  # uniform | parameters
+    partition: Partition = "uniform"  # blocks per stage: equal, or balanced parameters
     timeout_seconds: int = 600  # collective timeout: a dead rank ends the job instead of a hang
 
 
 @dataclass
 class TokenizerConfig:
-    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* options)."""
+    """Same flags as tools/preprocess_data.py (names match its --tokenizer-* / --*-token options).
 
-    tokenizer_type: str = "GPT2BPETokenizer"
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    tokenizer_model: Optional[str] = None
+    All unset (the default) means "the tokenizer the data was built with" (its sidecar), else the
+    one train.init_from was trained with, else GPT-2 BPE (megagpt2.data.run_tokenizer). Setting
+    any field makes the choice explicit; a dataset or checkpoint that records another tokenizer
+    is then refused. A resolved run records the tokenizer it used here.
+    """
+
+    tokenizer_type: Optional[TokenizerType] = None  # tokenizer kind (tools/preprocess_data.py --tokenizer-type)
+    vocab_file: Optional[str] = None  # GPT-2 BPE encoder.json / vocab.json, or a BERT vocab.txt
+    merge_file: Optional[str] = None  # GPT-2 BPE vocab.bpe / merges.txt
+    tokenizer_model: Optional[str] = None  # SentencePiece .model or Hugging Face tokenizer.json
+    eod_token: Optional[str] = None  # default: the type's own (<|endoftext|>, [SEP], ...)
+    bos_token: Optional[str] = None  # document start, e.g. [MASK] (GPT2-Chinese), [CLS] (chitchat)
+    newline_token: Optional[str] = None  # stands for "\n", e.g. [SEP] (GPT2-Chinese)
 
 
 @dataclass
@@ -83,38 +112,39 @@ class DataConfig:
 
     path: str = ""  # "prefix" or a blend "0.7 prefixA 0.3 prefixB" (prefixes without .bin/.idx)
     split: str = "969,30,1"  # train,valid,test weights
-    seq_length: int = 1024
+    seq_length: int = 1024  # tokens per sample
     cache_dir: Optional[str] = None  # index caches; default: next to the data
-    format: str = "pretrain"  # pretrain | dialogue | instruction (fine-tuning jsonl)
-    num_workers: int = 0
+    format: DataFormat = "pretrain"  # .bin/.idx, fine-tuning jsonl (dialogue, instruction) or chitchat text
+    num_workers: int = 0  # DataLoader worker processes
+    clean: Clean = "none"  # cleaning preset for fine-tuning turns, as tools/preprocess_data.py --clean
 
 
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule (warmup, then cosine or linear decay)."""
 
-    lr: float = 6e-4
-    min_lr: float = 6e-5
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 6e-5  # learning rate at the end of the decay
     weight_decay: float = 0.1  # never applied to biases, LayerNorm or embeddings' padding
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    decay_steps: Optional[int] = None  # default: train.steps
-    decay_style: str = "cosine"  # cosine | linear | constant
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 100  # linear warmup from 0
+    decay_steps: Optional[int] = None  # steps until min_lr; default: train.steps
+    decay_style: DecayStyle = "cosine"  # shape of the decay after warmup
 
 
 @dataclass
 class TrainConfig:
     """The loop."""
 
-    steps: int = 1000
-    seed: int = 1234
-    eval_interval: int = 100  # 0 = no evaluation
-    eval_steps: int = 10
-    init_from: Optional[str] = None  # megagpt2 checkpoint dir or Hugging Face GPT-2 dir
-    on_nonfinite: str = "stop"  # stop | skip
-    device: str = "auto"  # auto | cpu | cuda
+    steps: int = 1000  # optimizer steps
+    seed: int = 1234  # weights, data order and dropout
+    eval_interval: int = 100  # steps between validation runs; 0 = no evaluation
+    eval_steps: int = 10  # global batches per validation run
+    init_from: Optional[str] = None  # start from these weights: megagpt2 checkpoint dir or Hugging Face GPT-2 dir
+    on_nonfinite: OnNonfinite = "stop"  # on a NaN/inf loss or grad norm: stop, or skip the update
+    device: Device = "auto"  # auto = every rank's GPU when CUDA is there
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = off
 
 
@@ -122,19 +152,22 @@ class TrainConfig:
 class CheckpointConfig:
     """Where and when to save; resuming from `dir`'s latest is automatic."""
 
-    dir: Optional[str] = None
+    dir: Optional[str] = None  # checkpoints, metrics.jsonl and loss.png go here; none = nothing is saved
     interval: int = 0  # steps between saves; 0 = only at the end and on signals
-    keep_last: int = 3
-    resume: bool = True
+    keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
+    resume: bool = True  # continue from the newest complete checkpoint in dir
     tag: Optional[str] = None  # resume from this checkpoint (e.g. step_00000400) instead of the newest
+    fallback: bool = True  # a damaged newest checkpoint: resume from the newest that verifies (false: stop)
+    verify: Verify = "checksum"  # how much of each file is checked before resuming (size: sizes only)
+    allow_batch_change: bool = False  # resume with another global batch size (the sample position is kept)
 
 
 @dataclass
 class LoggingConfig:
     """What is printed and written."""
 
-    interval: int = 1
-    tensorboard_dir: Optional[str] = None
+    interval: int = 1  # steps between log lines
+    tensorboard_dir: Optional[str] = None  # write TensorBoard scalars here
     plot: bool = True  # PNG of the loss curves at the end (in the checkpoint dir)
     sample_prompt: str = ""  # if set, print a generated sample at the end
 
@@ -156,21 +189,23 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.attention": ("flash", "fused_softmax", "torch"),
-    "model.kernels": ("auto", "triton", "torch", "apex"),
-    "parallel.schedule": ("none", "gpipe", "1f1b", "interleaved"),
-    "parallel.partition": ("uniform", "parameters"),
-    "tokenizer.tokenizer_type": ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer"),
-    "data.format": ("pretrain", "dialogue", "instruction"),
-    "optim.decay_style": ("cosine", "linear", "constant"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
-
-
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _literal_of(tp: Any) -> Any:
+    """The Literal of an enumerated field (also inside Optional[...]), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(tp) if typing.get_origin(a) is Literal), None)
+    return tp if typing.get_origin(tp) is Literal else None
+
+
+def _check_choice(value: Any, tp: Any, dotted: str) -> Any:
+    """The one check of enumerated settings: `value` must be one of the Literal's choices."""
+    choices = typing.get_args(tp)
+    if value not in choices:
+        raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(str, choices))}")
+    return value
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -181,36 +216,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
         return _coerce(value, args[0], where)
+    if origin is Literal:
+        return _check_choice(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp in (int, float):
+        return _number(value, tp, where)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -218,26 +233,77 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
 
 
+def _number(value: Any, tp: type, where: str) -> Any:
+    what = "an integer" if tp is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) or (tp is float and isinstance(value, float)):
+        return tp(value)
+    if isinstance(value, str):
+        try:
+            return int(value.replace("_", "")) if tp is int else float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected {what}, got {value!r}")
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
-        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}"
+                          f"{_did_you_mean(section, sections)}")
     sub = getattr(cfg, section)
     types_ = _field_types(type(sub))
     if key not in types_:
-        raise ConfigError(
-            f"{source}: unknown key {section}.{key}; valid keys in {section}: {', '.join(types_)}"
-        )
-    setattr(sub, key, _coerce(value, types_[key], f"{section}.{key} ({source})"))
+        raise ConfigError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, types_, section + '.')}; "
+                          f"valid keys in {section}: {', '.join(types_)}")
+    try:
+        setattr(sub, key, _coerce(value, types_[key], f"{section}.{key}"))
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({source})") from None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def _did_you_mean(word: str, known: Any, prefix: str = "") -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def parse_overrides(items: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """The one parser of `--section.key=value` overrides (also `--section.key value` and, in
+    lists given to load_config, `section.key=value`) -> [(section, key, value, item)].
+
+    Raises ConfigError naming the first item that is not an override."""
+    out, i = [], 0
+    while i < len(items):
+        item = items[i]
+        text = item[2:] if item.startswith("--") else item
+        dotted = text.split("=", 1)[0]
+        if "." not in dotted or not all(dotted.split(".", 1)):
+            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value, "
+                              f"e.g. --train.steps=100")
+        if "=" not in text:
+            if not item.startswith("--") or i + 1 >= len(items):
+                raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.steps=100")
+            text, i = f"{text}={items[i + 1]}", i + 1
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        out.append((section, key, value, item))
+        i += 1
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] = None) -> Config:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides (CLI wins)."""
     cfg = Config()
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist (pass --config configs/gpt2/<preset>.yaml)")
+            raise ConfigError(f"config file {path} does not exist ({p.absolute()}); pass --config "
+                              f"configs/gpt2/<preset>.yaml")
         with p.open() as f:
             try:
                 doc = yaml.safe_load(f) or {}
@@ -250,14 +316,20 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
                 raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
-    for item in overrides or []:
-        text = item[2:] if item.startswith("--") else item
-        if "=" not in text or "." not in text.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.steps=100")
-        dotted, value = text.split("=", 1)
-        section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, yaml.safe_load(value) if value.strip() else "", f"override {item!r}")
+    for section, key, value, item in parse_overrides(overrides or []):
+        _apply(cfg, section, key, _override_value(cfg, section, key, value), f"override {item!r}")
     return cfg
+
+
+def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:
+    """The YAML value of an override; text YAML reads as a list or mapping stays text for a
+    string field, so `--tokenizer.bos_token=[MASK]` needs no quotes."""
+    value = yaml.safe_load(text) if text.strip() else ""
+    sub = getattr(cfg, section, None)
+    tp = _field_types(type(sub)).get(key) if dataclasses.is_dataclass(sub) else None
+    if isinstance(value, (list, dict)) and tp in (str, Optional[str]):
+        return text
+    return value
 
 
 def config_from_dict(doc: dict) -> Config:
@@ -269,15 +341,28 @@ def config_from_dict(doc: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
-    """Check every field and their combinations; raise ConfigError naming the field and fix."""
+def validate(cfg: Config) -> None:
+    """Check every field and their combinations; raise ConfigError naming the field and fix.
+
+    What needs more than the config (world size, pipeline split, files, tokenizer, DeepSpeed
+    JSON) is checked by the run plan (megagpt2.training.plan)."""
     errors: list[str] = []
-    for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            errors.append(f"{dotted}={value!r} is not one of {', '.join(choices)}")
-    m, par = cfg.model, cfg.parallel
+    for section in dataclasses.fields(Config):
+        sub = getattr(cfg, section.name)
+        for key, tp in _field_types(type(sub)).items():
+            choice, value = _literal_of(tp), getattr(sub, key)
+            if choice is not None and value is not None:  # None: unset Optional (tokenizer: the dataset's)
+                try:
+                    _check_choice(value, choice, f"{section.name}.{key}")
+                except ConfigError as e:
+                    errors.append(str(e))
+    errors += _range_errors(cfg) + _shape_errors(cfg)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _range_errors(cfg: Config) -> list[str]:
+    errors = []
     for dotted in ("model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
                    "model.vocab_size", "model.make_vocab_size_divisible_by", "parallel.tp",
                    "parallel.pp", "parallel.virtual_stages", "data.seq_length", "train.steps",
@@ -289,6 +374,22 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         section, key = dotted.split(".")
         if not 0.0 <= getattr(getattr(cfg, section), key) < 1.0:
             errors.append(f"{dotted} must be in [0, 1)")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        errors.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
+    if cfg.train.eval_interval < 0 or cfg.train.eval_steps < 1:
+        errors.append("train.eval_interval must be >= 0 (0 = off) and train.eval_steps >= 1")
+    if cfg.optim.warmup_steps < 0:
+        errors.append("optim.warmup_steps must be >= 0")
+    if cfg.checkpoint.keep_last < 1:
+        errors.append("checkpoint.keep_last must be >= 1")
+    if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
+        errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
+    return errors
+
+
+def _shape_errors(cfg: Config) -> list[str]:
+    """Model shape against tensor parallelism and the sequence length."""
+    errors, m, par = [], cfg.model, cfg.parallel
     if m.n_head >= 1 and m.n_embd % m.n_head:
         errors.append(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd} "
                       f"(pick n_embd a multiple of n_head)")
@@ -300,31 +401,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if m.make_vocab_size_divisible_by >= 1 and m.padded_vocab_size % par.tp:
             errors.append(f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tp="
                           f"{par.tp}; set model.make_vocab_size_divisible_by to a multiple of {par.tp}")
-    if par.pp >= 1 and par.virtual_stages >= 1 and m.n_layer % (par.pp * par.virtual_stages):
-        errors.append(f"model.n_layer={m.n_layer} is not divisible by parallel.pp x "
-                      f"parallel.virtual_stages = {par.pp * par.virtual_stages}")
-    if par.virtual_stages > 1 and par.schedule != "interleaved":
-        errors.append("parallel.virtual_stages > 1 needs parallel.schedule=interleaved")
     if par.sequence_parallel and par.tp >= 1 and cfg.data.seq_length % par.tp:
         errors.append(f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tp="
                       f"{par.tp} with parallel.sequence_parallel")
     if cfg.data.seq_length > m.n_positions:
         errors.append(f"data.seq_length={cfg.data.seq_length} exceeds model.n_positions={m.n_positions}")
-    if world_size is not None and par.tp >= 1 and par.pp >= 1 and world_size % (par.tp * par.pp):
-        errors.append(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                      f"{par.tp * par.pp}")
-    if cfg.optim.min_lr > cfg.optim.lr:
-        errors.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
-    if cfg.train.eval_interval < 0 or cfg.train.eval_steps < 1:
-        errors.append("train.eval_interval must be >= 0 (0 = off) and train.eval_steps >= 1")
-    if cfg.optim.warmup_steps < 0:
-        errors.append("optim.warmup_steps must be >= 0")
-    if cfg.checkpoint.keep_last < 1:
-        errors.append("checkpoint.keep_last must be >= 1")
-    if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
-        errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return errors
 
 
 def dump_yaml(cfg: Config) -> str:

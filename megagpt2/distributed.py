@@ -1,5 +1,7 @@
 """Where am I in the job? One function reads every launcher's environment; one starts torch.distributed.
 
+(Collectives over the groups of a run live in megagpt2.parallel; detection imports no torch.)
+
 Sources, in order of precedence:
   1. torchrun / the deepspeed launcher / a script that exports them: RANK, WORLD_SIZE, LOCAL_RANK,
      MASTER_ADDR, MASTER_PORT
@@ -25,9 +27,10 @@ import subprocess
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a device is picked, so launch checks stay light
+    import torch
 
 
 class LaunchEnvError(RuntimeError):
@@ -192,12 +195,14 @@ def _check_agreement(env: Mapping[str, str], rank: int, world: int, local: Optio
 
 def _from_torch_env(env: Mapping[str, str]) -> tuple:
     rank, world, local = _int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK")
+    assert rank is not None and world is not None  # detect_env picks this source only when both are set
     _check_agreement(env, rank, world, local)
     return rank, world, local, env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
 
 
 def _from_slurm(env: Mapping[str, str], hostnames: HostnameFn) -> tuple:
     rank, world, local = _int(env, "SLURM_PROCID"), _slurm_world(env), _int(env, "SLURM_LOCALID")
+    assert rank is not None and world is not None  # detect_env picks this source only when both are set
     if world > 1 and not _is_srun_task(env):
         raise LaunchEnvError(
             f"SLURM_NTASKS={world} but this process was not started by srun (no SLURM_STEP_ID: it is the "
@@ -285,6 +290,8 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
     When each task sees exactly one GPU (Slurm's --gpus-per-task=1 / --gpu-bind), that GPU is cuda:0.
     """
+    import torch
+
     if requested == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto or cpu")
     if requested != "cpu" and torch.cuda.is_available():
@@ -314,15 +321,3 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_seconds: floa
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_seconds), rank=env.rank,
                                world_size=env.world_size)
-
-
-def all_reduce_small(t: torch.Tensor, op=None, group=None) -> torch.Tensor:
-    """All-reduce a small tensor wherever the backend needs it (GPU for NCCL), return it on CPU."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else t.device
-    x = t.to(dev)
-    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
-    return x.cpu()

@@ -15,7 +15,7 @@ the same gathered logits, so all ranks pick the same tokens. Pipeline stages are
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, Union, overload
 
 import torch
 
@@ -33,6 +33,7 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the row (CTRL-style)
     stop_token: Optional[int] = None  # e.g. the end-of-document id; kept in the output
     seed: int = 0
+    banned_tokens: tuple[int, ...] = ()  # never sampled, e.g. [UNK] (as GPT2-Chinese and chitchat do)
 
     def validate(self) -> None:
         """Raise ValueError naming the first setting out of range."""
@@ -46,12 +47,17 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(t < 0 for t in self.banned_tokens):
+            raise ValueError(f"banned_tokens must be token ids >= 0, got {self.banned_tokens}")
 
 
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Apply repetition penalty (to tokens marked in the (B, V) bool `seen`), temperature,
-    top-k and top-p to (B, V) logits; returns float32 with removed tokens at -inf."""
+    """Ban `cfg.banned_tokens`, then apply repetition penalty (to tokens marked in the (B, V) bool
+    `seen`), temperature, top-k and top-p to (B, V) logits; returns float32 with removed tokens
+    at -inf (a banned token is never picked, greedy or sampled)."""
     logits = logits.float().clone()
+    if cfg.banned_tokens:
+        logits[:, list(cfg.banned_tokens)] = float("-inf")
     if cfg.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
@@ -140,9 +146,21 @@ class _Decoder:
 
 
 @torch.no_grad()
+@overload
+def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
+             return_logits: Literal[False] = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
+             stop_fn: Optional[StopFn] = None) -> list[list[int]]: ...
+
+
+@overload
+def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0, *,
+             return_logits: Literal[True], use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
+             stop_fn: Optional[StopFn] = None) -> tuple[list[list[int]], torch.Tensor]: ...
+
+
 def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
              return_logits: bool = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
-             stop_fn: Optional[StopFn] = None):
+             stop_fn: Optional[StopFn] = None) -> Union[list[list[int]], tuple[list[list[int]], torch.Tensor]]:
     """Continue each prompt; returns the new tokens per row (list of lists).
 
     A row stops at `cfg.stop_token` (kept in its output), when `stop_fn(row, tokens)` says so

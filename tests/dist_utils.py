@@ -35,6 +35,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def world_groups(tp: int = 1, pp: int = 1, virtual_stages: int = 1, timeout: float = 60.0):
+    """ProcessGroups of (tp, pp, the rest data-parallel) over the running torch.distributed world."""
+    import torch.distributed as dist
+
+    from megagpt2.parallel import ParallelLayout, build_process_groups
+
+    layout = ParallelLayout.for_world(dist.get_world_size(), tp, pp, virtual_stages, dist.get_rank())
+    return build_process_groups(layout, timeout)
+
+
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}

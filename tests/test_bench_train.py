@@ -66,10 +66,11 @@ def test_plain_reference_matches_megagpt2_model():
     bench = load_benchmark("bench_train")
     from megagpt2.config import ModelConfig
     from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
 
     cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=128,
                       make_vocab_size_divisible_by=64, dropout=0.0, attn_dropout=0.0, kernels="torch")
-    ours = GPT2(cfg)
+    ours = GPT2(cfg, ProcessGroups.single())
     plain = bench.PlainGPT(bench.PlainConfig(2, 4, 32, 16, 128))
     plain.load_state_dict(ours.state_dict())
     x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))

@@ -6,8 +6,15 @@ import shutil
 
 import pytest
 
-from megagpt2.distributed import (LaunchEnv, LaunchEnvError, detect_env, expand_hostlist, first_slurm_host,
-                                  port_for_job, slurm_hostnames)
+from megagpt2.distributed import (
+    LaunchEnv,
+    LaunchEnvError,
+    detect_env,
+    expand_hostlist,
+    first_slurm_host,
+    port_for_job,
+    slurm_hostnames,
+)
 
 
 def no_scontrol(nodelist: str) -> list[str]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megagpt2.config import Config
 from megagpt2.eval import fewshot_prefix, load_model, sliding_windows, stream_nll
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
 from tools import evaluate as evaluate_tool
 
 WORDS = ("apple river stone music garden window silver morning winter candle forest letter quiet "
@@ -27,7 +28,7 @@ def tiny_gpt2(vocab: int = 50257, n_positions: int = 64, seed: int = 3) -> GPT2:
     cfg = Config().model
     cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size = 2, 32, 4, n_positions, vocab
     cfg.dropout = cfg.attn_dropout = 0.0
-    model = GPT2(cfg, seed=seed)
+    model = GPT2(cfg, ProcessGroups.single(), seed=seed)
     with torch.no_grad():  # peaky predictions, so scoring the wrong token would show
         model.wte.weight.mul_(5.0)
     return model.eval()

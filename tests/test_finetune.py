@@ -144,13 +144,14 @@ def _response_loss(model, train, n: int) -> float:
 def test_finetune_from_hf_dir_lowers_response_loss(tmp_path, tok):
     from megagpt2.interop import save_hf_dir
     from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
     from tests.dist_utils import run_distributed
     from tests.train_utils import ds_config, losses, tiny_config, train_worker
 
     path = _write(tmp_path / "chat.jsonl", DIALOGUES * 2)
     cfg = tiny_config(path, tmp_path / "ckpt", steps=8, data={"format": "dialogue", "split": "1,0,0"},
                       optim={"lr": 1e-2, "min_lr": 1e-3})
-    start = GPT2(cfg.model, seed=42).eval()
+    start = GPT2(cfg.model, ProcessGroups.single(), seed=42).eval()
     save_hf_dir({k: v.detach() for k, v in start.state_dict().items()}, cfg.model, str(tmp_path / "hf"))
     cfg.train.init_from = str(tmp_path / "hf")
     result = run_distributed(train_worker, 1, args=(cfg.to_dict(), ds_config(stage=2, micro=4), {"tp": 1}))[0]
@@ -159,7 +160,7 @@ def test_finetune_from_hf_dir_lowers_response_loss(tmp_path, tok):
     train, _ = build_finetune_datasets(path, "dialogue", tok, cfg.data.seq_length, "1,0,0", cfg.train.seed, 32, 0)
     before = _response_loss(start, train, 12)
     assert abs(curve[0] - _response_loss(start, train, 4)) < 1e-4  # step 1 started from the HF weights
-    tuned = GPT2(cfg.model).eval()
+    tuned = GPT2(cfg.model, ProcessGroups.single()).eval()
     tuned.load_state_dict({n: p for n, (p, _, _) in result["params"].items()}, strict=True)
     after = _response_loss(tuned, train, 12)
     assert after < before - 0.5

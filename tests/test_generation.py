@@ -12,6 +12,7 @@ import torch
 from megagpt2.config import ModelConfig
 from megagpt2.generation import SamplingConfig, filter_logits, generate, left_pad
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
 from tests.dist_utils import run_distributed
 from tools import generate as generate_tool
 
@@ -22,7 +23,7 @@ def tiny_model(attention: str = "torch", vocab: int = 97, n_positions: int = 48,
     cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=n_positions, vocab_size=vocab,
                       make_vocab_size_divisible_by=32, dropout=0.0, attn_dropout=0.0, attention=attention,
                       kernels="torch")
-    model = GPT2(cfg, seed=seed)
+    model = GPT2(cfg, ProcessGroups.single(), seed=seed)
     with torch.no_grad():  # sharper distributions: greedy paths vary, sampling is not uniform noise
         model.wte.weight.mul_(8.0)
     return model.eval()

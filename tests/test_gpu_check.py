@@ -57,7 +57,8 @@ def test_report_judges_every_target(tmp_path):
 @pytest.mark.slow
 def test_dry_run_writes_results_with_every_step(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    env = {**os.environ, "GPU_WORK": str(work), "GPU_SITE": str(tmp_path / "site"), "GPU_BUNDLE": str(tmp_path / "none")}
+    env = {**os.environ, "GPU_WORK": str(work), "GPU_SITE": str(tmp_path / "site"),
+           "GPU_BUNDLE": str(tmp_path / "none")}
     subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", str(out)], env=env, check=True,
                    timeout=1500, capture_output=True)
     summary = (out / "summary.txt").read_text()

@@ -25,10 +25,10 @@ from megagpt2.kernels import (
     layer_norm,
     layer_norm_ref,
     resolve_impl,
+    runtime,
     scaled_masked_softmax,
     scaled_masked_softmax_ref,
 )
-from megagpt2.kernels import runtime
 from tests.kernel_checks import check_layer_norm_parity, check_softmax_parity, load_benchmark, rel_err
 
 # Max error relative to the reference's largest magnitude. bf16 allows ~1 ulp (2^-7); the

@@ -14,6 +14,7 @@ import pytest
 
 from megagpt2.config import ModelConfig
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
 from megagpt2.training.memory import estimate
 from tests.dist_utils import run_distributed
 from tests.memory_utils import measure_second_step
@@ -69,7 +70,7 @@ def test_estimate_within_10_percent_of_measured(small_vocab, name):
 
 def test_parameter_count_is_the_models():
     cfg = ModelConfig(n_layer=3, n_embd=48, n_head=4, n_positions=32, vocab_size=300, make_vocab_size_divisible_by=64)
-    model = GPT2(cfg)
+    model = GPT2(cfg, ProcessGroups.single())
     assert estimate(cfg, 32, 1, zero_stage=0, precision="fp32").parameters == 4 * model.num_parameters()
     # GPT-2 small with the vocabulary padded to 50304: 124.48M parameters.
     from megagpt2.config import load_config
@@ -103,11 +104,12 @@ def test_training_log_line_puts_the_estimate_next_to_the_measured_peak():
     import torch
 
     from megagpt2.config import Config
-    from megagpt2.parallel import ParallelState
+    from megagpt2.parallel import ParallelLayout
     from megagpt2.training.metrics import memory_report
 
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
           "bf16": {"enabled": False}}
-    line = memory_report(Config(), ds, ParallelState(), torch.device("cpu"))
-    m = re.fullmatch(r"memory after step 1: peak ([\d.]+) GiB resident \(process\) \| estimate ([\d.]+) GiB peak .*", line)
+    line = memory_report(Config(), ds, ParallelLayout(), torch.device("cpu"))
+    m = re.fullmatch(r"memory after step 1: peak ([\d.]+) GiB resident \(process\) \| "
+                     r"estimate ([\d.]+) GiB peak .*", line)
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, line

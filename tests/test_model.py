@@ -10,6 +10,9 @@ import torch
 from megagpt2.config import ModelConfig
 from megagpt2.interop import from_hf_state_dict, to_hf_config, to_hf_state_dict
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
+
+ONE = ProcessGroups.single()  # the layout of one process: no groups
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=1000, dropout=0.0, attn_dropout=0.0,
             attention="torch", kernels="torch")
@@ -29,7 +32,7 @@ def _hf_twin(model: GPT2, cfg: ModelConfig):
                                                        n_positions=1024, vocab_size=50257), 8)])
 def test_logits_match_transformers(shape, T):
     cfg = ModelConfig(**shape)
-    ours = GPT2(cfg).eval()
+    ours = GPT2(cfg, ONE).eval()
     hf = _hf_twin(ours, cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -40,8 +43,8 @@ def test_logits_match_transformers(shape, T):
 
 @pytest.mark.parametrize("attention", ["flash", "fused_softmax"])
 def test_attention_paths_match_reference(attention):
-    ref = GPT2(ModelConfig(**TINY)).eval()
-    other = GPT2(ModelConfig(**dict(TINY, attention=attention))).eval()
+    ref = GPT2(ModelConfig(**TINY), ONE).eval()
+    other = GPT2(ModelConfig(**dict(TINY, attention=attention)), ONE).eval()
     other.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -50,7 +53,7 @@ def test_attention_paths_match_reference(attention):
 
 def test_round_trip_through_hf_is_bit_identical():
     cfg = ModelConfig(**TINY)
-    ours = GPT2(cfg)
+    ours = GPT2(cfg, ONE)
     back = from_hf_state_dict(_hf_twin(ours, cfg).state_dict(), cfg)
     sd = ours.state_dict()
     assert set(back) == set(sd)
@@ -59,7 +62,7 @@ def test_round_trip_through_hf_is_bit_identical():
 
 def test_initialisation_follows_the_paper():
     cfg = ModelConfig(n_layer=12, n_embd=256, n_head=4, n_positions=1024, vocab_size=50257)
-    m = GPT2(cfg)
+    m = GPT2(cfg, ONE)
     resid_std = 0.02 / math.sqrt(2 * cfg.n_layer)
     for name, p in m.named_parameters():
         if name.endswith("c_proj.weight"):
@@ -79,7 +82,7 @@ def test_initialisation_follows_the_paper():
 def test_padded_vocabulary_never_wins_nor_counts():
     cfg = ModelConfig(**TINY)  # 1000 real tokens padded to 1024
     assert cfg.padded_vocab_size == 1024
-    m = GPT2(cfg).eval()
+    m = GPT2(cfg, ONE).eval()
     with torch.no_grad():
         m.wte.weight[cfg.vocab_size:] = 10.0  # make the padded rows as attractive as possible
         idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
@@ -92,7 +95,7 @@ def test_padded_vocabulary_never_wins_nor_counts():
 
 def test_dropout_is_configurable_and_off_in_eval():
     cfg = ModelConfig(**dict(TINY, dropout=0.5, attn_dropout=0.5))
-    m = GPT2(cfg)
+    m = GPT2(cfg, ONE)
     idx = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(3))
     m.train()
     assert not torch.equal(m(idx), m(idx))
@@ -101,8 +104,8 @@ def test_dropout_is_configurable_and_off_in_eval():
 
 
 def test_activation_checkpointing_gives_same_gradients():
-    base = GPT2(ModelConfig(**TINY))
-    ckpt = GPT2(ModelConfig(**dict(TINY, activation_checkpointing=True)))
+    base = GPT2(ModelConfig(**TINY), ONE)
+    ckpt = GPT2(ModelConfig(**dict(TINY, activation_checkpointing=True)), ONE)
     ckpt.load_state_dict(base.state_dict())
     idx = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(4))
     base(idx, idx).backward()

@@ -10,6 +10,7 @@ import torch
 
 from megagpt2.config import ModelConfig
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
 from tests.kernel_checks import load_benchmark
 
 CFG = dict(n_layer=2, n_embd=48, n_head=3, n_positions=32, vocab_size=300, make_vocab_size_divisible_by=64,
@@ -19,8 +20,8 @@ CFG = dict(n_layer=2, n_embd=48, n_head=3, n_positions=32, vocab_size=300, make_
 @pytest.mark.parametrize("attention", ["fused_softmax", "flash"])
 def test_triton_kernels_give_same_loss_and_gradients(monkeypatch, attention):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ref = GPT2(ModelConfig(**CFG, attention="torch", kernels="torch"))
-    tri = GPT2(ModelConfig(**CFG, attention=attention, kernels="triton"))
+    ref = GPT2(ModelConfig(**CFG, attention="torch", kernels="torch"), ProcessGroups.single())
+    tri = GPT2(ModelConfig(**CFG, attention=attention, kernels="triton"), ProcessGroups.single())
     tri.load_state_dict(ref.state_dict())
     g = torch.Generator().manual_seed(0)
     idx, tgt = torch.randint(0, 300, (2, 20), generator=g), torch.randint(0, 300, (2, 20), generator=g)

@@ -8,15 +8,12 @@ Several configurations share one set of spawned ranks (`jobs`) to keep the suite
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from megagpt2.config import config_from_dict, validate
 from tests.dist_utils import run_distributed
 from tests.test_training import assert_params_match
-from tests.train_utils import ds_config, gathered_params, make_dataset, tiny_config
+from tests.train_utils import ds_config, gathered_params, make_dataset, make_trainer, tiny_config
 
 CLIP = 0.05
 RTOL = 1e-5
@@ -26,30 +23,18 @@ LR = 3e-3  # tiny_config's learning rate
 def _worker_job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, patch=None) -> dict:
     """Train with the real Trainer; record loss, grad norm and the tied-weight copies per step.
     `patch(trainer)`, a module-level function, may alter the trainer before it runs."""
-    from megagpt2.parallel import ParallelState
-    from megagpt2.training.ds_config import resolve_ds_config
-    from megagpt2.training.trainer import Trainer
-
-    cfg = config_from_dict(copy.deepcopy(cfg_dict))
-    for k, v in layout.items():
-        setattr(cfg.parallel, k, v)
-    validate(cfg, world)
     # The failure tests shorten parallel.timeout_seconds, which bounds the pipeline's waits; the
     # set-up collectives keep a limit that tolerates ranks starting slowly on a loaded machine.
-    ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=max(60, cfg.parallel.timeout_seconds))
-    cpu = torch.device("cpu")
-    resolved = ds if "train_batch_size" in ds else resolve_ds_config(ds, ps.dp_size, cpu)
-    trainer = Trainer(cfg, resolved, ps, cpu)
-    model = trainer.model
+    timeout = max(60, cfg_dict["parallel"]["timeout_seconds"])
+    trainer = make_trainer(rank, world, cfg_dict, ds, layout, timeout)
+    model, lay = trainer.model, trainer.layout
     records, tied = [], []
     original = trainer.train_step
 
     def train_step():
         r = original()
-        # ZeRO-0 fp32: DeepSpeed keeps no norm; the runner computes it (the trainer at pp=1).
-        norm = r.grad_norm if r.grad_norm is not None else getattr(trainer.pipe, "grad_norm", None)
-        records.append({"loss": r.loss, "grad_norm": norm})
-        if ps.pp_size > 1 and (model.pre_process or model.post_process):
+        records.append({"loss": r.loss, "grad_norm": r.grad_norm})
+        if lay.pp > 1 and (model.pre_process or model.post_process):
             tied.append((model.wte.weight if model.pre_process else model.head_weight).detach().float().clone())
         return r
 
@@ -61,9 +46,8 @@ def _worker_job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, p
     trainer.train()
     params = {n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
               for n, p in model.named_parameters()}
-    return {"records": records, "ps": (ps.tp_rank, ps.pp_rank, ps.dp_rank), "params": params, "tied": tied,
-            "evals": evals,
-            "stats": dict(getattr(trainer.pipe, "stats", {}) or {})}
+    return {"records": records, "ps": (lay.tp_rank, lay.pp_rank, lay.dp_rank), "params": params, "tied": tied,
+            "evals": evals, "stats": dict(trainer.executor.stats)}
 
 
 def jobs_worker(rank: int, world: int, jobs: list) -> list:
@@ -205,7 +189,7 @@ def test_tp2_pp2_dp2_on_8_ranks_matches_single_process(data_prefix, references):
 
 # -- bf16 --------------------------------------------------------------------------------------
 def _bf16_ds(stage: int, micro: int, accum: int) -> dict:
-    """Resolved by hand: resolve_ds_config refuses half precision on CPU, DeepSpeed does not."""
+    """bf16 on CPU: the entry refuses it (DeepSpeedConfig.check_device), DeepSpeed and the Trainer do not."""
     ds = _ds(stage, micro, accum)
     ds.update(bf16={"enabled": True}, train_batch_size=micro * accum, zero_allow_untested_optimizer=True)
     return ds
@@ -246,7 +230,7 @@ def kill_stage_1(trainer) -> None:
     """Pipeline rank 1 dies (no exception, no clean-up) in its forward pass of step 2."""
     import os
 
-    _fail_at_step_2(trainer, trainer.run.ps.pp_rank == 1, lambda: os._exit(3))
+    _fail_at_step_2(trainer, trainer.layout.pp_rank == 1, lambda: os._exit(3))
 
 
 def _raise(msg: str):
@@ -292,7 +276,7 @@ def stall_stage_1(trainer) -> None:
     """Pipeline rank 1 stays alive but silent for 20 s in step 2 (then gives up)."""
     import time
 
-    _fail_at_step_2(trainer, trainer.run.ps.pp_rank == 1,
+    _fail_at_step_2(trainer, trainer.layout.pp_rank == 1,
                     lambda: (time.sleep(20), _raise("stalled stage gives up")))
 
 

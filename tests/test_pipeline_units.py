@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from megagpt2.config import ConfigError, ModelConfig, load_config, validate
-from megagpt2.pipeline import LayoutError, build_schedule, check_layout, partition, simulate, theoretical_bubble
+from megagpt2.config import ConfigError, ModelConfig, load_config
+from megagpt2.pipeline import PartitionError, build_schedule, check_layout, partition, simulate, theoretical_bubble
 from megagpt2.pipeline.partition import block_parameters, edge_costs
 from megagpt2.pipeline.schedules import Op
+from megagpt2.training.plan import plan_run
 
 
 def test_uniform_partition_and_virtual_stage_placement():
@@ -47,9 +48,9 @@ def _loads(cuts, b, first, last, n):
 
 
 def test_layout_errors_name_the_fix():
-    with pytest.raises(LayoutError, match="not divisible by parallel.pp x parallel.virtual_stages = 4"):
+    with pytest.raises(PartitionError, match="not divisible by parallel.pp x parallel.virtual_stages = 4"):
         partition(ModelConfig(n_layer=6), pp=2, virtual=2)
-    with pytest.raises(LayoutError, match="fewer than"):
+    with pytest.raises(PartitionError, match="fewer than"):
         partition(ModelConfig(n_layer=2), pp=4, method="parameters")
     with pytest.raises(ConfigError, match="at least parallel.pp=4 micro-batches"):
         check_layout("1f1b", pp=4, virtual=1, micro_batches=3)
@@ -58,9 +59,9 @@ def test_layout_errors_name_the_fix():
     with pytest.raises(ConfigError, match="needs parallel.schedule=interleaved"):
         check_layout("1f1b", pp=2, virtual=2, micro_batches=4)
     check_layout("gpipe", pp=4, virtual=1, micro_batches=1)  # GPipe / none run any m
-    cfg = load_config(None, ["--model.n_layer=6", "--parallel.pp=4"])  # checked with the config
+    cfg = load_config(None, ["--model.n_layer=6", "--parallel.pp=4"])  # the run plan applies the same rule
     with pytest.raises(ConfigError, match="not divisible by parallel.pp"):
-        validate(cfg)
+        plan_run(cfg, {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4}, world_size=4)
 
 
 def test_1f1b_order():
@@ -100,7 +101,7 @@ def test_surrogate_backward_passes_the_received_gradient_through_the_loss_scale(
     divides by S so the stage output still receives exactly the (already scaled) gradient."""
     import torch
 
-    from megagpt2.pipeline.runner import _InjectGrad
+    from megagpt2.pipeline.executor import _InjectGrad
 
     out = torch.randn(2, 3, 4, requires_grad=True)
     g = torch.randn(2, 3, 4)

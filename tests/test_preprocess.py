@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from megagpt2.corpus import pipeline
+from megagpt2.data import preprocess as pipeline
 from megagpt2.data.indexed import IndexedDataset
 from megagpt2.tokenizer import build_tokenizer
 from tools import preprocess_data
@@ -103,7 +103,7 @@ def test_txt_directory_and_owt_tar(tmp_path, tokenizer):
     (docs / "b.txt").write_text(make_doc(1))
     (docs / "a.txt").write_text(make_doc(0))
     (docs / "notes.md").write_text("not a document")  # unsupported names in a directory: skipped
-    (docs / "bad.txt").write_bytes(b"caf\xe9 \xff broken")  # bad UTF-8 -> malformed
+    (docs / "bad.txt").write_bytes(b"caf\xe9 \xff broken")  # bad UTF-8: repaired, counted
     tar = tmp_path / "owt.tar"
     write_owt_tar(str(tar), {
         "openwebtext/urlsf_00-1_data.xz": xz_tar({"0001.txt": make_doc(2), "0002.txt": make_doc(3)}),
@@ -112,9 +112,12 @@ def test_txt_directory_and_owt_tar(tmp_path, tokenizer):
     })
     report, ds = run(tmp_path, [tmp_path / "pages", tar])
     # Directory in sorted path order (a, b, bad), then the archive members in order.
-    assert decoded(ds, tokenizer) == [make_doc(i) for i in range(5)]
+    docs = [make_doc(i) for i in range(5)]
+    assert decoded(ds, tokenizer) == docs[:2] + ["caf\ufffd \ufffd broken"] + docs[2:]
     assert report["documents_read"] == 7
-    assert report["dropped"]["malformed"] == 2
+    assert report["dropped"]["malformed"] == 1
+    assert report["repairs"]["invalid_utf8_documents"] == 1
+    assert report["repairs"]["invalid_utf8_sequences"] == 2
 
 
 def test_every_drop_reason_counted(tmp_path, tokenizer, caplog):
@@ -133,14 +136,17 @@ def test_every_drop_reason_counted(tmp_path, tokenizer, caplog):
     truncated = gzip.compress(jsonl_bytes(gz_docs))
     (tmp_path / "b.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])
     report, ds = run(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"],
-                     "--min-chars", "20", "--max-non-alpha", "0.5", "--near-dedup")
+                     "--min-chars", "20", "--max-non-alpha", "0.5", "--dedup", "--near-dedup")
     gz_lines = report["documents_read"] - 16 - 1  # a.jsonl has 16 records, then one gz error
     assert gz_lines >= 2
-    assert report["dropped"] == {"malformed": 5, "empty": 2, "too_short": 1, "non_alpha": 1,
+    # The bad UTF-8 line is repaired ("bad \ufffd\ufffd utf8 here", 19 characters), then too short.
+    assert report["dropped"] == {"malformed": 4, "empty": 2, "too_short": 2, "non_alpha": 1,
                                  "duplicate": 1, "near_duplicate": 1}
+    assert report["repairs"]["invalid_utf8_documents"] == 1
     assert report["documents_kept"] == 6 + gz_lines
     assert decoded(ds, tokenizer) == keep + gz_docs[:gz_lines]
-    assert "a.jsonl:6: invalid JSON" in caplog.text and "a.jsonl:7: bad UTF-8" in caplog.text
+    assert "a.jsonl:6: invalid JSON" in caplog.text
+    assert "a.jsonl:7: 2 invalid UTF-8 sequence(s) replaced" in caplog.text
     assert "b.jsonl.gz" in caplog.text and "unreadable file after line" in caplog.text
     assert report["tokens_written"]["text"] == ds.num_tokens
 
@@ -151,7 +157,7 @@ def test_same_output_for_any_worker_count(tmp_path):
     outputs = []
     for workers in (1, 3):
         run(tmp_path, [tmp_path / "in.jsonl"], "--workers", str(workers), "--chunk-bytes", "2000",
-            "--append-eod", name=f"w{workers}")
+            "--append-eod", "--dedup", name=f"w{workers}")
         outputs.append([open(tmp_path / f"w{workers}_text_document{ext}", "rb").read()
                         for ext in (".bin", ".idx")])
     assert outputs[0] == outputs[1]
@@ -163,17 +169,22 @@ def test_cleaning_switches(tmp_path, tokenizer):
     texts = ["The caf\u00c3\u00a9 is open   today.\r\n\r\n\r\n\r\nCome in.", "Repeat me please.",
              "repeat   ME please."]
     write_jsonl(str(tmp_path / "in.jsonl"), texts)
-    report, ds = run(tmp_path, [tmp_path / "in.jsonl"], name="clean")
+    report, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--clean", "web", "--min-chars", "0",
+                     "--max-non-alpha", "1", name="clean")
     assert decoded(ds, tokenizer) == ["The caf\u00e9 is open today.\n\nCome in.",
                                       "Repeat me please."]
-    assert report["dropped"]["duplicate"] == 1
-    assert {"read", "fix_unicode", "whitespace", "filters", "dedup_key", "tokenize", "dedup",
+    assert report["dropped"]["duplicate"] == 1 and report["clean"] == "web"
+    assert {"read", "nul", "fix_unicode", "whitespace", "filters", "dedup_key", "tokenize", "dedup",
             "write"} <= set(report["stage_cpu_seconds"])
-    report, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--no-clean", name="raw")
-    assert decoded(ds, tokenizer) == texts and report["documents_kept"] == 3
-    _, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--no-dedup", "--no-fix-unicode", name="nd")
+    for flags in ((), ("--no-clean",), ("--clean", "web", "--no-clean")):
+        report, ds = run(tmp_path, [tmp_path / "in.jsonl"], *flags, name="raw")
+        assert decoded(ds, tokenizer) == texts and report["documents_kept"] == 3
+    _, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--clean", "web", "--no-dedup", "--no-near-dedup",
+                "--no-fix-unicode", "--min-chars", "0", name="nd")
     assert decoded(ds, tokenizer)[0] == "The caf\u00c3\u00a9 is open today.\n\nCome in."
     assert ds.num_documents == 3
+    _, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--dedup", name="dedup_only")
+    assert decoded(ds, tokenizer) == texts[:2]  # one stage alone; the text itself untouched
 
 
 def test_near_dedup_removes_planted_and_keeps_distinct(tmp_path):
@@ -191,7 +202,7 @@ def test_multiple_json_keys(tmp_path, tokenizer):
     rows = [{"text": make_doc(1), "title": "First"}, {"text": make_doc(2)},
             {"text": make_doc(1), "title": "Dup"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run(tmp_path, [tmp_path / "in.jsonl"], "--json-keys", "text", "title")
+    run(tmp_path, [tmp_path / "in.jsonl"], "--json-keys", "text", "title", "--dedup")
     titles = IndexedDataset(str(tmp_path / "out_title_document"))
     assert decoded(titles, tokenizer) == ["First", ""]  # aligned with the text documents
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megagpt2.corpus.cleaning import (
+    FTFY_CONFIG,
     CleaningConfig,
     DocumentStages,
     DuplicateIndex,
@@ -34,7 +35,7 @@ TRICKY = [
 
 @pytest.mark.parametrize("text", TRICKY)
 def test_fix_unicode_equals_ftfy(text):
-    assert fix_unicode(text) == ftfy.fix_text(text)
+    assert fix_unicode(text) == ftfy.fix_text(text, FTFY_CONFIG)
 
 
 _ALPHABET = st.sampled_from(list("ab <>&;\n\r\t\x00\x1bé\u00c3\u00a9\u2019\ufb01") + ["&amp;", "&lt;"])
@@ -43,7 +44,7 @@ _ALPHABET = st.sampled_from(list("ab <>&;\n\r\t\x00\x1bé\u00c3\u00a9\u2019\ufb0
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_ALPHABET, max_size=40).map("".join))
 def test_fix_unicode_equals_ftfy_on_random_text(text):
-    assert fix_unicode(text) == ftfy.fix_text(text)
+    assert fix_unicode(text) == ftfy.fix_text(text, FTFY_CONFIG)
 
 
 def test_normalize_whitespace():
@@ -66,7 +67,7 @@ def test_dedup_key_ignores_case_and_whitespace():
 
 
 def test_stages_and_index_drop_reasons():
-    config = CleaningConfig(min_chars=10, max_non_alpha=0.5, near_dedup=True)
+    config = CleaningConfig(min_chars=10, max_non_alpha=0.5, dedup=True, near_dedup=True)
     stages, index = DocumentStages(config), DuplicateIndex(config)
     base = " ".join(f"word{i % 7}x{i}" for i in range(200))
     near = base.replace("word3x10 ", "changed ")

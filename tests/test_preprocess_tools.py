@@ -40,7 +40,9 @@ def test_inspect_dataset(tmp_path, capsys):
     assert inspect_dataset.main(["--prefix", prefix, "--doc", "0", "--doc", "-1"]) == 0
     out = capsys.readouterr().out
     assert "documents   3" in out and "tokens      6" in out and "min 0" in out
-    assert "Hello world<|endoftext|>" in out and "I'm<|endoftext|>" in out
+    assert "Hello world\n" in out and "I'm\n" in out and "<|endoftext|>" not in out  # text for people
+    assert inspect_dataset.main(["--prefix", prefix, "--doc", "0", "--show-special"]) == 0
+    assert "Hello world<|endoftext|>" in capsys.readouterr().out
     assert inspect_dataset.main(["--prefix", prefix, "--doc", "1", "--ids"]) == 0
     assert "[]" in capsys.readouterr().out
     assert inspect_dataset.main(["--prefix", prefix, "--doc", "3"]) == 1

@@ -5,25 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megagpt2.checkpoint.reshard import default_sharding, full_state_dict, load_pretrained
 from megagpt2.config import ModelConfig, config_from_dict
 from megagpt2.model import GPT2
-from megagpt2.checkpoint.reshard import default_sharding, full_state_dict, load_pretrained
+from megagpt2.parallel import ProcessGroups
 from tests.dist_utils import run_distributed
-from tests.train_utils import ds_config, losses, make_dataset, tiny_config, train_worker
+from tests.train_utils import data_state, ds_config, losses, make_dataset, tiny_config, train_worker
 from tools import convert_checkpoint
 
 STEPS = 4
 
 
 def _next_loss_worker(rank, world, cfg_dict, source, consumed, micro):
-    from megagpt2.parallel import ParallelState
-    from megagpt2.training.data import build_data
+    from tests.dist_utils import world_groups
 
     cfg = config_from_dict(cfg_dict)
-    ps = ParallelState(tp=world)
-    model = GPT2(cfg.model, ps, seed=999)  # a different init: everything must come from `source`
+    groups = world_groups(tp=world)
+    model = GPT2(cfg.model, groups, seed=999)  # a different init: everything must come from `source`
     load_pretrained(model, source)
-    data = build_data(cfg, ps, micro, micro, tokenizer=None)
+    data = data_state(cfg, groups.layout, micro, micro)
     data.seek(consumed)
     x, y, _ = data.next_train(torch.device("cpu"))
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_hf_export_from_tp2_matches_transformers(tp2_run):
     tmp, cfg, _ = tp2_run
     out = tmp / "hf"
     assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(out), "--to", "hf"]) == 0
-    ours = GPT2(cfg.model)
+    ours = GPT2(cfg.model, ProcessGroups.single())
     load_pretrained(ours, str(tmp / "ckpt"))  # follows `latest` (step 4)
     hf = GPT2LMHeadModel.from_pretrained(str(out)).eval()
     idx = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -73,7 +73,7 @@ def test_hf_export_from_tp2_matches_transformers(tp2_run):
 
 def test_default_sharding_matches_layer_marks():
     m = GPT2(ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=100,
-                         make_vocab_size_divisible_by=64))
+                         make_vocab_size_divisible_by=64), ProcessGroups.single())
     marks = {n: [getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)] for n, p in m.named_parameters()}
     assert default_sharding(marks) == marks
 

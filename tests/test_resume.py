@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -32,6 +33,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, prefix):
     assert codes == [-signal.SIGKILL, -signal.SIGKILL]
     assert find_latest(str(ck_b)) == "step_00000005"
     assert max(train_losses(ck_b)) == 5
+    state = json.loads((ck_b / "step_00000005" / "megagpt2.json").read_text())
+    assert "history" not in state and state["consumed_samples"] == 5 * 8  # the curves are in metrics.jsonl
     assert wait_all(start_ranks(2, cfg_b, ds_b, log_dir=tmp_path / "killed")) == [0, 0]
     log = (tmp_path / "killed" / "rank0.log").read_text()
     assert "resumed from" in log and "step 5" in log
@@ -64,12 +67,17 @@ def test_other_model_shape_fails_naming_the_tensor(tmp_path, prefix):
 def test_dead_rank_ends_the_job_nonzero(tmp_path, prefix):
     (cfg, ds), ck = _files(tmp_path, prefix, "dead", 100000)
     procs = start_ranks(2, cfg, ds, log_dir=tmp_path / "dead")
-    deadline = time.time() + 120
-    while len(read_metrics(ck)) < 3 and time.time() < deadline:
-        time.sleep(0.2)
-    assert len(read_metrics(ck)) >= 3, "training did not start"
-    procs[1].kill()
-    t0 = time.time()
-    code = wait_all(procs[:1], timeout=90)[0]
-    assert code != 0
-    assert time.time() - t0 < 60  # collective timeout is 30 s; gloo usually notices at once
+    try:
+        deadline = time.time() + 300  # start-up is slow on a loaded machine; training then runs forever
+        while len(read_metrics(ck)) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(read_metrics(ck)) >= 3, "training did not start"
+        procs[1].kill()
+        t0 = time.time()
+        code = wait_all(procs[:1], timeout=90)[0]
+        assert code != 0
+        assert time.time() - t0 < 60  # collective timeout is 30 s; gloo usually notices at once
+    finally:
+        for p in procs:  # never leave a 100000-step run behind when an assertion fails
+            if p.poll() is None:
+                p.kill()

@@ -8,8 +8,10 @@ import torch.nn.functional as F
 
 from megagpt2.config import ModelConfig
 from megagpt2.model import GPT2
-from megagpt2.parallel import ParallelState, shard, unshard, vocab_parallel_cross_entropy
-from tests.dist_utils import run_distributed
+from megagpt2.parallel import ProcessGroups
+from megagpt2.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megagpt2.parallel.layers import shard, unshard
+from tests.dist_utils import run_distributed, world_groups
 
 CFG = dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=250, make_vocab_size_divisible_by=64,
            dropout=0.0, attn_dropout=0.0, attention="torch", kernels="torch")
@@ -31,8 +33,7 @@ def _forward_backward(model: GPT2, idx, targets):
 
 
 def _tp_worker(rank, world, tp, sp, idx, targets):
-    ps = ParallelState(tp=tp)
-    model = GPT2(ModelConfig(**CFG), ps, sequence_parallel=sp)
+    model = GPT2(ModelConfig(**CFG), world_groups(tp=tp), sequence_parallel=sp)
     logits, loss = _forward_backward(model, idx, targets)
     grads = {n: (p.grad.clone(), p.tp_dim, p.tp_stride) for n, p in model.named_parameters()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -41,7 +42,7 @@ def _tp_worker(rank, world, tp, sp, idx, targets):
 
 def _gathered(results, key):
     out = {}
-    for name, (t0, dim, stride) in results[0]["grads"].items():
+    for name, (_, dim, stride) in results[0]["grads"].items():
         pieces = [r[key][name][0] if key == "grads" else r[key][name] for r in results]
         out[name] = pieces[0] if dim is None else unshard(pieces, dim, stride)
     return out
@@ -54,7 +55,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (4, False), (2, True), (4, True)])
 def test_tp_matches_single_device(tp, sp):
     idx, targets = _batch()
-    ref = GPT2(ModelConfig(**CFG))
+    ref = GPT2(ModelConfig(**CFG), ProcessGroups.single())
     ref_logits, ref_loss = _forward_backward(ref, idx, targets)
     results = run_distributed(_tp_worker, tp, args=(tp, sp, idx, targets))
     params = _gathered(results, "params")
@@ -75,9 +76,9 @@ def test_tp_matches_single_device(tp, sp):
 
 
 def _ce_worker(rank, world, logits, target, real_vocab, upstream):
-    ps = ParallelState(tp=world)
-    local = shard(logits, -1, ps.tp_rank, world).clone().requires_grad_(True)
-    loss = vocab_parallel_cross_entropy(local, target, ps.tp_group, real_vocab)
+    groups = world_groups(tp=world)
+    local = shard(logits, -1, groups.layout.tp_rank, world).clone().requires_grad_(True)
+    loss = vocab_parallel_cross_entropy(local, target, groups.tp, real_vocab)
     (loss * upstream).sum().backward()
     return loss.detach(), local.grad
 
@@ -118,13 +119,13 @@ def test_shard_unshard_stride_roundtrip():
 def _dropout_worker(rank, world, sp, idx):
     torch.manual_seed(7)  # the default stream: same seed on every rank, as the trainer does
     cfg = ModelConfig(**dict(CFG, dropout=0.3, attn_dropout=0.3))
-    model = GPT2(cfg, ParallelState(tp=world), sequence_parallel=sp, seed=7)
+    model = GPT2(cfg, world_groups(tp=world), sequence_parallel=sp, seed=7)
     model.train()
     x = model.run_blocks(model.embed(idx))[0]
     if sp:
-        from megagpt2.parallel import gather_from_sequence_region
+        from megagpt2.parallel.comm import gather_from_sequence_region
 
-        x = gather_from_sequence_region(x, model.ps.tp_group)
+        x = gather_from_sequence_region(x, model.groups.tp)
     return x.detach(), model.tracker.get_state()
 
 
@@ -136,6 +137,6 @@ def test_tp_dropout_streams(sp):
     (x0, s0), (x1, s1) = run_distributed(_dropout_worker, 2, args=(sp, idx))
     assert torch.equal(x0, x1)  # the residual stream stays replicated despite dropout
     assert not torch.equal(s0, s1)  # per-rank streams for sharded regions
-    ref = GPT2(ModelConfig(**CFG)).eval()
+    ref = GPT2(ModelConfig(**CFG), ProcessGroups.single()).eval()
     with torch.no_grad():
         assert not torch.allclose(ref.run_blocks(ref.embed(idx))[0], x0)  # dropout did act

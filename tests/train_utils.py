@@ -5,8 +5,8 @@
     ds = ds_config(stage=2, micro=4, accum=1)
     losses = run_distributed(train_worker, 2, args=(cfg.to_dict(), ds, {"tp": 1, "pp": 1}))
 
-`train_worker` builds ParallelState, resolves the DeepSpeed config and runs Trainer.train() with
-the given (already validated) config; it returns the per-step records and final parameters.
+`train_worker` plans the run (every check the entry makes), builds the process groups and runs
+Trainer.train() with it; it returns the per-step records and final parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from megagpt2.config import Config, config_from_dict, validate
+from megagpt2.config import Config, config_from_dict
 
 VOCAB = 50257  # the default GPT-2 tokenizer's size (the Trainer checks the model against it)
 
@@ -64,25 +64,37 @@ def ds_config(stage: int = 2, micro: int = 4, accum: int = 1, clip: float = 1.0,
             "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
 
 
+def make_trainer(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, timeout: float = 60.0):
+    """Plan the run for this rank (as the entry does), build its process groups and the Trainer.
+
+    `layout` sets parallel.* fields (tp, pp, schedule, virtual_stages, ...)."""
+    import torch
+
+    from megagpt2.parallel import build_process_groups
+    from megagpt2.training.plan import plan_run
+    from megagpt2.training.trainer import Trainer
+
+    cfg = config_from_dict(copy.deepcopy(cfg_dict))
+    for k, v in layout.items():
+        setattr(cfg.parallel, k, v)
+    plan = plan_run(cfg, ds, world, rank)
+    return Trainer(plan, build_process_groups(plan.layout, timeout), torch.device("cpu"))
+
+
+def data_state(cfg: Config, layout, micro: int, global_batch: int):
+    """The trainer's data for `cfg` on `layout` (as Trainer builds it), for workers without a Trainer."""
+    from megagpt2.training.data import build_data
+
+    return build_data(cfg.data, layout, micro, global_batch, None, seed=cfg.train.seed,
+                      train_samples=cfg.train.steps * global_batch, valid_samples=0, eval_steps=cfg.train.eval_steps)
+
+
 def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
                  return_params: bool = True, patch=None) -> dict[str, Any]:
     """Run Trainer.train() on this rank; return records and (gathered by the caller) params.
 
     `patch(trainer)`, a module-level function, may alter the trainer before it runs."""
-    import torch
-
-    from megagpt2.parallel import ParallelState
-    from megagpt2.training.ds_config import resolve_ds_config
-    from megagpt2.training.trainer import Trainer
-
-    cfg = config_from_dict(copy.deepcopy(cfg_dict))
-    cfg.parallel.tp, cfg.parallel.pp = layout.get("tp", 1), layout.get("pp", 1)
-    for k, v in layout.items():
-        if k not in ("tp", "pp"):
-            setattr(cfg.parallel, k, v)
-    validate(cfg, world)
-    ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=60)
-    trainer = Trainer(cfg, resolve_ds_config(ds, ps.dp_size, torch.device("cpu")), ps, torch.device("cpu"))
+    trainer = make_trainer(rank, world, cfg_dict, ds, layout)
     records: list[dict] = []
     original = trainer._record
 
@@ -94,7 +106,8 @@ def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
     if patch is not None:
         patch(trainer)
     trainer.train()
-    out: dict[str, Any] = {"records": records, "ps": (ps.tp_rank, ps.pp_rank, ps.dp_rank)}
+    lay = trainer.layout
+    out: dict[str, Any] = {"records": records, "ps": (lay.tp_rank, lay.pp_rank, lay.dp_rank)}
     if return_params:
         out["params"] = {n: (p.detach().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
                          for n, p in trainer.model.named_parameters()}
@@ -123,7 +136,7 @@ def losses(result: dict) -> list[float]:
 
 def gathered_params(results: list[dict]) -> dict:
     """Full parameters from every rank's shards (one data-parallel replica: dp_rank 0)."""
-    from megagpt2.parallel import unshard
+    from megagpt2.parallel.layers import unshard
 
     by_name: dict[str, dict[int, Any]] = {}
     meta: dict[str, tuple] = {}

@@ -16,13 +16,15 @@ measured on CPU. The training log prints the same estimate next to the measured 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt2.config import ConfigError, load_config, validate  # noqa: E402
-from megagpt2.training.ds_config import DSConfigError, read_ds_config, resolve_batch  # noqa: E402
+from megagpt2.training.ds_config import DeepSpeedConfig, DSConfigError  # noqa: E402
 from megagpt2.training.memory import MemoryEstimate, estimate_run  # noqa: E402
 
 GiB = 2**30
@@ -58,6 +60,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _read_json(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DSConfigError(f"DeepSpeed config {path} does not exist ({Path(path).absolute()})") from None
+    except json.JSONDecodeError as e:
+        raise DSConfigError(f"{path}: not valid JSON: {e}") from None
+
+
 def resolve(args: argparse.Namespace) -> tuple:
     """(config, DeepSpeed settings) for the run described by the arguments; errors exit with a message."""
     overrides = [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}"]
@@ -71,15 +82,16 @@ def resolve(args: argparse.Namespace) -> tuple:
         overrides.append(f"parallel.schedule={args.schedule}")
     try:
         cfg = load_config(args.config, overrides)
-        validate(cfg, args.tp * args.pp * args.dp)
-        ds = read_ds_config(args.deepspeed_config)
+        validate(cfg)
+        ds = _read_json(args.deepspeed_config)
         if args.micro_batch:
             ds["train_micro_batch_size_per_gpu"] = args.micro_batch
             ds.pop("train_batch_size", None)
         if args.grad_accum:
             ds["gradient_accumulation_steps"] = args.grad_accum
             ds.pop("train_batch_size", None)
-        micro, accum, _ = resolve_batch(ds, args.dp, args.deepspeed_config)
+        checked = DeepSpeedConfig.from_dict(ds, args.dp, args.deepspeed_config)
+        micro, accum = checked.micro_batch, checked.grad_accum
     except (ConfigError, DSConfigError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.pp > 1 and cfg.model.n_layer % args.pp:

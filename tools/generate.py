@@ -14,6 +14,11 @@ Decoding uses a KV cache; prompts of a batch are left-padded (a row's output doe
 the batch: row i of the whole prompt list samples with seed --seed + i). Generation stops at the
 end-of-document token (unless --no-stop-at-eod), at a --stop string (cut from the output), or
 after --max-new-tokens. The chat prompt is the fine-tuning layout of docs/finetuning.md.
+The tokenizer's unknown token ([UNK]) is never generated (unless --allow-unk), nor its
+document-start token while generation stops at the end of the document; special tokens are
+left out of the printed text. When the tokenizer has a document-start token (--bos-token, or the
+checkpoint's tokenizer.bos_token) every prompt starts with it; a prompt may also name special
+tokens itself ("[CLS]床前明月光" with a BERT vocabulary).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable); cut from the output")
     s.add_argument("--no-stop-at-eod", action="store_true", help="keep going past the end-of-document token")
+    s.add_argument("--allow-unk", action="store_true", help="let the unknown token ([UNK]) be generated")
+    s.add_argument("--ban-token", action="append", default=[], help="a token never to generate (repeatable)")
     o = p.add_argument_group("output")
     o.add_argument("--batch-size", type=int, default=8)
     o.add_argument("--output", default=None, help="write {prompt, completion, tokens} per line (jsonl)")
@@ -86,13 +93,34 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def sampling_config(args, eod: int, max_new: Optional[int] = None) -> SamplingConfig:
+def banned_tokens(tokenizer, args) -> tuple[int, ...]:
+    """Ids never generated: --ban-token tokens, the unknown token unless --allow-unk, and the
+    document-start token while generation stops at the end of the document (it can only
+    follow the end-of-document token)."""
+    banned = [tokenizer.token_id(t, "--ban-token") for t in getattr(args, "ban_token", [])]
+    if tokenizer.unk is not None and not getattr(args, "allow_unk", False):
+        banned.append(tokenizer.unk)
+    if tokenizer.bos is not None and tokenizer.bos != tokenizer.eod and not args.no_stop_at_eod:
+        banned.append(tokenizer.bos)
+    return tuple(sorted(set(banned)))
+
+
+def sampling_config(args, tokenizer, max_new: Optional[int] = None) -> SamplingConfig:
     cfg = SamplingConfig(max_new_tokens=max_new or args.max_new_tokens,
                          temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
                          repetition_penalty=args.repetition_penalty,
-                         stop_token=None if args.no_stop_at_eod else eod, seed=args.seed)
+                         stop_token=None if args.no_stop_at_eod else tokenizer.eod, seed=args.seed,
+                         banned_tokens=banned_tokens(tokenizer, args))
     cfg.validate()
     return cfg
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Ids of a prompt, starting with the document-start token when the tokenizer has one."""
+    ids = tokenizer.encode(text)
+    if tokenizer.bos is not None and ids[:1] != [tokenizer.bos]:
+        ids = [tokenizer.bos] + ids
+    return ids
 
 
 def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
@@ -102,10 +130,10 @@ def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
     longest = max(len(x) for x in ids)
     if longest >= n_ctx:
         raise ValueError(f"a prompt has {longest} tokens; the model's context is {n_ctx}: shorten it")
-    cfg = sampling_config(args, tokenizer.eod, min(args.max_new_tokens, n_ctx - longest))
+    cfg = sampling_config(args, tokenizer, min(args.max_new_tokens, n_ctx - longest))
 
     def stop_fn(row: int, toks: list[int]) -> bool:
-        text = tokenizer.decode(toks[-64:])  # a stop string ends within the last tokens
+        text = tokenizer.decode(toks[-64:], skip_special_tokens=True)  # a stop string ends within the last tokens
         return any(s in text for s in stops)
 
     rows = generate(model, ids, cfg, pad_id=tokenizer.eod, seeds=[args.seed + first_index + r for r in range(len(ids))],
@@ -113,7 +141,7 @@ def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
     texts = []
     for r in rows:
         body = r[:-1] if (cfg.stop_token is not None and r and r[-1] == cfg.stop_token) else r
-        text = tokenizer.decode(body)
+        text = tokenizer.decode(body, skip_special_tokens=True)
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         texts.append(text[:cut] if cut >= 0 else text)
     return texts, rows
@@ -121,7 +149,7 @@ def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
 
 def run_prompts(model, tokenizer, args, rank0: bool) -> None:
     prompts = read_prompts(args)
-    ids = [tokenizer.encode(p) for p in prompts]
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
     for i, x in enumerate(ids):
         if not x:
             raise ValueError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens")
@@ -178,7 +206,7 @@ def chat(model, tokenizer, args, rank0: bool) -> None:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {model.cfg.n_positions} tokens")
         try:
-            prompt = chat_prompt(window, tokenizer.eod, budget)
+            prompt = chat_prompt(window, tokenizer.eod, budget, tokenizer.bos)
         except ValueError as e:
             if rank0:
                 print(f"error: {e}; say something shorter", file=sys.stderr, flush=True)
@@ -197,8 +225,8 @@ def chat(model, tokenizer, args, rank0: bool) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        model, tokenizer, _, ps = model_from_args(args)
-        rank0 = ps.rank == 0
+        model, tokenizer, _, groups = model_from_args(args)
+        rank0 = groups.layout.rank == 0
         if args.interactive:
             chat(model, tokenizer, args, rank0)
         else:

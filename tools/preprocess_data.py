@@ -1,15 +1,17 @@
 """Turn WebText-style scrapes into Megatron MMIDIDX token files for pretraining.
 
     python tools/preprocess_data.py --input 'scrape/*.jsonl.zst' owt.tar docs/ \\
-        --output-prefix data/webtext --append-eod --workers 2 --near-dedup
+        --output-prefix data/webtext --append-eod --workers 2 --clean web
 
 reads every input (jsonl/json with --json-keys, optionally .gz/.zst/.xz/.bz2; directories of .txt
-documents; OpenWebText-style tar archives of .xz members; globs), cleans and tokenizes in
-``--workers`` processes, deduplicates in input order in this process (so the output is identical
-for any worker count) and writes ``{prefix}_{key}_document.bin/.idx`` plus
-``{prefix}_report.json``. Bad input (malformed JSON, bad UTF-8, corrupt archive members) is counted,
-logged with its location and skipped. Outputs are written under temporary names and renamed only
-when the run completes. See docs/data.md.
+documents; OpenWebText-style tar archives of .xz members; globs), cleans (by default losslessly:
+see --clean) and tokenizes in ``--workers`` processes, deduplicates (when asked) in input order in
+this process (so the output is identical for any worker count) and writes
+``{prefix}_{key}_document.bin/.idx``, the tokenizer sidecar ``{prefix}_{key}_document.tokenizer/``
+(which the trainer, inspect_dataset.py and evaluate.py use when given no tokenizer) and
+``{prefix}_report.json``. Bad input (malformed JSON, corrupt archive members) is counted, logged
+with its location and skipped; invalid UTF-8 is repaired (U+FFFD) and counted. Outputs are written
+under temporary names and renamed only when the run completes. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.corpus.cleaning import CleaningConfig  # noqa: E402
-from megagpt2.corpus.pipeline import PipelineOptions, run_pipeline  # noqa: E402
+from megagpt2.corpus.cleaning import add_cleaning_args, cleaning_from_args  # noqa: E402
 from megagpt2.corpus.readers import expand_inputs  # noqa: E402
-from megagpt2.tokenizer import add_tokenizer_args, build_tokenizer  # noqa: E402
+from megagpt2.data.preprocess import PipelineOptions, run_pipeline  # noqa: E402
+from megagpt2.data.sidecar import sidecar_dir  # noqa: E402
+from megagpt2.tokenizer import TOKENIZER_FLAGS, add_tokenizer_args, build_tokenizer  # noqa: E402
 
 log = logging.getLogger("preprocess_data")
 
@@ -42,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="outputs are {prefix}_{key}_document.bin/.idx and {prefix}_report.json")
     io.add_argument("--append-eod", action="store_true",
                     help="append the tokenizer's end-of-document id after every document")
+    io.add_argument("--prepend-bos", action="store_true",
+                    help="put the document-start token (--bos-token) before every document "
+                         "(GPT2-Chinese: --bos-token [MASK] --eod-token [CLS] --append-eod)")
     io.add_argument("--workers", type=int, default=1,
                     help="processes that clean and tokenize (1 = all in this process)")
     io.add_argument("--chunk-bytes", type=int, default=1 << 19,
@@ -51,37 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--log-errors", type=int, default=100,
                     help="log at most this many bad records individually (all are counted)")
     add_tokenizer_args(p)
-    c = p.add_argument_group("cleaning (each stage switchable)")
-    c.add_argument("--no-clean", action="store_true", help="turn every cleaning stage off")
-    c.add_argument("--fix-unicode", action=argparse.BooleanOptionalAction, default=True,
-                   help="repair mojibake with ftfy (default on)")
-    c.add_argument("--normalize-whitespace", action=argparse.BooleanOptionalAction, default=True,
-                   help="unify line ends, trim, collapse spaces and blank lines (default on)")
-    c.add_argument("--min-chars", type=int, default=0,
-                   help="drop documents shorter than this many characters (default 0 = off)")
-    c.add_argument("--max-non-alpha", type=float, default=1.0,
-                   help="drop documents whose non-space characters are more than this fraction "
-                        "non-letters (default 1.0 = off; 0.5 is a reasonable web-text value)")
-    c.add_argument("--dedup", action=argparse.BooleanOptionalAction, default=True,
-                   help="drop exact repeats (after case/whitespace normalisation; default on)")
-    c.add_argument("--near-dedup", action=argparse.BooleanOptionalAction, default=False,
-                   help="drop near-duplicates with MinHash LSH (default off)")
-    c.add_argument("--near-dedup-threshold", type=float, default=0.8,
-                   help="Jaccard similarity at which a document is a near-duplicate (default 0.8)")
-    c.add_argument("--shingle", choices=("word", "char"), default="word",
-                   help="near-dedup shingles: word n-grams or character k-grams (default word)")
-    c.add_argument("--shingle-size", type=int, default=5, help="n of the n-grams (default 5)")
-    c.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    add_cleaning_args(p)
     return p
-
-
-def cleaning_config(args: argparse.Namespace) -> CleaningConfig:
-    if args.no_clean:
-        return CleaningConfig(False, False, 0, 1.0, False, False)
-    return CleaningConfig(args.fix_unicode, args.normalize_whitespace, args.min_chars,
-                          args.max_non_alpha, args.dedup, args.near_dedup,
-                          args.near_dedup_threshold, args.shingle, args.shingle_size,
-                          args.num_perm)
 
 
 def prepare(args: argparse.Namespace):
@@ -89,14 +66,15 @@ def prepare(args: argparse.Namespace):
 
     Bad flags or inputs raise ValueError (TokenizerError is one) before any output is created.
     """
-    tokenizer_kwargs = dict(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                            merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                            eod_token=args.eod_token)
+    tokenizer_kwargs = {flag: getattr(args, flag) for flag in TOKENIZER_FLAGS}
     tokenizer = build_tokenizer(**tokenizer_kwargs)
+    if args.prepend_bos and tokenizer.bos is None:
+        raise ValueError("--prepend-bos needs a document-start token: pass --bos-token (for example "
+                         "[MASK] or [CLS] with a BERT vocabulary)")
     expand_inputs(args.input)  # a missing or unsupported input fails here
     opts = PipelineOptions(args.input, args.output_prefix, args.json_keys, args.append_eod,
                            args.workers, args.chunk_bytes, args.progress, args.log_errors,
-                           tokenizer_kwargs, cleaning_config(args))
+                           tokenizer_kwargs, cleaning_from_args(args), args.prepend_bos)
     return opts, tokenizer
 
 
@@ -108,7 +86,8 @@ def preprocess(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, opts: PipelineOptions, tokenizer) -> dict:
     report = run_pipeline(opts, tokenizer)
     report.update(inputs=list(args.input), workers=args.workers, append_eod=args.append_eod,
-                  cleaning=vars(opts.cleaning), tokenizer=tokenizer.identity())
+                  prepend_bos=args.prepend_bos,
+                  clean=args.clean, cleaning=vars(opts.cleaning), tokenizer=tokenizer.identity())
     _write_json(f"{args.output_prefix}_report.json", report)
     return report
 
@@ -124,9 +103,14 @@ def format_report(report: dict) -> str:
     rows = [("documents read", f"{report['documents_read']:,}"),
             ("documents kept", f"{report['documents_kept']:,}")]
     rows += [(f"  dropped {reason}", f"{n:,}") for reason, n in report["dropped"].items()]
+    rep = report["repairs"]
+    rows.append(("repaired invalid UTF-8", f"{rep['invalid_utf8_documents']:,}",
+                 f"  (documents; {rep['invalid_utf8_sequences']:,} sequences -> U+FFFD)"))
+    rows.append(("removed NUL", f"{rep['nul_documents']:,}",
+                 f"  (documents; {rep['nul_characters']:,} characters)"))
     rows += [(f"tokens written ({k})", f"{n:,}") for k, n in report["tokens_written"].items()]
     rows.append(("wall time", f"{report['wall_seconds']:.2f} s"))
-    lines = [f"{label:<26}{value:>14}" for label, value in rows]
+    lines = [f"{label:<26}{value:>14}{note[0] if note else ''}" for label, value, *note in rows]
     lines[-1] += (f"  ({report['mb_per_second']:.2f} MB/s, {report['tokens_per_second']:,.0f} "
                   f"tokens/s, {report['workers']} workers)")
     stages = ", ".join(f"{k} {v:.2f}" for k, v in report["stage_cpu_seconds"].items() if v)
@@ -146,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report = _run(args, opts, tokenizer)
     print(format_report(report))
-    for key, path in report["outputs"].items():
-        print(f"wrote {path}.bin/.idx")
+    for _key, path in report["outputs"].items():
+        print(f"wrote {path}.bin/.idx and {sidecar_dir(path)}/")
     return 0
 
 

@@ -1,21 +1,35 @@
-"""Train a SentencePiece tokenizer (BPE or unigram) from text or jsonl files.
+"""Train a SentencePiece (BPE or unigram) or BERT-style WordPiece tokenizer from text or jsonl.
 
-Example::
+Examples::
 
     python -m tools.train_tokenizer --input 'corpus/*.jsonl.gz' --json-key text \\
         --vocab-size 32000 --model-type bpe --output-prefix tok/spm32k
+    python -m tools.train_tokenizer --type wordpiece --input zh.jsonl --vocab-size 13317 \\
+        --output-dir tok/zh
 
-writes ``tok/spm32k.model`` (use it with ``--tokenizer-type SentencePieceTokenizer
---tokenizer-model tok/spm32k.model``) and ``tok/spm32k.vocab``.
+The first writes ``tok/spm32k.model`` (use it with ``--tokenizer-type SentencePieceTokenizer
+--tokenizer-model tok/spm32k.model``) and ``tok/spm32k.vocab``. The second writes
+``tok/zh/tokenizer.json`` and ``tok/zh/vocab.txt``, the same vocabulary for
+``--tokenizer-type HFTokenizer --tokenizer-model tok/zh/tokenizer.json`` and for
+``--tokenizer-type BertWordPieceLowerCase --vocab-file tok/zh/vocab.txt`` (and BERT tools):
+GPT2-Chinese's kind of vocabulary, one token per Han character, ``##`` pieces for other words,
+``[PAD] [UNK] [CLS] [SEP] [MASK]`` as ids 0-4, lower-cased unless ``--no-lowercase`` (then load
+vocab.txt as BertWordPieceCase). Characters beyond ``--limit-alphabet`` become [UNK].
 
 Input: ``.jsonl``/``.json`` files (one JSON object per line, text under ``--json-key``) or any
 other file as plain text; each may be compressed (.gz, .bz2, .xz, .zst). Every non-empty line of
 every document is one training sentence (SentencePiece skips sentences longer than
 ``--max-sentence-length`` bytes, so whole documents would often be dropped).
 
-Defaults make the tokenizer lossless for pretraining: identity normalisation, whitespace kept as
-is, and byte fallback (characters outside the vocabulary, newlines included, become byte pieces),
-so ``decode(encode(text)) == text``. EOS (``</s>``, id 2) is the end-of-document token.
+SentencePiece defaults make the tokenizer lossless for pretraining: identity normalisation,
+whitespace kept as is, and byte fallback (characters outside the vocabulary, newlines included,
+become byte pieces), so ``decode(encode(text)) == text``. EOS (``</s>``, id 2) is the
+end-of-document token. WordPiece is lossy by design (BERT normalisation; see
+megagpt2/tokenizer/wordpiece.py and docs/chinese.md).
+
+Documents go through the same cleaning as in tools/preprocess_data.py, with the same flags
+(``--clean`` preset and per-stage flags; default lossless): give both tools the same cleaning
+flags so the tokenizer is trained on the text it will tokenize.
 """
 
 from __future__ import annotations
@@ -33,7 +47,18 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megagpt2.corpus.cleaning import (  # noqa: E402
+    CleaningConfig,
+    add_cleaning_args,
+    clean_documents,
+    cleaning_from_args,
+)
 from megagpt2.corpus.readers import input_kind, open_compressed  # noqa: E402
+from megagpt2.tokenizer.wordpiece import SPECIAL_TOKENS, train_wordpiece  # noqa: E402
+
+# SentencePiece-only options and their defaults (refused with --type wordpiece when changed).
+SENTENCEPIECE_ONLY = ("model_type", "character_coverage", "byte_fallback", "normalization",
+                      "keep_whitespace", "split_digits", "user_defined_symbols", "max_sentence_length")
 
 
 class InputError(Exception):
@@ -41,7 +66,10 @@ class InputError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--type", choices=("sentencepiece", "wordpiece"), default="sentencepiece",
+                        help="sentencepiece (.model) or BERT-style wordpiece (tokenizer.json + vocab.txt)")
     parser.add_argument("--input", nargs="+", required=True,
                         help="files or globs (quote them): text or jsonl, compressed or not")
     parser.add_argument("--json-key", default="text", help="field holding the text in jsonl")
@@ -49,8 +77,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="auto: jsonl for .jsonl/.json/.ndjson names, else text")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--output-prefix", required=True,
-                        help="writes PREFIX.model and PREFIX.vocab (directories are created)")
+    parser.add_argument("--output-prefix", default=None,
+                        help="sentencepiece: writes PREFIX.model and PREFIX.vocab (directories are created)")
+    parser.add_argument("--output-dir", default=None,
+                        help="wordpiece: writes DIR/tokenizer.json and DIR/vocab.txt")
+    parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
+                        help="wordpiece: lower-case and strip accents, as BERT-Chinese (default on)")
+    parser.add_argument("--min-frequency", type=int, default=1,
+                        help="wordpiece: pieces seen fewer times are not added (default 1)")
+    parser.add_argument("--limit-alphabet", type=int, default=None,
+                        help="wordpiece: keep at most this many distinct characters, the most "
+                             "frequent (default: all)")
     parser.add_argument("--character-coverage", type=float, default=0.9995,
                         help="share of characters given their own piece; the rest use bytes")
     parser.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
@@ -70,11 +107,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     parser.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+    add_cleaning_args(parser)
     args = parser.parse_args(argv)
+    args.cleaning = cleaning_from_args(args)
     if args.vocab_size < 8:
         parser.error(f"--vocab-size must be at least 8, got {args.vocab_size}")
+    check_outputs(args, parser)
     args.files = expand_inputs(args.input, parser)
     return args
+
+
+def check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Each type has its own output flag; options of the other type are refused, not ignored."""
+    if args.type == "sentencepiece":
+        if args.output_prefix is None or args.output_dir is not None:
+            parser.error("--type sentencepiece writes PREFIX.model: give --output-prefix (not --output-dir)")
+        return
+    if args.output_dir is None or args.output_prefix is not None:
+        parser.error("--type wordpiece writes DIR/tokenizer.json and DIR/vocab.txt: give --output-dir "
+                     "(not --output-prefix)")
+    changed = [name for name in SENTENCEPIECE_ONLY if getattr(args, name) != parser.get_default(name)]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        parser.error(f"{flags}: SentencePiece option(s), not used by --type wordpiece")
 
 
 def expand_inputs(patterns: list[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -126,31 +181,35 @@ def iter_documents(path: str, jsonl: bool, json_key: str) -> Iterator[str]:
 
 
 class SentenceStream:
-    """Iterates training sentences (non-empty lines) of all files, with a progress bar.
+    """Iterates training sentences (non-empty lines) of all cleaned documents, with a progress bar.
 
     SentencePiece may wrap an exception raised inside its sentence iterator into a RuntimeError,
     so the original InputError is also kept in ``self.error`` for the caller to report.
     """
 
-    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool) -> None:
+    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool,
+                 cleaning: CleaningConfig | None = None) -> None:
         self.files, self.fmt, self.json_key, self.quiet = files, fmt, json_key, quiet
+        self.cleaning = cleaning or CleaningConfig()
         self.sentences = 0
         self.error: InputError | None = None
+
+    def _documents(self, bar: tqdm) -> Iterator[str]:
+        for path in self.files:
+            yield from iter_documents(path, is_jsonl(path, self.fmt), self.json_key)
+            bar.update(1)
+            bar.set_postfix(sentences=self.sentences)
 
     def __iter__(self) -> Iterator[str]:
         bar = tqdm(total=len(self.files), unit="file", desc="reading", disable=self.quiet,
                    file=sys.stderr)
         try:
-            for path in self.files:
-                jsonl = is_jsonl(path, self.fmt)
-                for document in iter_documents(path, jsonl, self.json_key):
-                    for line in document.split("\n"):
-                        line = line.rstrip("\r")
-                        if line.strip():
-                            self.sentences += 1
-                            yield line
-                bar.update(1)
-                bar.set_postfix(sentences=self.sentences)
+            for document in clean_documents(self._documents(bar), self.cleaning):
+                for line in document.split("\n"):
+                    line = line.rstrip("\r")
+                    if line.strip():
+                        self.sentences += 1
+                        yield line
         except InputError as e:
             self.error = e
             raise
@@ -182,12 +241,45 @@ def train(args: argparse.Namespace, stream: SentenceStream) -> None:
     )
 
 
+def write_wordpiece(args: argparse.Namespace, stream: SentenceStream) -> int:
+    """Train WordPiece on ``stream``; write DIR/tokenizer.json and DIR/vocab.txt atomically."""
+    try:
+        tok = train_wordpiece(stream, args.vocab_size, lowercase=args.lowercase,
+                              min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet,
+                              show_progress=False)
+    except InputError as e:
+        raise SystemExit(f"error: {e}") from None
+    if stream.sentences == 0:
+        raise SystemExit(f"error: no text found in {len(args.files)} input file(s); check --input, "
+                         "--format and --json-key.")
+    os.makedirs(args.output_dir, exist_ok=True)
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+    assert [i for _, i in vocab] == list(range(len(vocab))), "WordPiece ids are not 0..n-1"
+    json_path = os.path.join(args.output_dir, "tokenizer.json")
+    txt_path = os.path.join(args.output_dir, "vocab.txt")
+    tok.save(json_path + ".tmp")
+    with open(txt_path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(token + "\n" for token, _ in vocab))
+    os.replace(json_path + ".tmp", json_path)
+    os.replace(txt_path + ".tmp", txt_path)
+    if not args.quiet:
+        kind = "BertWordPieceLowerCase" if args.lowercase else "BertWordPieceCase"
+        print(f"trained wordpiece: {len(vocab)} tokens ({' '.join(SPECIAL_TOKENS)} = ids 0-4) from "
+              f"{stream.sentences} sentences in {len(args.files)} file(s)")
+        print(f"wrote {json_path} (--tokenizer-type HFTokenizer --tokenizer-model {json_path}) and "
+              f"{txt_path} (--tokenizer-type {kind} --vocab-file {txt_path}), the same ids")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train and write PREFIX.model / PREFIX.vocab; exits non-zero with a message on bad input."""
+    """Train and write the tokenizer files; exits non-zero with a message on bad input."""
     args = parse_args(argv)
+    if args.type == "wordpiece":
+        return write_wordpiece(args, SentenceStream(args.files, args.format, args.json_key, args.quiet,
+                                                    args.cleaning))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet)
+    stream = SentenceStream(args.files, args.format, args.json_key, args.quiet, args.cleaning)
     try:
         train(args, stream)
     except InputError as e:  # some SentencePiece builds pass iterator exceptions through

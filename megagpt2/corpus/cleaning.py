@@ -1,27 +1,43 @@
-"""Document cleaning for preprocessing: repair, normalise, filter, deduplicate.
+"""Document cleaning: ONE definition of what happens to text before it is tokenized.
 
-Stages run in this order, each switchable, cheapest filters before the costly ones:
+The same settings (a preset plus per-stage flags, see ``add_cleaning_args``) drive
+tools/preprocess_data.py, tools/train_tokenizer.py and the fine-tuning readers, so the tokenizer,
+the pretraining data and the chat data see the same text. ``clean_text`` is the text half (what a
+document becomes); ``DocumentStages`` adds the per-document decisions (drop or keep) and the dedup
+fingerprints; ``DuplicateIndex`` decides duplicates in input order.
 
+Stages, in order (cheapest filters before the costly ones):
+
+    nul              remove NUL characters (always on: no text means NUL; it breaks C tools)
     fix_unicode      ftfy repair of mojibake, HTML entities, control characters
     whitespace       unify line ends, trim lines, collapse runs of spaces and of blank lines
-    empty            nothing left (always on)
+    empty            nothing but whitespace left (always on)
     too_short        fewer than ``min_chars`` characters
     non_alpha        more than ``max_non_alpha`` of the non-space characters are not letters
     duplicate        exact repeat of an earlier document (up to case and whitespace)
     near_duplicate   MinHash-LSH Jaccard similarity >= threshold with a kept document
 
-The work is split in two so it parallelises and stays deterministic: ``DocumentStages`` does
-everything that depends on one document alone (repairs, filters, the dedup fingerprints) and
-runs in worker processes; ``DuplicateIndex`` decides duplicates in input order in the main
-process. Filters look at the first (primary) field; repairs apply to every field.
+Invalid UTF-8 is repaired where bytes are decoded (the readers): each invalid sequence becomes
+U+FFFD. The default (preset ``none``) is lossless: NUL removal and that repair, both counted in
+the report, and nothing else, so ``decode(encode(text)) == text`` for any valid UTF-8 text without
+NUL. Preset ``web`` is the WebText-style pipeline (``PRESETS``).
+
+The work is split so it parallelises and stays deterministic: ``DocumentStages`` does everything
+that depends on one document alone and runs in worker processes; ``DuplicateIndex`` decides
+duplicates in input order in the main process. Filters look at the first (primary) field; text
+stages apply to every field.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import re
 import string
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import ftfy
 import numpy as np
@@ -39,17 +55,20 @@ _ASCII_SPACE = string.whitespace.encode()
 # A line ftfy may change beyond its line-break fix: anything but printable ASCII, tab, CR, LF;
 # or an HTML entity.
 _FTFY_CANDIDATE = re.compile(r"[^\t\n\r\x20-\x7e]|&")
+# ftfy's repairs without its two rewrites of correct text: curly quotes stay curly and
+# full-width characters (CJK punctuation such as ，？：（）) stay full-width.
+FTFY_CONFIG = ftfy.TextFixerConfig(uncurl_quotes=False, fix_character_width=False, explain=False)
 
 
 @dataclass
 class CleaningConfig:
-    """Which stages run, with their thresholds (the defaults are the tool's defaults)."""
+    """Which optional stages run, with their thresholds. The defaults are preset ``none``."""
 
-    fix_unicode: bool = True
-    normalize_whitespace: bool = True
+    fix_unicode: bool = False
+    normalize_whitespace: bool = False
     min_chars: int = 0  # 0 = off
     max_non_alpha: float = 1.0  # 1.0 = off
-    dedup: bool = True
+    dedup: bool = False
     near_dedup: bool = False
     near_dedup_threshold: float = 0.8
     shingle: str = "word"  # word | char
@@ -57,8 +76,52 @@ class CleaningConfig:
     num_perm: int = 128
 
 
+PRESETS: dict[str, CleaningConfig] = {
+    "none": CleaningConfig(),
+    "web": CleaningConfig(fix_unicode=True, normalize_whitespace=True, min_chars=200,
+                          max_non_alpha=0.5, dedup=True, near_dedup=True),
+}
+
+
+def cleaning_preset(name: str) -> CleaningConfig:
+    """A fresh copy of preset ``name``; ValueError naming the presets when there is none."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown cleaning preset {name!r}; presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def describe_cleaning(config: CleaningConfig) -> list[str]:
+    """What ``config`` does to documents, one line per stage that acts (for --help and reports)."""
+    lines = ["remove NUL characters; invalid UTF-8 sequences become U+FFFD (always)"]
+    if config.fix_unicode:
+        lines.append("repair mojibake, HTML entities and control characters with ftfy "
+                     "(curly quotes and full-width characters are kept)")
+    if config.normalize_whitespace:
+        lines.append("CRLF and CR to LF; every run of spaces/tabs (any Unicode space) to one space; "
+                     "lines and the document trimmed (removes code indentation); at most one blank "
+                     "line in a row")
+    lines.append("drop documents that are empty or only whitespace (always)")
+    if config.min_chars > 0:
+        lines.append(f"drop documents shorter than {config.min_chars} characters")
+    if config.max_non_alpha < 1.0:
+        lines.append(f"drop documents whose non-space characters are more than "
+                     f"{config.max_non_alpha:g} non-letters")
+    if config.dedup:
+        lines.append("drop exact repeats of an earlier document (compared case-folded, "
+                     "whitespace collapsed)")
+    if config.near_dedup:
+        lines.append(f"drop near-duplicates: MinHash LSH, Jaccard >= {config.near_dedup_threshold:g} "
+                     f"on {config.shingle} {config.shingle_size}-grams, {config.num_perm} permutations")
+    return lines
+
+
+def remove_nul(text: str) -> str:
+    """``text`` without NUL characters (a no-op scan when there are none)."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 def fix_unicode(text: str) -> str:
-    """Exactly ``ftfy.fix_text(text)``, skipping the lines ftfy cannot change.
+    """Exactly ``ftfy.fix_text(text, FTFY_CONFIG)``, skipping the lines ftfy cannot change.
 
     ftfy fixes text line by line and costs ~50 us per line even when there is nothing to fix.
     On a line of printable ASCII (plus CR) without ``&`` the only ftfy fixer that acts is the
@@ -68,7 +131,7 @@ def fix_unicode(text: str) -> str:
     """
     if not _FTFY_CANDIDATE.search(text):
         return _fix_line_breaks(text)
-    config = ftfy.TextFixerConfig(explain=False)
+    config = FTFY_CONFIG
     out, pos = [], 0
     while pos < len(text):
         end = text.find("\n", pos) + 1 or len(text)
@@ -116,15 +179,43 @@ class Processed:
     signature: np.ndarray | None = None  # (num_perm,) uint32 MinHash
 
 
+TextStage = Callable[[str], str]
+
+
+def text_stages(config: CleaningConfig) -> list[tuple[str, TextStage]]:
+    """(name, function) of the text stages ``config`` turns on, in the order they run."""
+    stages: list[tuple[str, TextStage]] = [("nul", remove_nul)]
+    if config.fix_unicode:
+        stages.append(("fix_unicode", fix_unicode))
+    if config.normalize_whitespace:
+        stages.append(("whitespace", normalize_whitespace))
+    return stages
+
+
+def clean_text(text: str, config: CleaningConfig | str = "none") -> str:
+    """``text`` after the text stages of ``config`` (a CleaningConfig or a preset name).
+
+    This is what every consumer (preprocessing, tokenizer training, fine-tuning readers) applies
+    to each text, so they all see the same characters. Filters and dedup are document decisions
+    and live in ``DocumentStages`` / ``clean_documents``.
+    """
+    for _, fn in text_stages(cleaning_preset(config) if isinstance(config, str) else config):
+        text = fn(text)
+    return text
+
+
 class DocumentStages:
-    """The per-document stages (no state across documents); keeps CPU seconds per stage."""
+    """The per-document stages (no state across documents); keeps CPU seconds per stage and
+    the counts of repairs (``repairs``: documents and characters with NUL removed)."""
 
     def __init__(self, config: CleaningConfig) -> None:
         self.config = config
+        self.stages = text_stages(config)
         self.hasher = (MinHasher(config.num_perm, config.shingle, config.shingle_size)
                        if config.near_dedup else None)
-        self.seconds = {"fix_unicode": 0.0, "whitespace": 0.0, "filters": 0.0, "dedup_key": 0.0,
-                        "minhash": 0.0}
+        self.seconds = {name: 0.0 for name, _ in self.stages}
+        self.seconds.update(filters=0.0, dedup_key=0.0, minhash=0.0)
+        self.repairs: Counter = Counter()
 
     def _timed(self, stage: str, fn, *args):
         start = time.process_time()
@@ -134,10 +225,11 @@ class DocumentStages:
 
     def process(self, fields: dict[str, str]) -> Processed:
         cfg = self.config
-        if cfg.fix_unicode:
-            fields = self._timed("fix_unicode", _map_fields, fix_unicode, fields)
-        if cfg.normalize_whitespace:
-            fields = self._timed("whitespace", _map_fields, normalize_whitespace, fields)
+        nul = sum(v.count("\x00") for v in fields.values() if "\x00" in v)
+        if nul:
+            self.repairs.update(nul_documents=1, nul_characters=nul)
+        for name, fn in self.stages:
+            fields = self._timed(name, _map_fields, fn, fields)
         text = next(iter(fields.values()))
         reason = self._timed("filters", self._filter, text)
         if reason:
@@ -185,3 +277,72 @@ class DuplicateIndex:
             if near:
                 return "near_duplicate"
         return None
+
+
+def clean_documents(texts: Iterable[str], config: CleaningConfig | str = "none") -> Iterator[str]:
+    """The texts that survive every stage of ``config``, cleaned, in order.
+
+    The in-process form of what preprocessing does to a stream of single-field documents (same
+    stages, same duplicate decisions); tools/train_tokenizer.py reads its corpus through it.
+    """
+    config = cleaning_preset(config) if isinstance(config, str) else config
+    stages, duplicates = DocumentStages(config), DuplicateIndex(config)
+    for text in texts:
+        done = stages.process({"text": text})
+        if done.fields is not None and duplicates.check(done) is None:
+            yield done.fields["text"]
+
+
+# -- command-line flags (one set, shared by every tool that reads a corpus) -------------------
+
+def cleaning_help() -> str:
+    """Exactly what each preset does, from PRESETS (shown by --help; docs/data.md says the same)."""
+    lines = []
+    for name, config in PRESETS.items():
+        title = "lossless, the default" if name == "none" else "WebText-style"
+        lines.append(f"--clean {name} ({title}), in order:")
+        lines += [f"  - {line}" for line in describe_cleaning(config)]
+    lines.append("A stage flag overrides the preset, e.g. --clean web --no-near-dedup.")
+    return "\n".join(lines)
+
+
+def add_cleaning_args(parser: argparse.ArgumentParser) -> None:
+    """--clean PRESET plus one flag per stage (each overrides the preset); see docs/data.md."""
+    g = parser.add_argument_group("cleaning", cleaning_help())
+    g.add_argument("--clean", choices=tuple(PRESETS), default="none",
+                   help="cleaning preset (default: none = lossless)")
+    g.add_argument("--no-clean", dest="clean", action="store_const", const="none",
+                   help="same as --clean none (the default; kept for old scripts)")
+    flag = argparse.BooleanOptionalAction
+    g.add_argument("--fix-unicode", action=flag, default=None,
+                   help="repair mojibake and HTML entities with ftfy, keeping curly quotes and "
+                        "full-width characters (web: on)")
+    g.add_argument("--normalize-whitespace", action=flag, default=None,
+                   help="CRLF to LF, runs of spaces to one, trim lines (strips indentation!), "
+                        "at most one blank line (web: on)")
+    g.add_argument("--min-chars", type=int, default=None,
+                   help="drop documents shorter than this many characters (0 = off; web: 200)")
+    g.add_argument("--max-non-alpha", type=float, default=None,
+                   help="drop documents whose non-space characters are more than this fraction "
+                        "non-letters (1.0 = off; web: 0.5)")
+    g.add_argument("--dedup", action=flag, default=None,
+                   help="drop exact repeats (case-folded, whitespace collapsed; web: on)")
+    g.add_argument("--near-dedup", action=flag, default=None,
+                   help="drop near-duplicates with MinHash LSH (web: on)")
+    g.add_argument("--near-dedup-threshold", type=float, default=None,
+                   help="Jaccard similarity at which a document is a near-duplicate (default 0.8)")
+    g.add_argument("--shingle", choices=("word", "char"), default=None,
+                   help="near-dedup shingles: word n-grams or character k-grams (default word)")
+    g.add_argument("--shingle-size", type=int, default=None, help="n of the n-grams (default 5)")
+    g.add_argument("--num-perm", type=int, default=None, help="MinHash permutations (default 128)")
+
+
+def cleaning_from_args(args: argparse.Namespace) -> CleaningConfig:
+    """The preset named by --clean with every stage flag that was given applied on top."""
+    config = cleaning_preset(args.clean)
+    for name in ("fix_unicode", "normalize_whitespace", "min_chars", "max_non_alpha", "dedup",
+                 "near_dedup", "near_dedup_threshold", "shingle", "shingle_size", "num_perm"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    return config

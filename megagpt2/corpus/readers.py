@@ -1,9 +1,10 @@
 """Document readers for WebText-style scrapes: jsonl (plain or compressed), text files, tar archives.
 
 Every input yields ``Record``s in a deterministic order (inputs as given, globs and directories
-sorted). A record that cannot be read (bad JSON, bad UTF-8, a missing text field, a corrupt
-archive member or compressed stream) comes back with ``error`` set and its location, so the caller
-counts and logs it and carries on; nothing here raises on bad data.
+sorted). A record that cannot be read (bad JSON, a missing text field, a corrupt archive member or
+compressed stream) comes back with ``error`` set and its location, so the caller counts and logs
+it and carries on; nothing here raises on bad data. Invalid UTF-8 is not a reason to lose a
+document: each invalid byte sequence becomes U+FFFD and ``Record.repaired`` counts them.
 
 Supported inputs (compression by extension: .gz, .zst/.zstd, .xz/.lzma, .bz2):
     *.jsonl, *.json, *.ndjson   one JSON object per line, text under the requested keys
@@ -17,6 +18,7 @@ Supported inputs (compression by extension: .gz, .zst/.zstd, .xz/.lzma, .bz2):
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import io
@@ -45,6 +47,32 @@ class Record:
     fields: dict[str, str] | None = None
     error: str | None = None
     nbytes: int = 0  # raw bytes consumed, for throughput figures
+    repaired: int = 0  # invalid UTF-8 sequences replaced by U+FFFD
+
+
+class InputPosition:
+    """How far the readers are through their inputs, in bytes on disk (compressed bytes for
+    compressed files), against the total size of the inputs: what a progress bar's ETA needs."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.total = sum(os.path.getsize(p) for p in paths)
+        self._done = 0  # bytes of the files already finished
+        self._raw: IO | None = None  # the raw file being read
+
+    def _start(self, raw: IO) -> None:
+        self._raw = raw
+
+    def _finish(self, path: str) -> None:
+        self._done += os.path.getsize(path)
+        self._raw = None
+
+    @property
+    def bytes_read(self) -> int:
+        raw = self._raw
+        try:
+            return self._done + (raw.tell() if raw is not None and not raw.closed else 0)
+        except (OSError, ValueError):
+            return self._done
 
 
 def open_compressed(path: str, mode: str = "rb") -> IO:
@@ -61,6 +89,27 @@ def open_compressed(path: str, mode: str = "rb") -> IO:
         # The zstd reader has no readline; a buffer gives line iteration and large reads.
         return io.BufferedReader(stream, 1 << 20) if "r" in mode else stream
     return open(path, mode)
+
+
+@contextlib.contextmanager
+def _open_input(path: str, position: InputPosition | None) -> Iterator[IO]:
+    """``open_compressed(path)`` for reading, reporting the raw file's offset to ``position``."""
+    kind = _COMPRESSORS.get(os.path.splitext(path)[1].lower())
+    with open(path, "rb") as raw:
+        if position is not None:
+            position._start(raw)
+        if kind == "gzip":
+            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb")  # pyright: ignore[reportAssignmentType]
+        elif kind == "bz2":
+            stream = bz2.BZ2File(raw, "rb")
+        elif kind == "xz":
+            stream = lzma.LZMAFile(raw, "rb")
+        elif kind == "zstd":
+            stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), 1 << 20)
+        else:
+            stream = raw
+        with stream:
+            yield stream
 
 
 def _base_name(path: str) -> str:
@@ -110,18 +159,21 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     return files
 
 
-def _decode(raw: bytes) -> tuple[str | None, str | None]:
+_REPLACEMENT = "\ufffd".encode()
+
+
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """(text, invalid sequences replaced): ``raw`` as UTF-8, each invalid sequence -> U+FFFD."""
     try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError as err:
-        return None, f"bad UTF-8 at byte {err.start}"
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        return text, text.count("\ufffd") - raw.count(_REPLACEMENT)
 
 
 def parse_json_line(line: bytes, keys: list[str], where: str) -> Record:
     """A Record from one jsonl line; the first key is required, the others default to ''."""
-    text, error = _decode(line)
-    if error:
-        return Record(where, error=error, nbytes=len(line))
+    text, repaired = decode_utf8(line)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -140,13 +192,13 @@ def parse_json_line(line: bytes, keys: list[str], where: str) -> Record:
                               nbytes=len(line))
             value = ""
         fields[key] = value
-    return Record(where, fields=fields, nbytes=len(line))
+    return Record(where, fields=fields, nbytes=len(line), repaired=repaired)
 
 
-def _read_json(path: str, keys: list[str]) -> Iterator[Record]:
+def _read_json(path: str, keys: list[str], position: InputPosition | None) -> Iterator[Record]:
     lineno = 0
     try:
-        with open_compressed(path) as f:
+        with _open_input(path, position) as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     yield parse_json_line(line, keys, f"{path}:{lineno}")
@@ -156,15 +208,14 @@ def _read_json(path: str, keys: list[str]) -> Iterator[Record]:
 
 
 def _text_record(raw: bytes, keys: list[str], where: str) -> Record:
-    text, error = _decode(raw)
-    if error:
-        return Record(where, error=error, nbytes=len(raw))
-    return Record(where, fields={keys[0]: text, **{k: "" for k in keys[1:]}}, nbytes=len(raw))
+    text, repaired = decode_utf8(raw)
+    return Record(where, fields={keys[0]: text, **{k: "" for k in keys[1:]}}, nbytes=len(raw),
+                  repaired=repaired)
 
 
-def _read_text(path: str, keys: list[str]) -> Iterator[Record]:
+def _read_text(path: str, keys: list[str], position: InputPosition | None) -> Iterator[Record]:
     try:
-        with open_compressed(path) as f:
+        with _open_input(path, position) as f:
             raw = f.read()
     except STREAM_ERRORS as err:
         yield Record(path, error=f"unreadable file ({type(err).__name__}: {err})")
@@ -184,9 +235,11 @@ def _member_documents(payload: bytes, keys: list[str], where: str) -> Iterator[R
         yield _text_record(payload, keys, where)
 
 
-def _read_tar(path: str, keys: list[str]) -> Iterator[Record]:
+def _read_tar(path: str, keys: list[str], position: InputPosition | None) -> Iterator[Record]:
     try:
-        with tarfile.open(path, mode="r|*") as archive:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
+            if position is not None:
+                position._start(raw)
             for info in archive:
                 if not info.isfile():
                     continue
@@ -209,8 +262,12 @@ def _read_tar(path: str, keys: list[str]) -> Iterator[Record]:
         yield Record(path, error=f"unreadable archive ({type(err).__name__}: {err})")
 
 
-def iter_records(paths: list[str], keys: list[str]) -> Iterator[Record]:
-    """Records of every file in ``paths`` (from ``expand_inputs``), in order."""
+def iter_records(paths: list[str], keys: list[str],
+                 position: InputPosition | None = None) -> Iterator[Record]:
+    """Records of every file in ``paths`` (from ``expand_inputs``), in order; ``position``, when
+    given, follows the bytes read."""
     readers = {"json": _read_json, "text": _read_text, "tar": _read_tar}
     for path in paths:
-        yield from readers[input_kind(path)](path, keys)
+        yield from readers[input_kind(path)](path, keys, position)
+        if position is not None:
+            position._finish(path)

@@ -1,31 +1,22 @@
-"""Token datasets: the MMIDIDX format, GPT samples, splits, blending and the resumable sampler.
+"""Token datasets for training: the MMIDIDX format, GPT samples, splits, blending, the sampler.
 
-``indexed`` and ``sample_index`` need only numpy (preprocessing imports them without torch);
-the torch-facing names below are imported on first use.
+    indexed.py       .bin/.idx reader and writer (Megatron's MMIDIDX byte format)
+    sample_index.py  document / sample / shuffle indices, vectorised and cached on disk
+    blending.py      data.path and data.split parsing, weighted blends
+    sampler.py       the resumable batch sampler and its DataLoader
+    gpt_dataset.py   GPT samples of seq_length + 1 tokens; build_gpt_datasets (imports torch)
+    finetune.py      dialogue / instruction / chitchat samples with a loss mask
+    sidecar.py       the tokenizer a dataset was built with, next to its .bin/.idx
+    run_tokenizer.py which tokenizer a run uses: explicit, else the dataset's, else init_from's
+    preprocess.py    tools/preprocess_data.py's multiprocess pipeline: read, clean, tokenize, write
+
+The names below need no torch (preprocessing and the run plan import them); import the rest
+from their modules.
 """
 
-from megagpt2.data.indexed import (
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    IndexedDatasetError,
-    dtype_for_vocab,
-)
+from .blending import BlendedDataset, parse_data_path, parse_split, split_ranges
+from .indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, dtype_for_vocab
+from .sampler import PretrainingSampler, build_pretraining_data_loader
 
-_LAZY = {
-    "GPTDataset": "megagpt2.data.gpt_dataset",
-    "build_gpt_datasets": "megagpt2.data.gpt_dataset",
-    "BlendedDataset": "megagpt2.data.blending",
-    "PretrainingSampler": "megagpt2.data.sampler",
-    "build_pretraining_data_loader": "megagpt2.data.sampler",
-}
-
-__all__ = ["IndexedDataset", "IndexedDatasetBuilder", "IndexedDatasetError", "dtype_for_vocab",
-           *_LAZY]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'megagpt2.data' has no attribute {name!r}")
+__all__ = ["BlendedDataset", "IndexedDataset", "IndexedDatasetBuilder", "IndexedDatasetError", "PretrainingSampler",
+           "build_pretraining_data_loader", "dtype_for_vocab", "parse_data_path", "parse_split", "split_ranges"]

@@ -1,9 +1,8 @@
-"""Parsing of data paths and split strings, and the weighted blend of several datasets."""
+"""Parsing of data paths and split strings, and the weighted blend of several datasets (no torch)."""
 
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -61,8 +60,8 @@ def split_ranges(num_documents: int, split: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(starts, bounds)]
 
 
-class BlendedDataset(Dataset):
-    """Sample i is ``datasets[dataset_index[i]][dataset_sample_index[i]]``.
+class BlendedDataset:
+    """Sample i is ``datasets[dataset_index[i]][dataset_sample_index[i]]`` (a map-style dataset).
 
     The two arrays come from ``sample_index.blend_index`` (deterministic, prefix-stable).
     """

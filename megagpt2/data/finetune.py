@@ -1,6 +1,6 @@
 """Fine-tuning data: dialogues and instruction/response pairs as GPT samples with a loss mask.
 
-Input (jsonl, one example per line; blank lines skipped):
+Input (jsonl, one example per line; blank lines skipped; or chitchat's text files):
   dialogue     a JSON list of utterances, ["hi", "hello! how are you?", "fine", "good to hear"].
                Speakers alternate: utterances 0, 2, 4 ... are the user's (context), 1, 3, 5 ...
                the bot's (responses, the only tokens with loss). Lines with fewer than two
@@ -9,12 +9,18 @@ Input (jsonl, one example per line; blank lines skipped):
   instruction  {"instruction" | "prompt": str, "input": str (optional), "response" | "output": str}:
                a two-turn dialogue, user = instruction (+ "\\n\\n" + input when non-empty),
                bot = response.
+  chitchat     GPT2-chitchat's train.txt: one utterance per line, dialogues separated by a blank
+               line (LF or CRLF), speakers alternating as in "dialogue". The same examples as
+               the dialogue jsonl holding the same utterances, hence the same samples and masks.
 
-Token layout (SEP = the tokenizer's end-of-document token, e.g. <|endoftext|>):
+Token layout (SEP = the tokenizer's end-of-document token, e.g. <|endoftext|>; START = its
+document-start token when one is set (tokenizer.bos_token), else SEP):
 
-    SEP user_1 SEP bot_1 SEP user_2 SEP bot_2 SEP        (then SEP padding up to seq_length + 1)
-                   ~~~~~~~~~     ~~~~~~~~~~~~~          loss mask 1: each bot turn and the SEP
+    START user_1 SEP bot_1 SEP user_2 SEP bot_2 SEP      (then SEP padding up to seq_length + 1)
+                     ~~~~~~~~~     ~~~~~~~~~~~~~        loss mask 1: each bot turn and the SEP
                                                         that ends it, so the model learns to stop
+With a BERT vocabulary, bos_token=[CLS] and the default eod [SEP] this is GPT2-chitchat's
+"[CLS] u1 [SEP] u2 [SEP] ..." exactly.
 The mask is aligned with the tokens (mask[i] = 1 when tokens[i] is a response token); the trainer
 uses mask[1:] for the targets tokens[1:]. At inference a chat prompt is the same layout ending
 in "SEP" after the user's turn (`chat_prompt`); generation stops at the next SEP.
@@ -22,6 +28,10 @@ in "SEP" after the user's turn (`chat_prompt`); generation stops at the next SEP
 Too long (more than seq_length + 1 tokens): the context is cut from the left, keeping the last
 bot turn whole; if that turn alone does not fit, the sample starts one token before it and the
 turn is cut on the right.
+
+Cleaning: every turn goes through the same ``clean_text`` as preprocessing and tokenizer training
+(``data.clean``, a preset name; default lossless), so chat data reaches the model as the
+pretraining text did. Invalid UTF-8 becomes U+FFFD, as in preprocessing.
 
 Split: examples are shuffled with the seed, then divided by the data.split weights (train, valid,
 test). Each dataset repeats whole epochs, reshuffled per epoch with (seed, epoch), until it has
@@ -31,23 +41,28 @@ the number of samples the run needs.
 from __future__ import annotations
 
 import math
+import re
 import warnings
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..corpus.cleaning import clean_text, cleaning_preset
 from ..jsonl import iter_json_lines
 
-FORMATS = ("dialogue", "instruction")
+FORMATS = ("dialogue", "instruction", "chitchat")
 
 
-def read_turns(path: str, fmt: str) -> list[list[str]]:
-    """Examples of a fine-tuning jsonl as lists of turns (user, bot, user, bot ...)."""
+def read_turns(path: str, fmt: str, clean: str = "none") -> list[list[str]]:
+    """Examples of a fine-tuning file as lists of turns (user, bot, user, bot ...), each turn
+    cleaned with the preset ``clean`` (see megagpt2.corpus.cleaning)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown fine-tuning format {fmt!r}; expected one of {FORMATS}")
+    cleaning = cleaning_preset(clean)
     out, skipped = [], 0
-    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file"):
-        turns = _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
+    for turns in _examples(path, fmt):
+        turns = [clean_text(turn, cleaning) for turn in turns]
         if len(turns) < 2:
             skipped += 1
             continue
@@ -57,6 +72,25 @@ def read_turns(path: str, fmt: str) -> list[list[str]]:
     if not out:
         raise ValueError(f"{path} has no usable {fmt} examples")
     return out
+
+
+def _examples(path: str, fmt: str) -> Iterator[list[str]]:
+    if fmt == "chitchat":
+        yield from read_chitchat(path)
+        return
+    for n, rec in iter_json_lines(path, "fine-tuning data", "data.path must name a .jsonl file", errors="replace"):
+        yield _dialogue(rec, path, n) if fmt == "dialogue" else _instruction(rec, path, n)
+
+
+def read_chitchat(path: str) -> list[list[str]]:
+    """Dialogues of a GPT2-chitchat text file: blocks separated by blank lines, a line per turn
+    (invalid UTF-8 becomes U+FFFD, as in the jsonl formats)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"fine-tuning data {path} does not exist (data.path must name a "
+                                "text file of blank-line-separated dialogues for data.format=chitchat)")
+    text = p.read_bytes().decode("utf-8", errors="replace").replace("\r\n", "\n").lstrip("\ufeff")
+    return [block.split("\n") for block in re.split(r"\n(?:[ \t]*\n)+", text.strip("\n")) if block.strip()]
 
 
 def _dialogue(rec, path: str, n: int) -> list[str]:
@@ -80,9 +114,11 @@ def _instruction(rec, path: str, n: int) -> list[str]:
     return [prompt + ("\n\n" + extra if extra else ""), response]
 
 
-def encode_dialogue(turn_ids: Sequence[Sequence[int]], sep: int) -> tuple[list[int], list[int], int]:
-    """(tokens, mask, start of the last bot turn) in the layout of the module docstring."""
-    tokens, mask, last = [sep], [0], 0
+def encode_dialogue(turn_ids: Sequence[Sequence[int]], sep: int,
+                    start: Optional[int] = None) -> tuple[list[int], list[int], int]:
+    """(tokens, mask, start of the last bot turn) in the layout of the module docstring;
+    `start` is the leading token (default `sep`)."""
+    tokens, mask, last = [sep if start is None else start], [0], 0
     for i, ids in enumerate(turn_ids):
         bot = i % 2 == 1
         if bot:
@@ -106,7 +142,8 @@ def fit_length(tokens: list[int], mask: list[int], last: int, length: int, pad: 
     return t, m
 
 
-def chat_prompt(turn_ids: Sequence[Sequence[int]], sep: int, max_tokens: int) -> list[int]:
+def chat_prompt(turn_ids: Sequence[Sequence[int]], sep: int, max_tokens: int,
+                start: Optional[int] = None) -> list[int]:
     """Tokens asking for the next bot turn after `turn_ids` (user, bot, ..., user), keeping the
     most recent whole turns that fit in `max_tokens`, starting with a user turn as in training."""
     if len(turn_ids) % 2 == 0:
@@ -119,7 +156,7 @@ def chat_prompt(turn_ids: Sequence[Sequence[int]], sep: int, max_tokens: int) ->
     n_fit -= 1 - n_fit % 2  # an odd count: the window starts with a user turn
     if n_fit < 1:
         raise ValueError(f"the last turn ({len(turn_ids[-1])} tokens) does not fit in {max_tokens} tokens")
-    tokens, _, _ = encode_dialogue(turn_ids[len(turn_ids) - n_fit:], sep)
+    tokens, _, _ = encode_dialogue(turn_ids[len(turn_ids) - n_fit:], sep, start)
     return tokens
 
 
@@ -159,15 +196,15 @@ def split_bounds(split: str, n: int) -> list[int]:
 
 
 def build_finetune_datasets(data_path: str, format: str, tokenizer, seq_length: int, split: str, seed: int,
-                            total_train_samples: int, valid_samples: int):
+                            total_train_samples: int, valid_samples: int, clean: str = "none"):
     """(train, valid): datasets of {"tokens", "loss_mask"} (int64, seq_length + 1); valid is None
-    when its split is empty."""
-    examples = read_turns(data_path, format)
+    when its split is empty. ``clean`` is the cleaning preset applied to every turn."""
+    examples = read_turns(data_path, format, clean)
     flat = tokenizer.encode_batch([u for turns in examples for u in turns])
-    L, sep = seq_length + 1, tokenizer.eod
+    L, sep, start = seq_length + 1, tokenizer.eod, getattr(tokenizer, "bos", None)
     tokens, masks, at = [], [], 0
     for turns in examples:
-        t, m, last = encode_dialogue(flat[at:at + len(turns)], sep)
+        t, m, last = encode_dialogue(flat[at:at + len(turns)], sep, start)
         at += len(turns)
         t, m = fit_length(t, m, last, L, sep)
         tokens.append(t)

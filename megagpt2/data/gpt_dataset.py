@@ -153,6 +153,7 @@ def build_gpt_datasets(
         plans.append((blend_cache, live, counts, int(wanted)))
         if is_builder and live:
             if counts is None:  # the blend fixes how many samples each source gives
+                assert blend_cache is not None
                 ids = blend_cache.load(_BLEND_ARRAYS)["dataset_index"]
                 counts = np.bincount(ids, minlength=len(live)).tolist()
             for (_, src), count in zip(live, counts):

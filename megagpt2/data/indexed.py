@@ -22,9 +22,10 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -67,7 +68,7 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def write_index(path: str, dtype, sizes: np.ndarray, doc_idx: np.ndarray) -> None:
+def write_index(path: str, dtype, sizes: Sequence[int] | np.ndarray, doc_idx: Sequence[int] | np.ndarray) -> None:
     """Write an ``.idx`` file for ``sizes`` (tokens per sequence) and ``doc_idx`` at ``path``."""
     sizes = np.asarray(sizes, dtype=np.int32)
     doc_idx = np.asarray(doc_idx, dtype=np.int64)
@@ -94,7 +95,7 @@ class IndexedDatasetBuilder:
     ``abort()`` (or use the builder as a context manager) to delete the temporary files on error.
     """
 
-    def __init__(self, bin_path: str, dtype=np.uint16) -> None:
+    def __init__(self, bin_path: str, dtype: npt.DTypeLike = np.uint16) -> None:
         self.bin_path = bin_path
         self.dtype = np.dtype(dtype)
         dtype_code(self.dtype)  # fail early on an unsupported dtype
@@ -148,14 +149,25 @@ class IndexedDatasetBuilder:
     def num_documents(self) -> int:
         return len(self._doc_idx) - 1
 
-    def finalize(self, idx_path: str) -> None:
-        """Write the index and move both files to their final names (bin first, idx last)."""
+    def finalize(self, idx_path: str, before_rename: Optional[Callable[[], None]] = None) -> None:
+        """Write the index and move both files to their final names (bin first, idx last).
+
+        ``before_rename`` runs once no complete dataset exists under the name (the old .idx is
+        gone, the new one not yet there): the moment to swap files that belong with the tokens,
+        such as the tokenizer sidecar.
+        """
         self._file.close()
         tmp_idx = f"{idx_path}.tmp-{os.getpid()}"
         write_index(tmp_idx, self.dtype, np.array(self._sizes, dtype=np.int32), self._doc_idx)
         # An old .idx next to the new .bin would describe the wrong tokens: remove it first.
         if os.path.exists(idx_path):
             os.remove(idx_path)
+        if before_rename is not None:
+            try:
+                before_rename()
+            except BaseException:
+                os.remove(tmp_idx)
+                raise
         os.replace(self._tmp_bin, self.bin_path)
         os.replace(tmp_idx, idx_path)
 

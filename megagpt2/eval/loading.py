@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import config_from_dict
+from ..config import Attention, config_from_dict
 from ..model import GPT2
-from ..parallel import ParallelState
+from ..parallel import ParallelLayout, ProcessGroups, build_process_groups
 from ..tokenizer import Tokenizer, TokenizerError, build_tokenizer, check_same_identity
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,6 +34,7 @@ def default_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
     stored = meta.get("config", {}).get("tokenizer")
     if stored:
         cfg = config_from_dict({"tokenizer": stored}).tokenizer
+        cfg.tokenizer_type = cfg.tokenizer_type or "GPT2BPETokenizer"  # unset in a config = GPT-2 BPE
         try:
             return build_tokenizer(**asdict(cfg))
         except TokenizerError as e:
@@ -64,16 +65,16 @@ def check_tokenizer(meta: dict[str, Any], tokenizer: Tokenizer, vocab_size: int,
 
 
 def load_model(path: str, tp: int = 1, device: torch.device | str = "cpu", tokenizer: Optional[Tokenizer] = None,
-               ps: Optional[ParallelState] = None, dtype: torch.dtype = torch.float32,
-               attention: Optional[str] = None) -> tuple[GPT2, Tokenizer, dict[str, Any]]:
+               groups: Optional[ProcessGroups] = None, dtype: torch.dtype = torch.float32,
+               attention: Optional[Attention] = None) -> tuple[GPT2, Tokenizer, dict[str, Any]]:
     """(model in eval mode on `device`, tokenizer, checkpoint metadata).
 
     path: a training checkpoint dir (follows `latest`), a step_* tag, a converted dir or a
     Hugging Face GPT-2 dir. With tp > 1, torch.distributed must be initialised with tp ranks
-    (or pass `ps`); every rank gets its shard. Dropout is off; `attention` overrides the path.
+    (or pass `groups`); every rank gets its shard. Dropout is off; `attention` overrides the path.
     """
-    from ..checkpoint.store import CheckpointError
     from ..checkpoint.reshard import read_weights, shard_for
+    from ..checkpoint.store import CheckpointError
 
     if not os.path.exists(path):
         raise ModelLoadError(f"checkpoint {path} does not exist: pass a megagpt2 checkpoint dir, a step_* "
@@ -94,13 +95,13 @@ def load_model(path: str, tp: int = 1, device: torch.device | str = "cpu", token
     for what, size in (("n_head", cfg.n_head), ("n_embd", cfg.n_embd), ("padded vocabulary", cfg.padded_vocab_size)):
         if size % tp:
             raise ModelLoadError(f"{path}: {what}={size} cannot be split over tp={tp}; pick a tp that divides it")
-    ps = ps or ParallelState(tp)
-    if ps.tp_size != tp:
-        raise ValueError(f"tp={tp} but the parallel state has tp={ps.tp_size}")
+    groups = groups or tp_groups(tp)
+    if groups.layout.tp != tp:
+        raise ValueError(f"tp={tp} but the process groups have tp={groups.layout.tp}")
     with torch.device("meta"):  # no random init: every parameter is overwritten below
-        model = GPT2(cfg, ps)
+        model = GPT2(cfg, groups)
     try:
-        local = shard_for(model, full, ps.tp_rank, ps.tp_size)
+        local = shard_for(model, full, groups.layout.tp_rank, tp)
     except CheckpointError as e:
         raise ModelLoadError(f"{path}: {e}") from e
     model.load_state_dict(local, strict=True, assign=True)
@@ -126,26 +127,53 @@ def add_model_args(parser) -> None:
     parser.set_defaults(tokenizer_type=None)  # None = the tokenizer the checkpoint names
 
 
-def model_from_args(args) -> tuple[GPT2, Tokenizer, dict[str, Any], ParallelState]:
-    """Start torch.distributed when launched with several ranks (TP), then `load_model`."""
+def tp_groups(tp: int) -> ProcessGroups:
+    """One tensor-parallel group of `tp` ranks (the whole world; one process at tp=1)."""
+    import torch.distributed as dist
+
+    if tp == 1 and not dist.is_initialized():
+        return ProcessGroups.single()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return build_process_groups(ParallelLayout.for_world(world, tp=tp, rank=rank))
+
+
+def start_model(load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32",
+                attention: Optional[Attention] = None,
+                tokenizer: Optional[Tokenizer] = None) -> tuple[GPT2, Tokenizer, dict[str, Any], ProcessGroups]:
+    """Start torch.distributed when launched with several ranks (TP), then `load_model`.
+
+    The one way tools and the lm-evaluation-harness backend get a model: each rank of a
+    `torchrun --nproc_per_node TP` launch gets its shard.
+    """
     from ..distributed import detect_env, init_distributed, pick_device
 
     env = detect_env()
-    if args.tp < 1 or env.world_size != args.tp:
-        raise ModelLoadError(f"--tp {args.tp} needs exactly {args.tp} ranks, but {env.world_size} were started "
-                             f"(use torchrun --nproc_per_node {args.tp} for tp > 1)")
-    device = pick_device(args.device, env.local_rank)
+    if tp < 1 or env.world_size != tp:
+        raise ModelLoadError(f"--tp {tp} needs exactly {tp} ranks, but {env.world_size} were started "
+                             f"(use torchrun --nproc_per_node {tp} for tp > 1)")
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    dev = pick_device(device, env.local_rank)
     if env.world_size > 1:
-        init_distributed(env, device, timeout_seconds=600)
-    tokenizer = None
-    flags = (args.tokenizer_type, args.vocab_file, args.merge_file, args.tokenizer_model, args.eod_token)
-    if any(f is not None for f in flags):
-        try:
-            tokenizer = build_tokenizer(args.tokenizer_type or "GPT2BPETokenizer", vocab_file=args.vocab_file,
-                                        merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                                        eod_token=args.eod_token)
-        except TokenizerError as e:
-            raise ModelLoadError(str(e)) from e
-    ps = ParallelState(args.tp)
-    model, tokenizer, meta = load_model(args.load, args.tp, device, tokenizer, ps, DTYPES[args.dtype], args.attention)
-    return model, tokenizer, meta, ps
+        init_distributed(env, dev, timeout_seconds=600)
+    groups = tp_groups(tp)
+    model, tokenizer, meta = load_model(load, tp, dev, tokenizer, groups, DTYPES[dtype], attention)
+    return model, tokenizer, meta, groups
+
+
+def tokenizer_from_flags(args) -> Optional[Tokenizer]:
+    """The tokenizer the flags of `add_model_args` name, or None for the checkpoint's own."""
+    from ..tokenizer import TOKENIZER_FLAGS, tokenizer_from_args
+
+    if all(getattr(args, flag, None) is None for flag in TOKENIZER_FLAGS):
+        return None
+    try:
+        return tokenizer_from_args(args)
+    except TokenizerError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def model_from_args(args) -> tuple[GPT2, Tokenizer, dict[str, Any], ProcessGroups]:
+    """`start_model` from the flags of `add_model_args`."""
+    return start_model(args.load, args.tp, args.device, args.dtype, args.attention, tokenizer_from_flags(args))

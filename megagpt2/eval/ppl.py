@@ -66,13 +66,17 @@ def stream_nll(model: GPT2, stream: Sequence[int], window: int, stride: int, bat
     return total, count
 
 
-def ppl_metrics(nll: float, tokens: int, words: Optional[int] = None, n_bytes: Optional[int] = None) -> dict:
-    """Token perplexity and, when the original text is known, word perplexity and bits per byte."""
+def ppl_metrics(nll: float, tokens: int, words: Optional[int] = None, n_bytes: Optional[int] = None,
+                chars: Optional[int] = None) -> dict:
+    """Token perplexity and, when the original text is known, word perplexity, bits per byte
+    (enwik8-style) and bits per character (text8-style): the summed NLL in bits over the count."""
     out = {"tokens": tokens, "nll": nll, "token_ppl": math.exp(nll / tokens)}
     if words:
         out.update(words=words, word_ppl=math.exp(nll / words))
     if n_bytes:
         out.update(bytes=n_bytes, bits_per_byte=nll / (math.log(2) * n_bytes))
+    if chars:
+        out.update(chars=chars, bits_per_char=nll / (math.log(2) * chars))
     return out
 
 
@@ -117,19 +121,27 @@ _WIKITEXT = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ;
              (" )", ")"), ("[ ", "["), (" ]", "]"), ("= = = =", "===="), ("= = =", "==="), ("= =", "==")]
 _PTB = [(" 's", "'s"), (" n't", "n't"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'm", "'m"),
         (" 'd", "'d"), (" , ", ", "), (" . ", ". "), (" ; ", "; "), (" : ", ": ")]
+# One Billion Word and CBT: PTB-style contractions plus punctuation split off at line ends, and
+# CBT's `` '' quotes
+_LM1B = _PTB + [(" ? ", "? "), (" ! ", "! "), ("( ", "("), (" )", ")"), (" $ ", " $")]
+_CBT = _LM1B + [("`` ", '"'), (" ''", '"'), ("``", '"'), ("''", '"')]
+_STYLES = {"wikitext": _WIKITEXT, "ptb": _PTB, "lm1b": _LM1B, "cbt": _CBT}
+DETOKENIZERS = ("none", *_STYLES)
 
 
 def detokenize(text: str, style: str) -> str:
-    """style: none | wikitext | ptb."""
+    """style: none | wikitext | ptb | lm1b | cbt."""
     if style == "none":
         return text
-    rules = {"wikitext": _WIKITEXT, "ptb": _PTB}.get(style)
+    rules = _STYLES.get(style)
     if rules is None:
-        raise ValueError(f"unknown detokenizer {style!r}; use none, wikitext or ptb")
+        raise ValueError(f"unknown detokenizer {style!r}; use one of {', '.join(DETOKENIZERS)}")
     for a, b in rules:
         text = text.replace(a, b)
     if style == "wikitext":
         text = re.sub(r'" ([^"\n]*?) "', r'"\1"', text)  # " quoted " -> "quoted"
+    if style in ("lm1b", "cbt"):
+        text = re.sub(r" ([.,;:!?])(?=\s|$)", r"\1", text, flags=re.M)  # "end ." -> "end."
     return text
 
 

@@ -2,8 +2,9 @@
 
 `token_nll` runs the model on a right-padded batch and returns -log p(target | prefix) per
 position (float64, 0 where the target is -100), and optionally whether the greedy (argmax) token
-equals the target. The loss goes through the vocabulary-parallel cross-entropy, so a tp>1 model
-never gathers full-vocabulary logits for it; only the greedy check gathers them.
+equals the target. The output head runs at the scored positions only. At tp>1 the loss goes
+through the vocabulary-parallel cross-entropy, so the model never gathers full-vocabulary
+logits for it; only the greedy check gathers them.
 
 `score_continuations` scores (context, continuation) pairs, the building block of LAMBADA,
 multiple choice and few-shot prompting.
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..model import GPT2
-from ..parallel import vocab_parallel_cross_entropy
+from ..parallel.cross_entropy import vocab_parallel_cross_entropy
 
 IGNORE = -100
 
@@ -25,15 +27,28 @@ IGNORE = -100
 @torch.no_grad()
 def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
               greedy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """inputs, targets (B, T) -> nll (B, T) float64 and, with greedy, argmax == target (B, T) bool."""
+    """inputs, targets (B, T) -> nll (B, T) float64 and, with greedy, argmax == target (B, T) bool.
+
+    The output head runs only at the scored positions (targets != -100): a LAMBADA example scores
+    1-3 of its ~80 positions, and the (positions x vocabulary) logits are most of the cost.
+    """
     x = model.embed(inputs)  # (B, T, C)
     x, _ = model.run_blocks(x)
-    local = model.logits_local(x)  # (B, T, V/tp)
-    nll = vocab_parallel_cross_entropy(local, targets, model.ps.tp_group, model.cfg.vocab_size, IGNORE)
+    scored = targets != IGNORE  # (B, T)
+    picked = x[scored][None]  # (1, N, C)
+    local = model.logits_local(picked)  # (1, N, V/tp)
+    nll = torch.zeros(targets.shape, dtype=torch.float64, device=targets.device)
+    if model.groups.layout.tp == 1:  # one fused kernel, no padding columns, no softmax kept for a backward
+        per = F.cross_entropy(local[0, :, :model.cfg.vocab_size].float(), targets[scored], reduction="none")
+    else:
+        per = vocab_parallel_cross_entropy(local, targets[scored][None], model.groups.tp, model.cfg.vocab_size,
+                                           IGNORE)[0]
+    nll[scored] = per.double()
     correct = None
     if greedy:
-        correct = model.full_logits(local).argmax(-1) == targets  # (B, T)
-    return nll.double(), correct
+        correct = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
+        correct[scored] = model.full_logits(local).argmax(-1)[0] == targets[scored]  # (N,)
+    return nll, correct
 
 
 def right_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
@@ -57,7 +72,7 @@ class Score:
 
 def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
                         batch_size: int = 8, max_len: Optional[int] = None,
-                        progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+                        progress: Optional[Callable[[int], object]] = None) -> list[Score]:
     """Score each (context, continuation) pair: the continuation's tokens given the context.
 
     The input is context + continuation[:-1]; if it is longer than `max_len` (default: the

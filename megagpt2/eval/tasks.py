@@ -27,9 +27,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from ..jsonl import iter_json_lines
 from ..model import GPT2
 from ..tokenizer import Tokenizer
-from ..jsonl import iter_json_lines
 from .scoring import score_continuations
 
 

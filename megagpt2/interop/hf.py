@@ -22,16 +22,17 @@ _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 _NORMS = ("ln_1", "ln_2")
 
 
-def to_hf_config(cfg: ModelConfig):
-    """transformers.GPT2Config with the same shape and numerics."""
+def to_hf_config(cfg: ModelConfig, eod: Optional[int] = None):
+    """transformers.GPT2Config with the same shape and numerics; bos = eos = the end-of-document
+    id (default: the last vocabulary id, GPT-2's <|endoftext|>)."""
     from transformers import GPT2Config
 
+    eod = cfg.vocab_size - 1 if eod is None else eod
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
                       n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
                       resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
                       layer_norm_epsilon=cfg.layer_norm_eps, initializer_range=cfg.init_std,
-                      tie_word_embeddings=True, bos_token_id=cfg.vocab_size - 1,
-                      eos_token_id=cfg.vocab_size - 1)
+                      tie_word_embeddings=True, bos_token_id=eod, eos_token_id=eod)
 
 
 def model_config_from_hf(hf_config: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
@@ -95,16 +96,32 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return sd
 
 
-def save_hf_dir(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str) -> None:
-    """Write a directory that `GPT2LMHeadModel.from_pretrained(out_dir)` loads (safetensors)."""
+def save_hf_dir(sd: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str, tokenizer=None) -> list[str]:
+    """Write a directory that `GPT2LMHeadModel.from_pretrained(out_dir)` loads (safetensors).
+
+    With the model's `tokenizer` (a megagpt2 Tokenizer) the folder is complete: tokenizer files
+    that `AutoTokenizer` reads and encode as megagpt2 does (interop/hf_tokenizer.py) and
+    generation_config.json whose eos (and bos, pad) is the end-of-document id, so
+    `model.generate` stops where tools/generate.py stops. Returns the file names written.
+    """
     from safetensors.torch import save_file
+    from transformers import GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = to_hf_state_dict(sd, cfg)
     hf.pop("lm_head.weight")  # tied: HF re-ties it on load
     save_file({k: v.contiguous() for k, v in hf.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps({**to_hf_config(cfg).to_dict(), "architectures": ["GPT2LMHeadModel"]}, indent=2))
+    eod = tokenizer.eod if tokenizer is not None else None
+    config = {**to_hf_config(cfg, eod).to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    written = ["model.safetensors", "config.json"]
+    if tokenizer is not None:
+        from .hf_tokenizer import save_hf_tokenizer
+
+        GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod).save_pretrained(str(out))
+        written += ["generation_config.json"] + save_hf_tokenizer(tokenizer, str(out), cfg.n_positions)
+    return written
 
 
 def load_hf_dir(path: str, base: Optional[ModelConfig] = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

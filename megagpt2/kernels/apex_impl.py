@@ -13,7 +13,7 @@ from megagpt2.kernels.softmax import scaled_masked_softmax_triton
 
 def layer_norm_apex(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
     """apex's fused_layer_norm_affine over the last dimension."""
-    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # pyright: ignore[reportMissingImports]
 
     return fused_layer_norm_affine(x, weight, bias, weight.shape, eps)
 
@@ -30,7 +30,9 @@ def scaled_masked_softmax_apex(scores, scale: float, causal: bool = True, mask=N
     """apex's ScaledUpperTriangMaskedSoftmax where it applies, else the Triton kernel."""
     if not apex_softmax_supported(scores, causal, mask):
         return scaled_masked_softmax_triton(scores, scale, causal, mask)
-    from apex.transformer.functional.fused_softmax import ScaledUpperTriangMaskedSoftmax
+    from apex.transformer.functional.fused_softmax import (  # pyright: ignore[reportMissingImports]
+        ScaledUpperTriangMaskedSoftmax,
+    )
 
     b, h, tq, tk = scores.shape
     probs = ScaledUpperTriangMaskedSoftmax.apply(scores.reshape(b * h, tq, tk), scale)

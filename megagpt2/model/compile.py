@@ -21,7 +21,7 @@ import torch.nn as nn
 def compile_model(model: nn.Module, activation_checkpointing: bool) -> nn.Module:
     """Compile `model` (a GPT2 or a pipeline stage) in place for `model.compile: true`; returns it."""
     if activation_checkpointing:
-        for block in model.h.values():
+        for block in model.get_submodule("h").children():  # the ModuleDict of this model's blocks
             block.compile()
     else:
         model.compile()

@@ -1,22 +1,16 @@
-"""Model parallelism: process groups, communication, tensor-parallel layers and loss."""
+"""Model parallelism: the rank layout and its process groups, communication, TP layers and loss.
 
-from .comm import (
-    copy_to_tp_region,
-    gather_from_sequence_region,
-    gather_from_tp_region,
-    reduce_from_tp_region,
-    reduce_scatter_to_sequence_region,
-    scatter_to_sequence_region,
-    scatter_to_tp_region,
-)
-from .cross_entropy import vocab_parallel_cross_entropy
-from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_parameter, shard, unshard
-from .random import RNGTracker
-from .state import ParallelState
+    state.py          ParallelLayout, ProcessGroups, build_process_groups (no torch at import)
+    comm.py           every communication autograd function of tensor / sequence parallelism
+    collectives.py    small all-reduces of losses, norms and flags
+    layers.py         column / row-parallel linears, vocab-parallel embedding, sharding helpers
+    cross_entropy.py  vocab-parallel cross-entropy
+    random.py         the per-TP-rank dropout stream
 
-__all__ = [
-    "ParallelState", "RNGTracker", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-    "vocab_parallel_cross_entropy", "init_parameter", "shard", "unshard", "copy_to_tp_region",
-    "reduce_from_tp_region", "scatter_to_tp_region", "gather_from_tp_region",
-    "scatter_to_sequence_region", "gather_from_sequence_region", "reduce_scatter_to_sequence_region",
-]
+Only the layout is imported here, so the run plan can check a layout without loading torch;
+import the torch-facing names from their modules.
+"""
+
+from .state import ParallelLayout, ParallelLayoutError, ProcessGroups, build_process_groups
+
+__all__ = ["ParallelLayoutError", "ParallelLayout", "ProcessGroups", "build_process_groups"]

@@ -14,7 +14,7 @@ parameter's global name, then sharded: the gathered weights are the same for any
 from __future__ import annotations
 
 import zlib
-from typing import Optional
+from typing import Optional, TypeVar
 
 import torch
 import torch.nn as nn
@@ -48,8 +48,15 @@ def unshard(pieces: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tens
     return torch.cat([split[r][s] for s in range(stride) for r in range(len(pieces))], dim=dim)
 
 
-def mark(p: nn.Parameter, tp_dim: Optional[int], init: str, stride: int = 1) -> nn.Parameter:
-    p.tp_dim, p.tp_stride, p.init = tp_dim, stride, init
+T = TypeVar("T", bound=torch.Tensor)
+
+
+def mark(p: T, tp_dim: Optional[int], init: str, stride: int = 1, sequence_parallel: Optional[bool] = None) -> T:
+    """Attach the sharding description (module docstring) to `p`; returns `p`."""
+    for key, value in (("tp_dim", tp_dim), ("tp_stride", stride), ("init", init)):
+        setattr(p, key, value)
+    if sequence_parallel is not None:
+        setattr(p, "sequence_parallel", sequence_parallel)  # noqa: B010 (an attribute torch does not declare)
     return p
 
 
@@ -121,9 +128,8 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark(nn.Parameter(torch.empty(out_features, in_features // tp)), 1, f"normal:{std}")
-        self.bias = mark(nn.Parameter(torch.empty(out_features)), None, "zeros") if bias else None
-        if self.bias is not None:
-            self.bias.sequence_parallel = sequence_parallel
+        self.bias = (mark(nn.Parameter(torch.empty(out_features)), None, "zeros", sequence_parallel=sequence_parallel)
+                     if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)  # (B, T, out) partial sum over TP ranks
@@ -139,16 +145,18 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Token embedding with the (padded) vocabulary split into contiguous row ranges over TP.
 
-    Returns this rank's partial embedding (B, T, C): rows owned elsewhere are zero. The caller
-    sums it over TP (all-reduce, or reduce-scatter along the sequence with sequence parallelism).
+    Each rank looks up the rows it owns (others give zero) and the partial embeddings are summed
+    over TP: (B, T) -> (B, T, C), or the sequence shard (B, T/tp, C) with sequence parallelism
+    (reduce-scatter instead of all-reduce).
     """
 
-    def __init__(self, num_embeddings: int, dim: int, group: Group = None, std: float = 0.02):
+    def __init__(self, num_embeddings: int, dim: int, group: Group = None, std: float = 0.02,
+                 sequence_parallel: bool = False):
         super().__init__()
         tp = group_size(group)
         if num_embeddings % tp:
             raise ValueError(f"padded vocabulary {num_embeddings} not divisible by tp={tp}")
-        self.group = group
+        self.group, self.sequence_parallel = group, sequence_parallel
         self.num_embeddings = num_embeddings
         self.per_rank = num_embeddings // tp
         self.vocab_start = group_rank(group) * self.per_rank
@@ -159,5 +167,50 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(idx, self.weight)
         local = idx - self.vocab_start
         outside = (local < 0) | (local >= self.per_rank)
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, C)
-        return out.masked_fill(outside.unsqueeze(-1), 0.0)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, C) partial over TP
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence_region(out, self.group)  # (B, T/tp, C)
+        return reduce_from_tp_region(out, self.group)
+
+
+class PositionEmbedding(nn.Embedding):
+    """Learned positions (B or 1, T) -> (B or 1, T, C), replicated over TP.
+
+    With sequence parallelism each TP rank keeps the rows of its own slice of the sequence,
+    (.., T/tp, C), and the weight's gradient is summed over TP (copy_to_tp_region: bwd all-reduce).
+    """
+
+    def __init__(self, num_positions: int, dim: int, group: Group = None, std: float = 0.02,
+                 sequence_parallel: bool = False):
+        super().__init__(num_positions, dim)
+        self.group, self.sequence_parallel = group, sequence_parallel
+        mark(self.weight, None, f"normal:{std}", sequence_parallel=sequence_parallel)
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.sequence_parallel:
+            return F.embedding(position_ids, self.weight)
+        pos = F.embedding(position_ids, copy_to_tp_region(self.weight, self.group))  # (.., T, C)
+        n = pos.shape[1] // group_size(self.group)
+        r = group_rank(self.group)
+        return pos[:, r * n:(r + 1) * n]
+
+
+class ParallelLMHead(nn.Module):
+    """Output head with a weight it does not own (tied to the token embedding, or the last
+    pipeline stage's copy of it): (B, T, C), or (B, T/tp, C) with sequence parallelism ->
+    this rank's vocabulary shard of the logits (B, T, V/tp). `gather` makes them (B, T, V)."""
+
+    def __init__(self, group: Group = None, sequence_parallel: bool = False):
+        super().__init__()
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = gather_from_sequence_region(x, self.group)  # (B, T, C)
+        else:
+            x = copy_to_tp_region(x, self.group)
+        return F.linear(x, weight)
+
+    def gather(self, logits_shard: torch.Tensor) -> torch.Tensor:
+        return gather_from_tp_region(logits_shard, self.group)

@@ -5,9 +5,10 @@ when interleaving) and their gradients travel backward. Every message has the sa
 shape (micro_batch, seq_length or seq_length / tp with sequence parallelism, n_embd) and dtype,
 so receivers allocate their buffers up front and no per-message shape handshake is needed.
 
-Two channels, each its own process group per pipeline (one for activations, one for gradients),
-so that each channel is first-in-first-out per pair of ranks on any backend: with pp=2 and
-interleaving the same pair carries both kinds in the same direction, and NCCL ignores tags.
+Two channels, each its own process group per pipeline (one for activations, one for gradients;
+build_process_groups makes them with the other groups), so that each channel is
+first-in-first-out per pair of ranks on any backend: with pp=2 and interleaving the same pair
+carries both kinds in the same direction, and NCCL ignores tags.
 
 Sends are asynchronous (isend): a blocking send deadlocks 1F1B on gloo (it waits for the
 matching receive). Their buffers stay referenced until they complete; the end of a step waits for
@@ -17,50 +18,20 @@ has the configured timeout, so a dead, failed or stuck stage turns into an error
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..parallel import ParallelState
-
-
-@dataclass
-class Channels:
-    """This rank's activation and gradient process groups (its pipeline's pair of clones)."""
-
-    forward: Optional[dist.ProcessGroup]
-    backward: Optional[dist.ProcessGroup]
-
-
-def build_channels(ps: ParallelState, timeout_seconds: float) -> Channels:
-    """Collective over the world: every rank creates every pipeline's two groups, in order."""
-    if ps.pp_size == 1 or not dist.is_initialized():
-        return Channels(None, None)
-    kw = {"timeout": timedelta(seconds=timeout_seconds)}
-    mine = Channels(None, None)
-    for d in range(ps.dp_size):
-        for t in range(ps.tp_size):
-            ranks = [ps.global_rank(t, d, p) for p in range(ps.pp_size)]
-            fwd, bwd = dist.new_group(ranks, **kw), dist.new_group(ranks, **kw)
-            if ps.rank in ranks:
-                mine = Channels(fwd, bwd)
-    # NCCL wants the first call on a group to involve all of its ranks; p2p calls do not.
-    for group in (mine.forward, mine.backward):
-        from ..distributed import all_reduce_small
-
-        all_reduce_small(torch.zeros(1), group=group)
-    return mine
+from ..parallel import ProcessGroups
 
 
 class Link:
     """Posts this rank's isend/irecv in batches and hands out received tensors by key."""
 
-    def __init__(self, ps: ParallelState, channels: Channels, shape: tuple[int, ...], dtype: torch.dtype,
+    def __init__(self, groups: ProcessGroups, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, timeout_seconds: float):
-        self.ps, self.channels = ps, channels
+        self.groups, self.layout = groups, groups.layout
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.timeout = timedelta(seconds=timeout_seconds)
         self._sends: list[tuple[list[dist.Work], torch.Tensor]] = []  # kept alive until waited for
@@ -75,14 +46,14 @@ class Link:
         self._release_completed_sends()
         by_group: dict[str, list[dist.P2POp]] = {"forward": [], "backward": []}
         for kind, t in sends:
-            peer = self.ps.next_stage_rank if kind == "forward" else self.ps.prev_stage_rank
+            peer = self.layout.next_stage_rank if kind == "forward" else self.layout.prev_stage_rank
             t = t.detach().contiguous()
             by_group[kind].append(dist.P2POp(dist.isend, t, peer, self._group(kind)))
         new_recvs = []
         for kind, key in recvs:
             if (kind, key) in self._recvs:
                 continue
-            peer = self.ps.prev_stage_rank if kind == "forward" else self.ps.next_stage_rank
+            peer = self.layout.prev_stage_rank if kind == "forward" else self.layout.next_stage_rank
             op = dist.P2POp(dist.irecv, torch.empty(self.shape, dtype=self.dtype, device=self.device), peer,
                             self._group(kind))
             by_group[kind].append(op)
@@ -104,7 +75,7 @@ class Link:
             self.post([], [(kind, key)])
         works, buf = self._recvs.pop((kind, key))
         for w in works:
-            peer = self.ps.prev_stage_rank if kind == "forward" else self.ps.next_stage_rank
+            peer = self.layout.prev_stage_rank if kind == "forward" else self.layout.next_stage_rank
             self._wait(w, f"receiving the {kind} message of {where} from rank {peer}")
         return buf
 
@@ -129,12 +100,13 @@ class Link:
             raise RuntimeError(f"pipeline schedule bug: receives posted but never used: {sorted(self._recvs)}")
 
     def _group(self, kind: str):
-        return self.channels.forward if kind == "forward" else self.channels.backward
+        return self.groups.pipe_forward if kind == "forward" else self.groups.pipe_backward
 
     def _wait(self, work: dist.Work, what: str) -> None:
         try:
             work.wait(self.timeout)
         except Exception as e:
-            raise RuntimeError(f"pipeline rank {self.ps.rank} (stage {self.ps.pp_rank}): {what} failed: {e}. Another "
-                               f"stage probably failed, died or hangs: see its log (a silent neighbour fails "
-                               f"this rank after parallel.timeout_seconds={self.timeout.total_seconds():.0f})") from e
+            limit = self.timeout.total_seconds()
+            raise RuntimeError(f"pipeline rank {self.layout.rank} (stage {self.layout.pp_rank}): {what} failed: {e}. "
+                               f"Another stage probably failed, died or hangs: see its log (a silent neighbour "
+                               f"fails this rank after parallel.timeout_seconds={limit:.0f})") from e

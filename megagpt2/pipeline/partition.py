@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from ..config import ConfigError, ModelConfig
 
 
-class LayoutError(ConfigError):
+class PartitionError(ConfigError):
     """The pipeline layout cannot work for this model or batch (raised before any work)."""
 
 
@@ -92,11 +92,11 @@ def partition(cfg: ModelConfig, pp: int, virtual: int = 1, method: str = "unifor
     """The StageLayout for `cfg.n_layer` blocks over pp ranks x `virtual` chunks."""
     parts = pp * virtual
     if cfg.n_layer < parts:
-        raise LayoutError(f"model.n_layer={cfg.n_layer} is fewer than parallel.pp x parallel.virtual_stages = "
+        raise PartitionError(f"model.n_layer={cfg.n_layer} is fewer than parallel.pp x parallel.virtual_stages = "
                           f"{parts}: every virtual stage needs at least one block")
     if method == "uniform":
         if cfg.n_layer % parts:
-            raise LayoutError(f"model.n_layer={cfg.n_layer} is not divisible by parallel.pp x "
+            raise PartitionError(f"model.n_layer={cfg.n_layer} is not divisible by parallel.pp x "
                               f"parallel.virtual_stages = {parts}; change one of them or use "
                               f"parallel.partition=parameters")
         sizes = [cfg.n_layer // parts] * parts
@@ -104,7 +104,7 @@ def partition(cfg: ModelConfig, pp: int, virtual: int = 1, method: str = "unifor
         first, last = edge_costs(cfg)
         sizes = _balanced([block_parameters(cfg)] * cfg.n_layer, parts, first, last)
     else:
-        raise LayoutError(f"parallel.partition={method!r} is not one of uniform, parameters")
+        raise PartitionError(f"parallel.partition={method!r} is not one of uniform, parameters")
     pieces, start = [], 0
     for size in sizes:
         pieces.append(tuple(range(start, start + size)))

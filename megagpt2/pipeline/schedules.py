@@ -1,7 +1,7 @@
 """Pipeline schedules: the order in which one rank runs forward and backward passes in a step.
 
 A schedule is a plain function (m micro-batches, pp ranks, this rank, virtual chunks) -> list of
-Op("F" or "B", micro_batch, chunk). The executor (runner.py) walks the list: a forward receives
+Op("F" or "B", micro_batch, chunk). The executor (executor.py) walks the list: a forward receives
 its input from the previous virtual stage and sends its output on; a backward receives the
 gradient of its output and sends the gradient of its input back. Sends are asynchronous, so the
 order alone defines the schedule; `simulate` checks every order for deadlocks in the tests.

@@ -27,24 +27,19 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..parallel import ParallelState
-
-
-def comm_device(group) -> Optional[torch.device]:
-    """Device a collective on `group` needs (NCCL: the current GPU), None for any."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return None
+from ..parallel import ProcessGroups
+from ..parallel.collectives import comm_device
 
 
 class TiedEmbedding:
-    """Steps 1-4 above for one rank (a no-op on stages that hold neither end)."""
+    """Steps 1-4 above for one rank (a no-op without pipelining and on stages that hold neither end)."""
 
-    def __init__(self, ps: ParallelState, model):
-        self.ps, self.model = ps, model
-        self.group = ps.embedding_group
-        self.owner = ps.is_first_stage  # holds wte.weight
-        self.copy = ps.is_last_stage  # holds head_weight
+    def __init__(self, groups: ProcessGroups, model):
+        layout = groups.layout
+        self.layout, self.model = layout, model
+        self.group = groups.embedding
+        self.owner = layout.pp > 1 and layout.is_first_stage  # holds wte.weight
+        self.copy = layout.pp > 1 and layout.is_last_stage  # holds head_weight
         self._acc: Optional[torch.Tensor] = None  # last stage: fp32 sum of head gradients
         self._send = None  # last stage: pending asynchronous send of _acc
         self._pending: Optional[torch.Tensor] = None  # first stage: gradient to add in the hook
@@ -69,6 +64,8 @@ class TiedEmbedding:
     # -- last stage ---------------------------------------------------------------------------
     def collect(self) -> None:
         """After each backward of the chunk holding the head: move its gradient aside."""
+        if not self.copy:
+            return
         w = self.model.head_weight
         if w.grad is None:
             return
@@ -79,17 +76,21 @@ class TiedEmbedding:
 
     def send_grad(self) -> None:
         """After the last backward of the head chunk in the step: post the sum to the first stage."""
+        if not self.copy:
+            return
         if self._acc is None:  # every head gradient was skipped (non-finite losses)
             self._acc = torch.zeros(self.model.head_weight.shape, dtype=torch.float32,
                                     device=self.model.head_weight.device)
-        self._send = dist.broadcast(self._acc, src=self.ps.last_stage_rank, group=self.group, async_op=True)
+        self._send = dist.broadcast(self._acc, src=self.layout.last_stage_rank, group=self.group, async_op=True)
 
     # -- first stage --------------------------------------------------------------------------
     def receive_grad(self) -> None:
         """Before the first stage's last backward of the step: fetch the head gradient."""
+        if not self.owner:
+            return
         w = self.model.wte.weight
         buf = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-        dist.broadcast(buf, src=self.ps.last_stage_rank, group=self.group)
+        dist.broadcast(buf, src=self.layout.last_stage_rank, group=self.group)
         self._pending = buf
 
     def clear_pending(self) -> None:
@@ -113,6 +114,6 @@ class TiedEmbedding:
         buf = t.detach() if dev is None or t.device == dev else t.detach().to(dev)
         if not buf.is_contiguous():
             buf = buf.contiguous()
-        dist.broadcast(buf, src=self.ps.first_stage_rank, group=self.group)
+        dist.broadcast(buf, src=self.layout.first_stage_rank, group=self.group)
         if self.copy and buf.data_ptr() != t.data_ptr():
             t.copy_(buf)

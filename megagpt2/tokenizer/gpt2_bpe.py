@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from typing import Sequence
 
 import tiktoken
 
@@ -243,6 +242,7 @@ class GPT2BPETokenizer(Tokenizer):
             special_tokens=specials,
         )
         self.vocab_size = len(ranks) + len(specials)
+        self._specials = dict(specials)
         self.eod = self._special_id(specials, eod_token or ENDOFTEXT, vocab_file)
         self.pad = None
         self.batch_threads = max(1, int(batch_threads))
@@ -257,11 +257,11 @@ class GPT2BPETokenizer(Tokenizer):
             )
         return specials[token]
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         """Ids of ``text``; special-token strings inside it are encoded as plain text."""
         return self._encoding.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         """tiktoken's batch encode (``encode_ordinary_batch``) with ``batch_threads`` threads.
 
         With ``batch_threads == 1`` (default) it loops ``encode_ordinary`` without tiktoken's
@@ -273,8 +273,14 @@ class GPT2BPETokenizer(Tokenizer):
             return [encode(text) for text in texts]
         return self._encoding.encode_ordinary_batch(list(texts), num_threads=self.batch_threads)
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         """Text of ``ids``; a byte sequence cut inside a UTF-8 character decodes to U+FFFD."""
-        ids = [int(i) for i in ids]
-        self._check_ids(ids)
         return self._encoding.decode(ids)
+
+    def _token_to_id(self, token: str) -> int | None:
+        """Only special tokens can be named (plain text never encodes to them, see above)."""
+        return self._specials.get(token)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._specials.values())

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import sentencepiece
 
 from megagpt2.tokenizer.base import Tokenizer, TokenizerError, require_file
@@ -41,6 +39,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = int(self._sp.GetPieceSize())
         self.eod = self._find_eod(model_file, eod_token)
         self.pad = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else None
+        self.unk = int(self._sp.unk_id()) if self._sp.unk_id() >= 0 else None
         self.batch_threads = max(1, int(batch_threads))
 
     def _find_eod(self, model_file: str, eod_token: str | None) -> int:
@@ -61,16 +60,27 @@ class SentencePieceTokenizer(Tokenizer):
             )
         return int(self._sp.eos_id())
 
-    def encode(self, text: str) -> list[int]:
+    def _encode(self, text: str) -> list[int]:
         """Ids of ``text`` without BOS/EOS."""
         return self._sp.Encode(text, out_type=int)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
         """SentencePiece's own batch encode, on ``batch_threads`` threads."""
         return self._sp.Encode(list(texts), out_type=int, num_threads=self.batch_threads)
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def _decode(self, ids: list[int]) -> str:
         """Text of ``ids``; control pieces (BOS/EOS/PAD) decode to nothing."""
-        ids = [int(i) for i in ids]
-        self._check_ids(ids)
         return self._sp.Decode(ids)
+
+    def _token_to_id(self, token: str) -> int | None:
+        token_id = int(self._sp.PieceToId(token))  # unk_id for unknown pieces
+        return token_id if self._sp.IdToPiece(token_id) == token else None
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Control pieces (BOS, EOS, PAD) and the unknown piece."""
+        if not hasattr(self, "_special_ids"):
+            sp = self._sp
+            self._special_ids = frozenset(
+                i for i in range(self.vocab_size) if sp.IsControl(i) or sp.IsUnknown(i))
+        return self._special_ids

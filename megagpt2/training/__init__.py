@@ -1,71 +1,48 @@
-"""Pretraining entry: parse the command line, check everything, start the ranks' training."""
+"""Pretraining entry: parse the command line, plan the run (every check), then train on every rank.
+
+Up to the plan nothing imports torch or starts a process group, so every mistake of the
+config/launch kind ends within a second with one message, printed by the first rank only, and
+exit code 2. Only then are the device, torch.distributed, the process groups and the trainer set up.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import traceback
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..config import ConfigError, load_config, validate
-from .ds_config import DSConfigError, read_ds_config, resolve_batch
+from ..config import ConfigError, load_config
+from ..distributed import LaunchEnv, LaunchEnvError, detect_env
+from .cli import parse_args
+from .ds_config import DSConfigError
+from .plan import RunPlan, plan_run
+from .signals import Signals
 
-USAGE = """deepspeed launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json \\
-        --config configs/gpt2/tiny.yaml [--section.key=value ...]"""
+if TYPE_CHECKING:
+    import torch
 
-
-def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="pretrain_gpt2.py", usage=USAGE,
-                                description="Pretrain GPT-2 with tensor, pipeline and ZeRO data parallelism.",
-                                epilog="Any config field can be overridden: --train.steps=100 --parallel.tp=2")
-    p.add_argument("--config", default=None, help="YAML config (configs/gpt2/<preset>.yaml)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default="configs/ds/zero2.json", help="DeepSpeed JSON (batch sizes, ZeRO, precision)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    args, rest = p.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):  # accept --a.b=c and --a.b c
-        item = rest[i]
-        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
-            p.error(f"unrecognised argument {item!r}; overrides look like --section.key=value")
-        if "=" not in item:
-            if i + 1 >= len(rest):
-                p.error(f"override {item} needs a value")
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    return args, overrides
+USAGE_ERRORS = (ConfigError, DSConfigError, LaunchEnvError)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Everything is checked before any process group exists; then every rank trains."""
-    from ..distributed import LaunchEnvError, detect_env, init_distributed, pick_device
-
-    from .signals import Signals
-
     signals = Signals()  # first: a SIGTERM during start-up is kept, not fatal
-    args, overrides = parse_args(argv)
+    env: Optional[LaunchEnv] = None
     try:
+        args, overrides = parse_args(argv)
         cfg = load_config(args.config, overrides)
         env = detect_env()
-        validate(cfg, env.world_size)
-        ds_raw = read_ds_config(args.deepspeed_config)
-        _, accum, _ = resolve_batch(ds_raw, env.world_size // (cfg.parallel.tp * cfg.parallel.pp),
-                                    args.deepspeed_config)
-        if cfg.parallel.pp > 1:
-            from ..pipeline import check_layout
-
-            check_layout(cfg.parallel.schedule, cfg.parallel.pp, cfg.parallel.virtual_stages, accum)
-    except (ConfigError, DSConfigError, LaunchEnvError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        plan = plan_run(cfg, args.deepspeed_config, env.world_size, env.rank)
+    except USAGE_ERRORS as e:
+        return _refuse(e, env)
     try:
-        device = pick_device(cfg.train.device, env.local_rank)
+        device = _device(plan, env)
+    except USAGE_ERRORS as e:
+        return _refuse(e, env)
+    try:
         _quiet_libraries()
-        init_distributed(env, device, cfg.parallel.timeout_seconds)
-        return _train(cfg, ds_raw, device, signals)
+        return _train(plan, env, device, signals)
     except BaseException:
         # A failing rank must end the job: print, then exit hard without waiting on collectives.
         print(f"[rank {env.rank}] training failed:", file=sys.stderr)
@@ -73,6 +50,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.flush()
         sys.stdout.flush()
         os._exit(1)
+
+
+def _refuse(error: Exception, env: Optional[LaunchEnv]) -> int:
+    """Exit code 2; the message once per job (every rank finds the same mistake)."""
+    if _first_rank(env):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _first_rank(env: Optional[LaunchEnv]) -> bool:
+    if env is not None:
+        return env.rank == 0
+    for var in ("RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):  # the launch environment itself is broken
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
+def _device(plan: RunPlan, env: LaunchEnv) -> torch.device:
+    """This rank's device, and the DeepSpeed precision rule for it (still before any process group)."""
+    from ..distributed import pick_device
+
+    try:
+        device = pick_device(plan.cfg.train.device, env.local_rank)
+    except RuntimeError as e:  # train.device=cuda without CUDA, more ranks than GPUs
+        raise LaunchEnvError(str(e)) from None
+    plan.ds.check_device(device.type == "cuda")
+    return device
 
 
 def _quiet_libraries() -> None:
@@ -87,18 +92,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*is deprecated.*")
 
 
-def _train(cfg, ds_raw: dict, device, signals) -> int:
+def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals) -> int:
     import torch.distributed as dist
 
-    from ..parallel import ParallelState
-    from .ds_config import resolve_ds_config
+    from ..distributed import init_distributed
+    from ..parallel import build_process_groups
     from .trainer import Trainer, describe
 
-    ps = ParallelState(cfg.parallel.tp, cfg.parallel.pp, timeout_seconds=cfg.parallel.timeout_seconds)
-    ds = resolve_ds_config(ds_raw, ps.dp_size, device)
-    trainer = Trainer(cfg, ds, ps, device, signals)
-    if ps.rank == 0:
-        print(describe(cfg, ds, ps, trainer.model.num_parameters()), flush=True)
+    timeout = plan.cfg.parallel.timeout_seconds
+    init_distributed(env, device, timeout)
+    groups = build_process_groups(plan.layout, timeout)
+    trainer = Trainer(plan, groups, device, signals)
+    if env.rank == 0:
+        print(describe(plan, trainer.model.num_parameters()), flush=True)
     trainer.train()
     if dist.is_initialized():
         dist.barrier()

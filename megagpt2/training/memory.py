@@ -188,7 +188,8 @@ def _backwards(schedule: str, m: int, pp: int, rank: int) -> list[tuple[int, boo
     return out
 
 
-def estimate_run(cfg, ds: dict, dp: int, stage: Optional[int] = None, precision: Optional[str] = None) -> MemoryEstimate:
+def estimate_run(cfg, ds: dict, dp: int, stage: Optional[int] = None,
+                 precision: Optional[str] = None) -> MemoryEstimate:
     """The estimate for a run: a Config and its resolved DeepSpeed settings (DeepSpeed's defaults
     for what the JSON leaves out), for pipeline stage `stage` (default: the largest)."""
     zero = ds.get("zero_optimization", {})

@@ -1,14 +1,19 @@
-"""Throughput, model FLOPs utilisation, memory, TensorBoard and the loss-curve plot."""
+"""What a run reports: throughput, model FLOPs utilisation, memory, TensorBoard, the loss-curve
+plot and the generated sample at the end."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..config import ModelConfig
+from ..parallel import ParallelLayout
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets, without sparsity).
 _BF16_PEAK = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
@@ -63,12 +68,13 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
         return float("nan"), "unmeasured"
 
 
-def memory_report(cfg, ds: dict, ps, device: torch.device) -> str:
-    """One log line: this rank's measured peak next to tools/estimate_memory.py's estimate."""
+def memory_report(cfg, ds: dict, layout: ParallelLayout, device: torch.device) -> str:
+    """One log line: this rank's measured peak next to tools/estimate_memory.py's estimate
+    (`ds`: the engine's DeepSpeed config)."""
     from .memory import estimate_run
 
     peak, what = peak_memory_gib(device)
-    est = estimate_run(cfg, ds, ps.dp_size, stage=ps.pp_rank)
+    est = estimate_run(cfg, ds, layout.dp, stage=layout.pp_rank)
     return f"memory after step 1: peak {peak:.2f} GiB {what} | estimate {est.describe()}"
 
 
@@ -90,6 +96,29 @@ class Scalars:
         self.history.setdefault(tag, []).append((step, float(value)))
         if self.writer is not None:
             self.writer.add_scalar(tag, value, step)
+
+    def restore(self, metrics_path: Path, up_to_step: int) -> None:
+        """The curves of a resumed run so far, from metrics.jsonl (the checkpoint keeps none):
+        records after `up_to_step` are from a run that did not reach its next checkpoint."""
+        if not self.enabled or not metrics_path.is_file():
+            return
+        points: dict[str, dict[int, float]] = {}
+        with open(metrics_path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a crash
+                step = rec.get("step")
+                if not isinstance(step, int) or step > up_to_step:
+                    continue
+                for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
+                                 ("valid_loss", "valid/loss")):
+                    if rec.get(key) is not None:
+                        points.setdefault(tag, {})[step] = float(rec[key])
+        if "valid/loss" in points:
+            points["valid/ppl"] = {k: math.exp(min(v, 50)) for k, v in points["valid/loss"].items()}
+        self.history = {tag: sorted(values.items()) for tag, values in points.items()}
 
     def close(self) -> None:
         if self.writer is not None:
@@ -118,3 +147,28 @@ class Scalars:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def print_sample(model, tokenizer, prompt: str, layout: ParallelLayout, device: torch.device,
+                 max_new_tokens: int = 60) -> None:
+    """Data-parallel replica 0 samples (all its TP ranks together); rank 0 prints. Pipelines skip it.
+
+    The sample stops at the end of a document, never contains the unknown or document-start
+    token and is printed without special tokens (readable Chinese with a BERT vocabulary)."""
+    from ..generation import SamplingConfig, generate
+
+    if layout.pp == 1 and layout.dp_rank == 0:
+        ids = tokenizer.encode(prompt)
+        start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
+        if not ids or (tokenizer.bos is not None and ids[0] != tokenizer.bos):
+            ids = [start] + ids  # as documents start in the data
+        budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
+        banned = tuple(t for t in (tokenizer.unk, tokenizer.bos) if t is not None and t != tokenizer.eod)
+        cfg = SamplingConfig(max_new_tokens=max(budget, 1), temperature=0.8, top_k=40, seed=0,
+                             stop_token=tokenizer.eod, banned_tokens=banned)
+        out = generate(model, [ids], cfg, pad_id=tokenizer.eod)[0]
+        model.train()
+        if layout.rank == 0:
+            print(f"sample: {prompt}{tokenizer.decode(out, skip_special_tokens=True)}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()

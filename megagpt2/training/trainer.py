@@ -1,25 +1,26 @@
-"""The training loop: model + DeepSpeed engine, data, evaluation, logging, checkpoints, signals."""
+"""The training loop: engine and step executor, data, evaluation, logging, checkpoints, signals."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from ..config import Config, dump_yaml
-from ..distributed import all_reduce_small
-from ..parallel import ParallelState
 from ..checkpoint import store as ckpt
-from .data import DataState, build_data
-from .gradnorm import engine_keeps_no_norm, grad_norm
-from .metrics import Scalars, flops_per_token, memory_gb, memory_report, peak_tflops
-from .model_setup import build_engine
+from ..checkpoint.resume import resume, run_layout
+from ..config import dump_yaml
+from ..parallel import ProcessGroups
+from ..parallel.collectives import all_reduce_small
+from ..pipeline.executor import StepResult
+from .data import build_data
+from .metrics import Scalars, flops_per_token, memory_gb, memory_report, peak_tflops, print_sample
+from .model_setup import build_engine, engine_ds_config
+from .plan import RunPlan
 from .signals import Signals
 
 
@@ -27,53 +28,37 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient norm is NaN/inf and train.on_nonfinite=stop."""
 
 
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: Optional[float]
-    lr: float
-    nonfinite: bool
-
-
-@dataclass
-class Run:
-    """What one training run holds: built by `Trainer.__init__`, used by its loop."""
-
-    cfg: Config
-    ds: dict
-    ps: ParallelState
-    device: torch.device
-    log_rank0: bool = True
-
-
-def log(msg: str, run: Run) -> None:
-    if run.log_rank0:
-        print(msg, flush=True)
-
-
 class Trainer:
-    """Builds everything for `cfg` on this rank and runs `train()`."""
+    """Builds everything of a checked run plan on this rank and runs `train()`."""
 
-    def __init__(self, cfg: Config, ds: dict, ps: ParallelState, device: torch.device,
+    def __init__(self, plan: RunPlan, groups: ProcessGroups, device: torch.device,
                  signals: Optional[Signals] = None):
-        self.run = Run(cfg, ds, ps, device, log_rank0=(ps.rank == 0))
-        self.micro = ds["train_micro_batch_size_per_gpu"]
-        self.accum = ds["gradient_accumulation_steps"]
-        self.global_batch = ds["train_batch_size"]
+        cfg = plan.cfg
+        self.plan, self.cfg, self.groups, self.layout, self.device = plan, cfg, groups, groups.layout, device
+        self.tokenizer = plan.tokenizer
+        if plan.tokenizer_summary:
+            self.log(plan.tokenizer_summary)
+        self.micro, self.accum, self.global_batch = plan.micro_batch, plan.grad_accum, plan.global_batch
         torch.manual_seed(cfg.train.seed)
-        self.engine, self.model, self.tokenizer, self.pipe = build_engine(cfg, ds, ps, device)
-        self.data: DataState = build_data(cfg, ps, self.micro, self.global_batch, self.tokenizer)
-        self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=ps.rank == 0)
+        self.engine, self.model, self.executor = build_engine(plan, groups, device)
+        self.data = build_data(cfg.data, self.layout, self.micro, self.global_batch, self.tokenizer,
+                               seed=cfg.train.seed, train_samples=cfg.train.steps * self.global_batch,
+                               valid_samples=cfg.train.eval_steps * self.global_batch if cfg.train.eval_interval else 0,
+                               eval_steps=cfg.train.eval_steps)
+        self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=self.layout.rank == 0)
         self.step = 0
         self.signals = signals or Signals()
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
         self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
-        self._own_norm: Optional[float] = None  # grad norm computed here where DeepSpeed keeps none
+
+    def log(self, msg: str) -> None:
+        if self.layout.rank == 0:
+            print(msg, flush=True)
 
     def _record(self, **values: Any) -> None:
         """Append one JSON line of exact values (rank 0): the machine-readable training log."""
-        if self.metrics_path is None or self.run.ps.rank != 0:
+        if self.metrics_path is None or self.layout.rank != 0:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_path, "a") as f:
@@ -81,42 +66,9 @@ class Trainer:
 
     # -- one optimizer step -------------------------------------------------------------------
     def train_step(self) -> StepResult:
-        engine, cfg = self.engine, self.run.cfg
-        if self.pipe is not None:  # the pipeline schedule runs the micro-batches of this step
-            total, nonfinite = self.pipe.train_step(engine, self.data, self.run.device, self.accum,
-                                                    cfg.train.on_nonfinite)
-            self._own_norm = self.pipe.grad_norm  # set where DeepSpeed keeps none (ZeRO-0 fp32)
-            return self._finish_step(total, nonfinite)
-        total, nonfinite = torch.zeros((), dtype=torch.float64), False
-        self._own_norm = None
-        for i in range(self.accum):
-            x, y, mask = self.data.next_train(self.run.device)
-            loss = engine(x, y, mask)
-            if not torch.isfinite(loss):
-                nonfinite = True
-                # ZeRO >= 1 and half precision see the non-finite gradients and skip the whole
-                # step; ZeRO-0 fp32 would apply them, so there this micro-batch adds nothing.
-                if cfg.train.on_nonfinite == "skip" and engine_keeps_no_norm(engine):
-                    loss = sum(p.sum() * 0.0 for p in engine.module.parameters())
-            engine.backward(loss)
-            if i == self.accum - 1 and engine_keeps_no_norm(engine):
-                self._own_norm = grad_norm(engine.module, self.run.ps)  # before step() clips
-            engine.step()
-            total += loss.detach().double().cpu()
-        return self._finish_step(total / self.accum, nonfinite)
-
-    def _finish_step(self, mean: torch.Tensor, nonfinite: bool) -> StepResult:
-        """Average the replica's mean loss over DP; read grad norm and learning rate."""
-        engine = self.engine
-        mean = mean.detach().double().cpu().clone()
-        if self.run.ps.dp_size > 1:
-            mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
-        norm = engine.get_global_grad_norm()
-        norm = self._own_norm if norm is None else float(norm)
-        if norm is not None and not math.isfinite(norm):
-            nonfinite = True
-        lr = engine.get_lr()[0]
-        return StepResult(float(mean), norm, lr, nonfinite)
+        """This replica's micro-batches of the step through the executor's schedule."""
+        batches = [self.data.next_train(self.device) for _ in range(self.accum)]
+        return self.executor.train_step(batches)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -124,58 +76,46 @@ class Trainer:
         if self.data.valid is None:
             return None
         self.engine.eval()
-        if self.pipe is not None:
-            mean = self.pipe.evaluate(self.engine, self.data.valid_batches(self.run.device))
-        else:
-            total, n = torch.zeros((), dtype=torch.float64), 0
-            for x, y, mask in self.data.valid_batches(self.run.device):
-                total += self.engine(x, y, mask).double().cpu()
-                n += 1
-            mean = total / max(n, 1)
+        mean = self.executor.evaluate(self.data.valid_batches(self.device))
         self.engine.train()
-        mean = mean.detach().double().cpu().clone()
-        if self.run.ps.dp_size > 1:
-            mean = all_reduce_small(mean, group=self.run.ps.dp_group) / self.run.ps.dp_size
-        return float(mean)
+        return mean
 
     # -- checkpoints --------------------------------------------------------------------------
+    def run_layout(self) -> dict[str, Any]:
+        """This run's layout as a checkpoint records it (grid, ZeRO stage, schedule, precision, batch)."""
+        return run_layout(self.cfg, engine_ds_config(self.plan, self.device), self.layout)
+
     def save(self) -> Optional[str]:
-        cfg = self.run.cfg
+        cfg, layout = self.cfg, self.layout
         if not cfg.checkpoint.dir:
             return None
-        ps = self.run.ps
         state = {"consumed_samples": self.data.consumed, "config": cfg.to_dict(), "config_yaml": dump_yaml(cfg),
-                 "tokenizer": self.tokenizer.identity(), "layout": {"tp": ps.tp_size, "pp": ps.pp_size, "dp": ps.dp_size},
-                 "history": self.scalars.history if ps.rank == 0 else {},
+                 "tokenizer": self.tokenizer.identity(), "layout": self.run_layout(),
                  "versions": {"torch": torch.__version__, "deepspeed": _ds_version()}}
         t0 = time.time()
-        tag = ckpt.save(self.engine, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last, self.model.tracker)
-        log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)", self.run)
+        tag = ckpt.save(self.engine, layout, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last,
+                        self.model.tracker)
+        self.log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)")
         return tag
 
     def maybe_resume(self) -> bool:
-        cfg = self.run.cfg
+        cfg = self.cfg
         if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
             return False
-        tag = ckpt.find_latest(cfg.checkpoint.dir)
-        if cfg.checkpoint.tag:
-            tag = cfg.checkpoint.tag
-            if not ckpt.is_complete(Path(cfg.checkpoint.dir) / tag):
-                raise ckpt.CheckpointError(f"checkpoint.tag={tag}: {Path(cfg.checkpoint.dir) / tag} is not a complete "
-                                           f"checkpoint; complete ones: {', '.join(ckpt.complete_tags(cfg.checkpoint.dir)) or 'none'}")
-        if tag is None:
+        state = resume(self.engine, self.layout, cfg, self.run_layout(), self.model.tracker, log=self.log)
+        if state is None:
             return False
-        state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.run.ps, self.model.tracker)
-        if self.pipe is not None:  # the last stage's copy of the tied embedding is in no checkpoint
-            self.pipe.sync_tied_weight_from_first_stage(self.model)
+        self.executor.sync_tied_weight()  # the last stage's copy of the tied embedding is in no checkpoint
         from ..tokenizer.base import check_same_identity
 
+        tag = state["tag"]
         check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
         self.step = int(state["step"])
         self.data.seek(int(state["consumed_samples"]))
-        self.scalars.history = {k: [tuple(v) for v in vs] for k, vs in state.get("history", {}).items()}
-        log(f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, "
-            f"{self.data.consumed} samples consumed", self.run)
+        if self.metrics_path is not None:  # the curves so far, for the plot at the end
+            self.scalars.restore(self.metrics_path, self.step)
+        self.log(f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, "
+                 f"{self.data.consumed} samples consumed")
         return True
 
     # -- the loop -------------------------------------------------------------------------------
@@ -185,18 +125,18 @@ class Trainer:
         return [bool(v) for v in t.tolist()]
 
     def _log_step(self, r: StepResult, dt: float) -> None:
-        cfg, run = self.run.cfg, self.run
+        cfg = self.cfg
         tokens = self.global_batch * cfg.data.seq_length
         tok_s = tokens / dt
         parts = [f"step {self.step:>6}/{cfg.train.steps}", f"loss {r.loss:.4f}", f"lr {r.lr:.3e}"]
         if r.grad_norm is not None:
             parts.append(f"grad norm {r.grad_norm:.3f}")
         parts.append(f"{tok_s:,.0f} tok/s")
-        tflops = self.flops_token * tok_s / run.ps.world_size / 1e12
+        tflops = self.flops_token * tok_s / self.layout.world_size / 1e12
         if self.peak:
             parts += [f"{tflops:.1f} TFLOP/s/dev", f"MFU {100 * tflops / self.peak:.1f}%"]
-        parts += [f"mem {memory_gb(run.device):.2f} GiB", f"{dt:.2f} s/step"]
-        log(" | ".join(parts), run)
+        parts += [f"mem {memory_gb(self.device):.2f} GiB", f"{dt:.2f} s/step"]
+        self.log(" | ".join(parts))
         for tag, v in (("train/loss", r.loss), ("train/lr", r.lr), ("train/grad_norm", r.grad_norm),
                        ("perf/tokens_per_s", tok_s), ("perf/tflops_per_device", tflops)):
             if v is not None:
@@ -205,14 +145,14 @@ class Trainer:
     def _eval_and_log(self) -> Optional[float]:
         v = self.evaluate()
         if v is not None:
-            log(f"validation at step {self.step}: loss {v:.4f} | perplexity {math.exp(min(v, 50)):.2f}", self.run)
+            self.log(f"validation at step {self.step}: loss {v:.4f} | perplexity {math.exp(min(v, 50)):.2f}")
             self.scalars.add("valid/loss", v, self.step)
             self._record(valid_loss=v)
             self.scalars.add("valid/ppl", math.exp(min(v, 50)), self.step)
         return v
 
     def train(self) -> dict[str, Any]:
-        cfg, run = self.run.cfg, self.run
+        cfg = self.cfg
         resumed = self.maybe_resume()
         if not resumed and cfg.train.eval_interval:
             self._eval_and_log()  # the step-0 reference point
@@ -223,7 +163,7 @@ class Trainer:
             r = self.train_step()
             self.step += 1
             if self.step == 1:
-                log(memory_report(cfg, run.ds, run.ps, run.device), run)
+                self.log(memory_report(cfg, engine_ds_config(self.plan, self.device), self.layout, self.device))
             self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
@@ -232,7 +172,7 @@ class Trainer:
                 raise NonFiniteError(f"step {self.step}: loss {r.loss} / grad norm {r.grad_norm} is not finite; "
                                      f"stopping without a checkpoint (train.on_nonfinite=skip skips such steps)")
             if nonfinite:
-                log(f"step {self.step}: non-finite loss or grad norm, update skipped", run)
+                self.log(f"step {self.step}: non-finite loss or grad norm, update skipped")
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self._log_step(r, (time.time() - interval_t) / interval_steps)
                 interval_t, interval_steps = time.time(), 0
@@ -240,7 +180,7 @@ class Trainer:
                 self._eval_and_log()
             if stop:
                 stopped_by = "signal" if self.signals.received is not None else "time limit"
-                log(f"stopping at step {self.step} ({stopped_by}); checkpointing", run)
+                self.log(f"stopping at step {self.step} ({stopped_by}); checkpointing")
                 self.save()
                 last_saved = self.step
                 break
@@ -254,17 +194,15 @@ class Trainer:
         return self._finish(stopped_by)
 
     def _finish(self, stopped_by: Optional[str]) -> dict[str, Any]:
-        cfg, run = self.run.cfg, self.run
+        cfg = self.cfg
         out: dict[str, Any] = {"step": self.step, "stopped_by": stopped_by, "history": self.scalars.history}
         if cfg.logging.plot and cfg.checkpoint.dir:
             png = self.scalars.plot(Path(cfg.checkpoint.dir) / "loss.png")
             if png:
-                log(f"loss curves: {png}", run)
+                self.log(f"loss curves: {png}")
         self.scalars.close()
         if cfg.logging.sample_prompt and stopped_by is None:
-            from .sample import print_sample
-
-            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, run.ps, run.device)
+            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, self.layout, self.device)
         return out
 
 
@@ -274,10 +212,10 @@ def _ds_version() -> str:
     return deepspeed.__version__
 
 
-def describe(cfg: Config, ds: dict, ps: ParallelState, n_params: int) -> str:
-    return (f"megagpt2: {cfg.model.n_layer} layers, hidden {cfg.model.n_embd}, {cfg.model.n_head} heads, "
-            f"{n_params / 1e6:.1f}M parameters per rank | world {ps.world_size} = tp {ps.tp_size} x pp {ps.pp_size} "
-            f"x dp {ps.dp_size} | ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)} | global batch "
-            f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
-            f"{ds['gradient_accumulation_steps']} x dp {ps.dp_size} | seq {cfg.data.seq_length}")
-
+def describe(plan: RunPlan, n_params: int) -> str:
+    """The run in one line (printed by rank 0 at the start)."""
+    m, layout, ds = plan.cfg.model, plan.layout, plan.ds
+    return (f"megagpt2: {m.n_layer} layers, hidden {m.n_embd}, {m.n_head} heads, {n_params / 1e6:.1f}M parameters "
+            f"per rank | world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | ZeRO stage "
+            f"{ds.zero_stage} | global batch {ds.global_batch} = micro {ds.micro_batch} x accum {ds.grad_accum} x dp "
+            f"{layout.dp} | seq {plan.cfg.data.seq_length}")

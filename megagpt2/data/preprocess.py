@@ -14,6 +14,7 @@ expensive per-document stage parallel.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -24,17 +25,12 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
-from tqdm import tqdm
 
-from megagpt2.corpus.cleaning import (
-    DROP_REASONS,
-    CleaningConfig,
-    DocumentStages,
-    DuplicateIndex,
-    Processed,
-)
+from megagpt2.corpus.cleaning import CleaningConfig, DocumentStages, DuplicateIndex, Processed
+from megagpt2.corpus.progress import Progress
+from megagpt2.corpus.readers import InputPosition, expand_inputs, iter_records
 from megagpt2.data.indexed import IndexedDatasetBuilder, dtype_for_vocab
-from megagpt2.corpus.readers import expand_inputs, iter_records
+from megagpt2.data.sidecar import commit_sidecar, discard_sidecar, stage_sidecar
 
 log = logging.getLogger("preprocess_data")
 
@@ -51,6 +47,7 @@ class PipelineOptions:
     log_errors: int = 100
     tokenizer_kwargs: dict = field(default_factory=dict)  # build_tokenizer(**tokenizer_kwargs)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    prepend_bos: bool = False  # the tokenizer's document-start id before every document
 
 
 # --- worker side ---------------------------------------------------------------------------
@@ -64,16 +61,18 @@ def _init_worker(settings: tuple, tokenizer=None) -> None:
         return
     from megagpt2.tokenizer import build_tokenizer
 
-    tokenizer_kwargs, append_eod, dtype, cleaning = settings
-    _WORKER.update(settings=settings, append_eod=append_eod, dtype=np.dtype(dtype),
+    tokenizer_kwargs, append_eod, dtype, cleaning, prepend_bos = settings
+    _WORKER.update(settings=settings, append_eod=append_eod, prepend_bos=prepend_bos, dtype=np.dtype(dtype),
                    tokenizer=tokenizer or build_tokenizer(**tokenizer_kwargs),
                    stages=DocumentStages(cleaning))
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(all tokens back to back, tokens per document), EOD appended when configured."""
+    """(all tokens back to back, tokens per document), BOS / EOD added when configured."""
     tokenizer = _WORKER["tokenizer"]
     ids = tokenizer.encode_batch(texts)
+    if _WORKER["prepend_bos"]:
+        ids = [[tokenizer.bos] + doc for doc in ids]
     if _WORKER["append_eod"]:
         for doc in ids:
             doc.append(tokenizer.eod)
@@ -89,66 +88,56 @@ def process_chunk(chunk: list[dict[str, str]]) -> dict:
     that passed, their tokens per output key, and the CPU seconds each stage took.
     """
     stages: DocumentStages = _WORKER["stages"]
-    before = dict(stages.seconds)
+    before, repairs_before = dict(stages.seconds), Counter(stages.repairs)
     docs = [stages.process(fields) for fields in chunk]
     passed = [d for d in docs if d.fields is not None]
     start = time.process_time()
-    tokens = {k: _tokenize([d.fields[k] for d in passed]) for k in chunk[0]} if chunk else {}
+    texts = [d.fields for d in passed if d.fields is not None]  # all of them: passed means kept
+    tokens = {k: _tokenize([f[k] for f in texts]) for k in chunk[0]} if chunk else {}
     seconds = {k: v - before[k] for k, v in stages.seconds.items()}
     seconds["tokenize"] = time.process_time() - start
     return {"reasons": [d.reason for d in docs], "keys": [d.key for d in passed],
-            "signatures": [d.signature for d in passed], "tokens": tokens, "seconds": seconds}
+            "signatures": [d.signature for d in passed], "tokens": tokens, "seconds": seconds,
+            "repairs": stages.repairs - repairs_before}
 
 
 # --- main side -----------------------------------------------------------------------------
 
 
-class _Progress:
-    """Counts for the report and the progress bar (documents/s, MB/s of input)."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        self.read, self.kept, self.bytes = 0, 0, 0
-        self.dropped: Counter = Counter({reason: 0 for reason in DROP_REASONS})
-        self.seconds: Counter = Counter()
-        self.start = time.perf_counter()
-        self._bar = tqdm(unit=" docs", disable=None if enabled is None else not enabled,
-                         mininterval=1.0, dynamic_ncols=True)
-        self._last = 0.0
-
-    def tick(self) -> None:
-        self._bar.update(self.read - self._bar.n)
-        now = time.perf_counter()
-        if now - self._last > 1.0:
-            self._last = now
-            mb_s = self.bytes / 1e6 / max(now - self.start, 1e-9)
-            self._bar.set_postfix_str(f"{mb_s:.1f} MB/s, kept {self.kept:,}", refresh=False)
-
-    def close(self) -> None:
-        self._bar.close()
+def _log_limited(opts: PipelineOptions, logged: int, msg: str, *args) -> int:
+    """Log the first ``opts.log_errors`` problems individually; returns the new count."""
+    if logged < opts.log_errors:
+        log.warning(msg, *args)
+        logged += 1
+        if logged == opts.log_errors:
+            log.warning("further bad or repaired records are counted but not logged")
+    return logged
 
 
-def _chunks(opts: PipelineOptions, progress: _Progress):
+def _chunks(opts: PipelineOptions, progress: Progress):
     """Readable records, as lists of field dicts of about ``chunk_bytes`` of primary text."""
-    records = iter_records(expand_inputs(opts.inputs), opts.json_keys)
+    records = iter_records(expand_inputs(opts.inputs), opts.json_keys, progress.position)
     chunk, size, logged = [], 0, 0
     while True:
         start = time.process_time()
         record = next(records, None)
-        progress.seconds["read"] += time.process_time() - start
+        progress.seconds["read"] += time.process_time() - start  # pyright: ignore[reportArgumentType]  (a Counter of floats)
         if record is None:
             break
         progress.read += 1
         progress.bytes += record.nbytes
         if record.error:
             progress.dropped["malformed"] += 1
-            if logged < opts.log_errors:
-                log.warning("%s: %s (skipped)", record.where, record.error)
-                logged += 1
-                if logged == opts.log_errors:
-                    log.warning("further bad records are counted but not logged")
+            logged = _log_limited(opts, logged, "%s: %s (skipped)", record.where, record.error)
             continue
-        chunk.append(record.fields)
-        size += len(record.fields[opts.json_keys[0]])
+        if record.repaired:
+            progress.repairs.update(invalid_utf8_documents=1, invalid_utf8_sequences=record.repaired)
+            logged = _log_limited(opts, logged, "%s: %d invalid UTF-8 sequence(s) replaced by U+FFFD",
+                                  record.where, record.repaired)
+        fields = record.fields
+        assert fields is not None  # a record without an error has fields
+        chunk.append(fields)
+        size += len(fields[opts.json_keys[0]])
         if size >= opts.chunk_bytes:
             yield chunk
             chunk, size = [], 0
@@ -173,7 +162,7 @@ def _ordered_results(chunks, workers: int, settings: tuple, tokenizer):
             yield pending.popleft().get()
 
 
-def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, progress: _Progress,
+def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, progress: Progress,
                   tokens: Counter) -> None:
     """Decide duplicates in order and append the surviving documents' tokens."""
     for reason in result["reasons"]:
@@ -192,34 +181,46 @@ def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, prog
             flat, lengths = flat[np.repeat(keep, lengths)], lengths[keep]
         builders[key].add_documents(flat, lengths)
         tokens[key] += int(flat.size)
-    progress.seconds["write"] += time.process_time() - start
+    progress.tokens = sum(tokens.values())
+    progress.seconds["write"] += time.process_time() - start  # pyright: ignore[reportArgumentType]
     progress.seconds.update(result["seconds"])
+    progress.repairs.update(result["repairs"])
 
 
 def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     """Preprocess ``opts.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; returns counts.
 
+    Each output gets its tokenizer sidecar (``{dataset}.tokenizer/``, megagpt2.data.sidecar).
     ``tokenizer`` must be ``build_tokenizer(**opts.tokenizer_kwargs)`` (workers rebuild it from
     those arguments). Outputs appear under their final names only if the whole run succeeds.
     """
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size))
-    expand_inputs(opts.inputs)  # fail on a missing input before creating outputs
+    inputs = expand_inputs(opts.inputs)  # fail on a missing input before creating outputs
     os.makedirs(os.path.dirname(os.path.abspath(opts.output_prefix)), exist_ok=True)
     paths = {k: f"{opts.output_prefix}_{k}_document" for k in opts.json_keys}
     builders = {k: IndexedDatasetBuilder(p + ".bin", dtype) for k, p in paths.items()}
     duplicates = DuplicateIndex(opts.cleaning)
-    progress = _Progress(opts.progress)
+    progress = Progress(InputPosition(inputs), opts.progress)
     tokens: Counter = Counter({k: 0 for k in opts.json_keys})
-    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning)
+    settings = (opts.tokenizer_kwargs, opts.append_eod, dtype.str, opts.cleaning, opts.prepend_bos)
+    staged: dict[str, str] = {}
     try:
         for result in _ordered_results(_chunks(opts, progress), opts.workers, settings, tokenizer):
             _write_result(result, duplicates, builders, progress, tokens)
             progress.tick()
+        built_with = {"append_eod": opts.append_eod, "prepend_bos": opts.prepend_bos,
+                      "cleaning": dataclasses.asdict(opts.cleaning)}
+        kw = opts.tokenizer_kwargs
+        for key in builders:
+            staged[key] = stage_sidecar(paths[key], tokenizer, kw.get("eod_token"), built_with,
+                                        kw.get("bos_token"), kw.get("newline_token"))
         for key, builder in builders.items():
-            builder.finalize(paths[key] + ".idx")
+            builder.finalize(paths[key] + ".idx", lambda k=key: commit_sidecar(staged.pop(k), paths[k]))
     except BaseException:
         for builder in builders.values():
             builder.abort()
+        for tmp in staged.values():
+            discard_sidecar(tmp)
         raise
     finally:
         progress.close()
@@ -230,6 +231,7 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
         "documents_read": progress.read,
         "documents_kept": progress.kept,
         "dropped": dict(progress.dropped),
+        "repairs": dict(progress.repairs),
         "tokens_written": dict(tokens),
         "input_bytes": progress.bytes,
         "wall_seconds": round(seconds, 3),
