@@ -92,7 +92,7 @@ def shape_config(name: str, args: argparse.Namespace, data_prefix: str):
 
 def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device: torch.device):
     """(step function, objects to free) for megagpt2's Trainer at this shape, ZeRO-2 on one rank."""
-    from megagpt2.parallel import ProcessGroups
+    from megagpt2.parallel import build_process_groups
     from megagpt2.training.plan import plan_run
     from megagpt2.training.trainer import Trainer
 
@@ -102,7 +102,7 @@ def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device
     ds.pop("train_batch_size", None)
     plan = plan_run(cfg, ds, world_size=1)
     plan.ds.check_device(device.type == "cuda")
-    trainer = Trainer(plan, ProcessGroups.single(), device)
+    trainer = Trainer(plan, build_process_groups(plan.layout), device)  # one rank: run() started the group
     trainer.data = FixedBatches(x, y)  # pyright: ignore[reportAttributeAccessIssue]  (a stand-in)
     return (lambda: trainer.train_step().loss), [trainer]
 
@@ -170,7 +170,7 @@ def time_row(step, device: torch.device, warmup: int, iters: int) -> dict:
 
 def fits(cfg, micro: int, device: torch.device) -> tuple[bool, str]:
     """Would megagpt2's ZeRO-2 step at this shape fit (the memory estimate, with 15% headroom)?"""
-    from megagpt2.training.memory import estimate
+    from megagpt2.memory import estimate
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     need = estimate(cfg.model, cfg.data.seq_length, micro, zero_stage=2, precision=precision).peak / 2**30

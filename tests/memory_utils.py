@@ -1,4 +1,4 @@
-"""Measure a training step's memory on CPU, for comparison with megagpt2.training.memory.estimate.
+"""Measure a training step's memory on CPU, for comparison with megagpt2.memory.estimate.
 
 Three measurements of one optimizer step (the second, so that lazily built state exists):
   static       bytes of every live tensor storage at the start of the step (gc walk, storages

@@ -15,6 +15,7 @@ import torch
 from megagpt2.config import ModelConfig
 from megagpt2.model import GPT2
 from megagpt2.model.compile import compile_model
+from megagpt2.parallel import ProcessGroups
 from tests.dist_utils import run_distributed
 from tests.train_utils import ds_config, losses, make_dataset, tiny_config, train_worker
 
@@ -29,7 +30,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_compiled_model_matches_eager_loss_and_gradients():
     from torch._dynamo.utils import counters
 
-    eager = GPT2(ModelConfig(**TINY))
+    eager = GPT2(ModelConfig(**TINY), ProcessGroups.single())
     compiled = compile_model(copy.deepcopy(eager), activation_checkpointing=False)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # names unchanged: checkpoints still load
     g = torch.Generator().manual_seed(0)

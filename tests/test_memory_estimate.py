@@ -1,4 +1,4 @@
-"""The memory estimate (megagpt2.training.memory, tools/estimate_memory.py) against bytes measured on CPU.
+"""The memory estimate (megagpt2.memory, tools/estimate_memory.py) against bytes measured on CPU.
 
 Three layouts of a tiny model trained by the real Trainer on gloo ranks: weights + optimizer
 state between steps, the activations autograd holds, and the peak of a step must each be within
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from megagpt2.config import ModelConfig
+from megagpt2.memory import estimate
 from megagpt2.model import GPT2
 from megagpt2.parallel import ProcessGroups
-from megagpt2.training.memory import estimate
 from tests.dist_utils import run_distributed
 from tests.memory_utils import measure_second_step
 from tests.train_utils import make_dataset, tiny_config, train_worker

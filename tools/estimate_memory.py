@@ -9,7 +9,7 @@ reduction buffers, optimizer state (ZeRO 0, 1, 2 shard it over dp), saved activa
 without activation checkpointing and sequence parallelism, times the micro-batches the pipeline
 schedule holds at once) and the largest short-lived allocation, then the step's peak. Batch
 sizes, ZeRO stage, bucket sizes and precision come from the DeepSpeed JSON unless given here.
-The model is megagpt2.training.memory; tests/test_memory_estimate.py holds it within 10% of bytes
+The model is megagpt2.memory; tests/test_memory_estimate.py holds it within 10% of bytes
 measured on CPU. The training log prints the same estimate next to the measured peak at step 1.
 """
 
@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt2.config import ConfigError, load_config, validate  # noqa: E402
-from megagpt2.training.ds_config import DeepSpeedConfig, DSConfigError  # noqa: E402
-from megagpt2.training.memory import MemoryEstimate, estimate_run  # noqa: E402
+from megagpt2.ds_config import DeepSpeedConfig, DSConfigError  # noqa: E402
+from megagpt2.memory import MemoryEstimate, estimate_run  # noqa: E402
 
 GiB = 2**30
 ROWS = ("parameters", "gradients", "buckets", "optimizer", "activations", "transient", "peak")

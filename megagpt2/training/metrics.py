@@ -71,7 +71,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 def memory_report(cfg, ds: dict, layout: ParallelLayout, device: torch.device) -> str:
     """One log line: this rank's measured peak next to tools/estimate_memory.py's estimate
     (`ds`: the engine's DeepSpeed config)."""
-    from .memory import estimate_run
+    from ..memory import estimate_run
 
     peak, what = peak_memory_gib(device)
     est = estimate_run(cfg, ds, layout.dp, stage=layout.pp_rank)

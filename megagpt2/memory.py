@@ -39,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-from ..config import ModelConfig
+from .config import ModelConfig
 
 FP32, INT64, BOOL = 4, 8, 1
 
@@ -176,7 +176,7 @@ def _backwards(schedule: str, m: int, pp: int, rank: int) -> list[tuple[int, boo
     """For each backward pass of a step on this rank: (micro-batches in flight, an earlier backward ran?)."""
     if pp == 1:
         return [(1, i > 0) for i in range(m)]
-    from ..pipeline.schedules import SCHEDULES
+    from .pipeline.schedules import SCHEDULES
 
     out, live, done = [], 0, 0
     for op in SCHEDULES[schedule](m, pp, rank, 1):
