@@ -1,8 +1,20 @@
-"""Test-wide settings: one intra-op thread per process (tests start many ranks on few cores)."""
+"""Test-wide settings (one intra-op thread per process: tests start many ranks on few cores) and
+the fixtures several test modules share."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.eval_fixtures"]  # the tiny trained model shared by evaluation and export tests
+
+
+@pytest.fixture(scope="session")
+def source_222(tmp_path_factory):
+    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, 7 steps with a checkpoint after every step, trained
+    once for every test that needs a real checkpoint of a 3-D layout (tests/ckpt_utils.py)."""
+    from tests.ckpt_utils import train_source_222
+
+    return train_source_222(tmp_path_factory.mktemp("src222"))

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..config import Config, ConfigError, validate
+from ..ds_config import DeepSpeedConfig, DSConfigError
 from ..parallel import ParallelLayout, ParallelLayoutError
 from ..pipeline import StageLayout, check_layout, partition
 from ..tokenizer import Tokenizer, TokenizerError
-from .ds_config import DeepSpeedConfig, DSConfigError
 
 if TYPE_CHECKING:
     from ..data.run_tokenizer import ResolvedTokenizer
