@@ -18,3 +18,20 @@ def source_222(tmp_path_factory):
     from tests.ckpt_utils import train_source_222
 
     return train_source_222(tmp_path_factory.mktemp("src222"))
+
+
+@pytest.fixture(scope="session")
+def stop_files(tmp_path_factory) -> dict:
+    """Dataset, tiny config and DeepSpeed JSON of the stop-signal tests (tests/launch_utils.py)."""
+    from tests.launch_utils import write_stop_files
+
+    return write_stop_files(tmp_path_factory.mktemp("stop"))
+
+
+@pytest.fixture(scope="session")
+def stop_reference(stop_files) -> dict:
+    """step -> loss of one unbroken 2-rank run of `stop_files`, which every stopped-and-resumed run
+    of tests/test_stop_signals.py and tests/test_slurm.py must match."""
+    from tests.launch_utils import reference_losses
+
+    return reference_losses(stop_files)

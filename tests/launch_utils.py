@@ -76,3 +76,28 @@ def read_metrics(ckpt_dir: Path) -> list[dict]:
 def train_losses(ckpt_dir: Path) -> dict[int, float]:
     """step -> loss (the last record of a step wins: a resumed run rewrites steps after latest)."""
     return {r["step"]: r["loss"] for r in read_metrics(ckpt_dir) if "loss" in r}
+
+
+# The runs that stop on a signal: the reference has STOP_STEPS steps and the learning rate decays over
+# them whatever train.steps is, so a run given ENDLESS steps (which a signal stops) matches it.
+STOP_STEPS, ENDLESS = 24, 100000
+
+
+def write_stop_files(d: Path) -> dict:
+    """A random-token dataset, the tiny config (micro batch 4 x 2 ranks, ZeRO-2) and its DeepSpeed JSON."""
+    from tests.train_utils import ds_config, make_dataset, tiny_config
+
+    cfg = tiny_config(make_dataset(d / "data"), None, steps=STOP_STEPS, optim={"decay_steps": STOP_STEPS})
+    cfg.parallel.timeout_seconds = 60
+    cfg_path, ds_path = write_run_files(d, cfg, ds_config(stage=2, micro=4))
+    return {"dir": d, "config": cfg_path, "ds": ds_path}
+
+
+def reference_losses(files: dict, timeout: float = 300.0) -> dict[int, float]:
+    ckpt = files["dir"] / "reference"
+    codes = wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
+                                 log_dir=files["dir"]), timeout=timeout)
+    assert codes == [0, 0], (files["dir"] / "rank0.log").read_text()[-3000:]
+    losses = train_losses(ckpt)
+    assert sorted(losses) == list(range(1, STOP_STEPS + 1))
+    return losses

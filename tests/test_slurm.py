@@ -19,10 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from megagpt2.config import dump_yaml
-from tests.launch_utils import read_metrics, slow_steps, start_ranks, train_losses, wait_all
+from tests.launch_utils import ENDLESS, STOP_STEPS, read_metrics, slow_steps, start_ranks, wait_all
 from tests.slurm_cluster import SlurmCluster, missing_slurm
-from tests.train_utils import ds_config, make_dataset, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 WHY_NOT = missing_slurm()
@@ -32,8 +30,7 @@ JOB_TIMEOUT = 180  # seconds; generous: other test runs may share the 2 cores
 CPU_JOB = ["--gpus-per-node=0", "--time=15"]
 PER_RANK = ["--ntasks-per-node=2", "--cpus-per-task=1"]  # srun and deepspeed variants: a task per rank
 PER_NODE = ["--ntasks-per-node=1", "--cpus-per-task=2"]  # torchrun variant: a task per node
-STEPS = 24  # the unbroken reference run; the lr schedule decays over these steps whatever train.steps is
-ENDLESS = 100000  # train.steps of a run that a signal stops
+STEPS = STOP_STEPS  # the unbroken reference run's steps
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +39,10 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
+@pytest.fixture
+def files(stop_files) -> dict[str, Path]:
     """A random-token dataset, the tiny config (micro batch 4 x 2 ranks) and its DeepSpeed JSON."""
-    d = tmp_path_factory.mktemp("slurm_run")
-    prefix = make_dataset(d / "data")
-    cfg = tiny_config(prefix, None, steps=STEPS, optim={"decay_steps": STEPS})
-    (d / "tiny.yaml").write_text(dump_yaml(cfg))
-    (d / "ds.json").write_text(json.dumps(ds_config(stage=2, micro=4)))
-    return {"dir": d, "config": d / "tiny.yaml", "ds": d / "ds.json"}
+    return stop_files
 
 
 def submit(cluster: SlurmCluster, files: dict, script: str, ckpt: Path, steps: int, layout=PER_RANK,
@@ -100,14 +92,10 @@ def wait_for_steps(cluster: SlurmCluster, job: int, ckpt: Path, at_least: int) -
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
-def reference(files) -> dict[int, float]:
+@pytest.fixture
+def reference(stop_reference) -> dict[int, float]:
     """step -> loss of an unbroken 2-rank run of STEPS steps (started directly, without Slurm)."""
-    ckpt = files["dir"] / "reference"
-    codes = wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
-                                 log_dir=files["dir"]), timeout=JOB_TIMEOUT)
-    assert codes == [0, 0], (files["dir"] / "rank0.log").read_text()[-3000:]
-    return train_losses(ckpt)
+    return stop_reference
 
 
 def segment_losses(ckpt: Path, after: int) -> dict[int, float]:
