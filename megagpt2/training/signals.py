@@ -10,7 +10,9 @@ MAX), finish the step, save a checkpoint and exit with `exit_code(...)`:
   launcher gone  the deepspeed runner / torchrun above this rank exited (megagpt2.launchers): checkpoint, exit 0
   time limit     train.max_minutes (the trainer's own clock)         checkpoint, exit 0
 
-Handlers are installed first thing in the entry, so a signal during start-up is kept, not fatal.
+Handlers are installed first thing in the entry, so a signal during start-up is kept, not fatal, and
+stay until the process exits: a late one (a launcher's own SIGTERM after the batch script's) must not
+turn a clean exit into a kill.
 Under launch/graceful.py (which reports 130 after Ctrl-C itself) a rank registers its pid with the
 wrapper and exits 0 after any clean stop, so launchers that treat a non-zero rank as a failure stay quiet.
 """
