@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -152,7 +153,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Where and when to save; resuming from `dir`'s latest is automatic."""
 
-    dir: Optional[str] = "auto"  # checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>; none: save nothing
+    dir: Optional[str] = "auto"  # checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: no saving
     interval: int = 0  # steps between saves; 0 = only at the end and on signals
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in dir
@@ -321,9 +322,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] =
 
 def resolve_run_dir(cfg: Config, config_path: Optional[str] = None) -> None:
     """checkpoint.dir=auto becomes runs/<stem of the YAML file> (runs/default without one), so no
-    run trains unsaved unless asked to (checkpoint.dir=none)."""
-    if cfg.checkpoint.dir == "auto":
-        cfg.checkpoint.dir = str(Path("runs") / (Path(config_path).stem if config_path else "default"))
+    run trains unsaved unless asked to (checkpoint.dir=none). A fine-tune gets -<data.format> and
+    a run from other weights -from-<their name>: resuming is automatic, so a fine-tune started with
+    the pretraining config must not find (and resume) the pretraining run's checkpoints."""
+    if cfg.checkpoint.dir != "auto":
+        return
+    name = Path(config_path).stem if config_path else "default"
+    if cfg.data.format != "pretrain":
+        name += f"-{cfg.data.format}"
+    if cfg.train.init_from:
+        source = Path(os.path.normpath(cfg.train.init_from))
+        tag = f"{source.parent.name}-{source.name}" if re.fullmatch(r"step_\d+", source.name) else source.name
+        name += f"-from-{tag}"
+    cfg.checkpoint.dir = str(Path("runs") / name)
 
 
 def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:

@@ -201,6 +201,11 @@ def test_checkpoint_dir_defaults_to_a_run_directory(tmp_path):
     assert load_config(None).checkpoint.dir == str(Path("runs") / "default")
     assert load_config(str(yaml_file), ["--checkpoint.dir=none"]).checkpoint.dir is None
     assert load_config(str(yaml_file), ["--checkpoint.dir=ck/a"]).checkpoint.dir == "ck/a"
+    # a fine-tune or a run from other weights started with the same file must not resume this one
+    assert load_config(str(yaml_file), ["--data.format=dialogue"]).checkpoint.dir == "runs/my-run-dialogue"
+    assert load_config(str(yaml_file), ["--train.init_from=hf/gpt2/"]).checkpoint.dir == "runs/my-run-from-gpt2"
+    assert load_config(str(yaml_file), ["--data.format=chitchat", "--train.init_from=runs/my-run/step_00000400"]
+                       ).checkpoint.dir == "runs/my-run-chitchat-from-my-run-step_00000400"
     yaml_file.write_text("checkpoint:\n  dir: null\n")
     assert load_config(str(yaml_file)).checkpoint.dir is None
     cfg = Config()
@@ -220,6 +225,10 @@ def test_the_plan_says_where_the_run_saves(prefix, tmp_path, monkeypatch):
     off = plan_run(tiny_config(prefix, None), ds_config(), world_size=1)
     assert off.notes[0] == "checkpoint.dir=none: nothing is saved (no checkpoints, metrics.jsonl or loss.png)"
     assert not (tmp_path / "runs").exists()  # planning creates nothing
+    (tmp_path / "runs" / "a" / "step_00000004").mkdir(parents=True)
+    own = tiny_config(prefix, tmp_path / "runs" / "a", train={"init_from": "runs/a/step_00000004"})
+    with pytest.raises(PlanError, match="train.init_from=runs/a/step_00000004 .* is inside checkpoint.dir="):
+        plan_run(own, ds_config(), world_size=1)
 
 
 def test_presets_and_slurm_scripts_save_by_default():
@@ -255,3 +264,55 @@ def test_preprocessing_with_no_output_fails_saying_why(tmp_path, caplog, content
     assert needle in caplog.text and "nothing was written" in caplog.text, caplog.text
     assert not list((tmp_path / "out").iterdir())  # no dataset, no sidecar, no report
 
+
+# -- non-finite steps ---------------------------------------------------------------------------------
+def test_skipping_non_finite_steps_stops_after_max_skipped_in_a_row():
+    from megagpt2.pipeline.executor import NonFiniteError, NonfiniteGuard, StepResult
+
+    nan = StepResult(float("nan"), None, 1e-3, True)
+    good = StepResult(2.0, 1.0, 1e-3, False)
+    guard = NonfiniteGuard("skip", max_skipped=3)
+    assert guard.check(1, nan, True) == "step 1: loss nan / grad norm None is not finite: update skipped " \
+                                        "(1 in a row, the run stops at 3)"
+    assert guard.check(2, nan, True) is not None and guard.check(3, good, False) is None  # a good step resets
+    assert guard.check(4, nan, True) and guard.check(5, nan, True)
+    with pytest.raises(NonFiniteError) as e:
+        guard.check(6, nan, True)
+    assert "3 non-finite steps in a row (steps 4-6) reached train.max_skipped_steps=3; stopping without a " \
+           "checkpoint of this step. The run has diverged: resume from a checkpoint of before step 4" in str(e.value)
+    with pytest.raises(NonFiniteError, match="step 7: loss nan / grad norm None is not finite; stopping"):
+        NonfiniteGuard("stop", 3).check(7, nan, True)
+
+
+def test_an_fp16_loss_scale_overflow_is_not_a_non_finite_step():
+    from megagpt2.pipeline.executor import classify
+
+    inf = float("inf")
+    assert classify(True, inf, fp16=True) == (False, True)  # DeepSpeed skipped it and halved the scale
+    assert classify(True, inf, fp16=False) == (True, False)  # bf16 / fp32: the gradients really are inf
+    assert classify(False, inf, fp16=True) == (True, False)  # a NaN loss is never an overflow
+    assert classify(True, 1.0, fp16=True) == classify(True, None, fp16=False) == (False, False)
+
+
+# -- the end-of-run sample ------------------------------------------------------------------------------
+def test_the_sample_prompt_takes_the_runs_layout(capsys):
+    from megagpt2.config import ModelConfig
+    from megagpt2.model import GPT2
+    from megagpt2.parallel import ParallelLayout, ProcessGroups
+    from megagpt2.tokenizer import build_tokenizer
+    from megagpt2.training.metrics import print_sample, prompt_ids
+
+    tok = build_tokenizer()
+    hello = tok.encode("hello there")
+    assert prompt_ids(tok, "hello there", chat=True, max_tokens=64) == [tok.eod] + hello + [tok.eod]  # user turn
+    assert prompt_ids(tok, "hello there", chat=False, max_tokens=64) == hello  # a document start
+    assert len(prompt_ids(tok, "word " * 100, chat=True, max_tokens=16)) == 16  # the newest tokens that fit
+    cfg = ModelConfig(n_layer=1, n_embd=16, n_head=2, n_positions=32, attention="torch", kernels="torch")
+    model = GPT2(cfg, ProcessGroups.single(), seed=0).eval()
+    layout = ParallelLayout.for_world(1, 1, 1, 1, 0)
+    import torch
+
+    print_sample(model, tok, "hello there", layout, torch.device("cpu"), max_new_tokens=3, chat_format="dialogue")
+    assert capsys.readouterr().out.startswith("sample (dialogue layout): user: hello there | reply: ")
+    print_sample(model, tok, "ROMEO:", layout, torch.device("cpu"), max_new_tokens=3)
+    assert capsys.readouterr().out.startswith("sample: ROMEO:")

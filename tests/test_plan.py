@@ -203,8 +203,8 @@ def test_help_lists_every_key_with_type_and_default_quickly(tmp_path):
     out = " ".join(r.stdout.split())  # help text wraps descriptions
     assert "--data.path=str " in out and "(default: '')" in out
     assert "--parallel.tp=int tensor-parallel size (default: 1)" in out
-    assert "--checkpoint.dir=str|none checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>; none: " \
-           "save nothing (default: auto)" in out
+    assert "--checkpoint.dir=str|none checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: " \
+           "no saving (default: auto)" in out
     assert "--model.attention=flash|fused_softmax|torch" in out
     rows = describe_fields()
     assert len(rows) > 50 and all(doc for _, _, _, doc in rows), [k for k, _, _, doc in rows if not doc]

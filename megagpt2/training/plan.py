@@ -199,10 +199,15 @@ def _prefix_errors(prefix: str) -> list[str]:
 
 
 def _init_from_errors(cfg: Config) -> list[str]:
-    path = cfg.train.init_from
+    path, run_dir = cfg.train.init_from, cfg.checkpoint.dir
     if path and not os.path.exists(path):
         return [f"train.init_from={_where(path)} does not exist: give a megagpt2 checkpoint directory or a "
                 f"Hugging Face GPT-2 directory"]
+    if path and run_dir and os.path.commonpath([os.path.abspath(path), os.path.abspath(run_dir)]) == \
+            os.path.abspath(run_dir):
+        return [f"train.init_from={_where(path)} is inside checkpoint.dir={run_dir}: the run would resume the "
+                f"checkpoint there (optimizer, step and data position) instead of starting from its weights; "
+                f"give this run its own checkpoint.dir"]
     return []
 
 
