@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from megagpt2.config import Config  # noqa: E402
 from megagpt2.eval import score_continuations  # noqa: E402
 from megagpt2.model import GPT2  # noqa: E402
+from megagpt2.parallel import ProcessGroups  # noqa: E402
 
 SHAPES = {"tiny": (2, 32, 4), "124m": (12, 768, 12)}  # n_layer, n_embd, n_head
 
@@ -36,7 +37,7 @@ def build(shape: str, device: str) -> GPT2:
     cfg.n_layer, cfg.n_embd, cfg.n_head = SHAPES[shape]
     cfg.vocab_size, cfg.n_positions, cfg.dropout, cfg.attn_dropout = 50257, 1024, 0.0, 0.0
     cfg.attention = "flash"
-    return GPT2(cfg, seed=0).to(device).eval()
+    return GPT2(cfg, ProcessGroups.single(), seed=0).to(device).eval()
 
 
 def task_pairs(task: str, n: int, seed: int = 0) -> tuple[list, int]:

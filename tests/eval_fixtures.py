@@ -42,6 +42,7 @@ def train_tiny(steps: int = 80, seed: int = 0):
     """(model, tokenizer): a plain torch loop, one process."""
     from megagpt2.config import Config
     from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
     from megagpt2.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
@@ -49,7 +50,7 @@ def train_tiny(steps: int = 80, seed: int = 0):
     cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_positions, cfg.vocab_size = 2, 32, 4, 128, tok.vocab_size
     cfg.dropout = cfg.attn_dropout = 0.0
     cfg.attention, cfg.kernels = "torch", "torch"
-    model = GPT2(cfg, seed=seed)
+    model = GPT2(cfg, ProcessGroups.single(), seed=seed)
     stream = []
     for doc in corpus(seed):
         stream += tok.encode(doc) + [tok.eod]

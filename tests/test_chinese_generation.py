@@ -14,6 +14,7 @@ import torch
 from megagpt2.config import ModelConfig
 from megagpt2.generation import SamplingConfig, filter_logits
 from megagpt2.model import GPT2
+from megagpt2.parallel import ProcessGroups
 from megagpt2.tokenizer import build_tokenizer
 from megagpt2.tokenizer.wordpiece import is_cjk, train_wordpiece
 from tools import generate as generate_tool
@@ -43,7 +44,7 @@ def trained(tmp_path_factory):
     cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=tok.vocab_size,
                       make_vocab_size_divisible_by=32, dropout=0.0, attn_dropout=0.0, kernels="torch")
     torch.manual_seed(0)
-    model = GPT2(cfg, seed=0)
+    model = GPT2(cfg, ProcessGroups.single(), seed=0)
     data = torch.tensor(stream)
     windows = torch.stack([data[i:i + 17] for i in range(0, len(data) - 17, 3)])  # (N, 17)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -80,6 +80,7 @@ def tiny_bert_ckpt(tmp_path_factory):
     from megagpt2.checkpoint.reshard import default_sharding, write_converted
     from megagpt2.config import Config
     from megagpt2.model import GPT2
+    from megagpt2.parallel import ProcessGroups
     from megagpt2.tokenizer import build_tokenizer
 
     tmp = tmp_path_factory.mktemp("bert")
@@ -88,7 +89,7 @@ def tiny_bert_ckpt(tmp_path_factory):
     cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, cfg.model.n_positions = 1, 16, 2, 32
     cfg.model.vocab_size = tok.vocab_size
     cfg.tokenizer.tokenizer_type, cfg.tokenizer.tokenizer_model = "HFTokenizer", str(tmp / "tokenizer.json")
-    model = GPT2(cfg.model, seed=0)
+    model = GPT2(cfg.model, ProcessGroups.single(), seed=0)
     full = {k: v.detach() for k, v in model.state_dict().items()}
     meta = {"config": cfg.to_dict(), "tokenizer": tok.identity(), "step": 1}
     write_converted(full, default_sharding(full), meta, str(tmp / "ckpt"), tp=1)
