@@ -7,11 +7,12 @@ second with one message (the entry prints it on the first rank only and exits 2)
 cheapest first and stop at the first group that fails:
 
   1. the config's fields and their combinations (config.validate);
-  2. the layout (world size over tp x pp), the DeepSpeed JSON and its batch sizes for that
+  2. the layout (world size over tp x pp), the DeepSpeed JSON (keys DeepSpeed has) and its batch sizes for that
      data-parallel size, the pipeline split and schedule: the same `partition` the stages are
      built from and the same `check_layout` the schedule runs;
   3. the files: every data prefix has a readable .bin/.idx pair (or the fine-tuning jsonl
-     exists), data.split parses, train.init_from exists; paths in messages are absolute, as
+     exists), data.split parses, train.init_from exists (and is not inside checkpoint.dir, whose
+     checkpoint would be resumed instead); paths in messages are absolute, as
      resolved from the directory the run was started in;
   4. the tokenizer (megagpt2.data.run_tokenizer): the explicit one, else the dataset's sidecar,
      else train.init_from's; it builds, agrees with every source and fits model.vocab_size;
