@@ -1,9 +1,10 @@
-"""Turn a gpu_check run's figures into one Markdown report, with the kernel targets judged.
+"""Turn a gpu_check run's figures into one Markdown report, with every target judged.
 
     python benchmarks/gpu_report.py OUT_DIR            # writes OUT_DIR/RESULTS.md and prints it
 
-Reads what benchmarks/gpu_check.sh leaves in OUT_DIR (summary.txt, bench_kernels_*.json,
-bench_model_*.json). The targets (issue: fused kernels) are, on one H200:
+Reads what benchmarks/gpu_check.sh leaves in OUT_DIR (summary.txt, train.json,
+bench_train_*.json, bench_kernels_*.json, bench_model_*.json). The training and speed targets are
+benchmarks/report_train.py's; the kernel targets (issue: fused kernels) are, on one H200:
   LayerNorm fwd+bwd at hidden 1600: >= 1.3x torch eager and >= 75% of measured copy bandwidth;
   causal softmax fwd+bwd: >= 2x the unfused torch sequence and >= 75% of copy bandwidth
   (judged at every softmax shape benchmarked).
@@ -15,6 +16,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.report_train import training_parts  # noqa: E402
 
 LN_SPEEDUP, SOFTMAX_SPEEDUP, MIN_FRAC_BW = 1.3, 2.0, 0.75
 LN_TARGET_HIDDEN = 1600
@@ -71,14 +76,19 @@ def model_table(rows: list[dict]) -> list[str]:
 def report(out_dir: Path) -> str:
     kernel_files = sorted(out_dir.glob("bench_kernels_*.json"))
     model_files = sorted(out_dir.glob("bench_model_*.json"))
-    if not kernel_files and not model_files:
-        raise SystemExit(f"{out_dir}: no bench_kernels_*.json or bench_model_*.json; run "
-                         f"benchmarks/gpu_check.sh with OUT={out_dir} first")
-    parts = ["# Fused kernels on a GPU: figures from benchmarks/gpu_check.sh", ""]
     summary = out_dir / "summary.txt"
-    if summary.is_file():
-        parts += ["```", summary.read_text().rstrip(), "```", ""]
-    verdicts = []
+    summary_text = summary.read_text().rstrip() if summary.is_file() else ""
+    gpu = "mode: GPU" in summary_text or any(
+        json.loads(p.read_text())["meta"]["device"] != "cpu" for p in out_dir.glob("bench_*.json"))
+    train_parts, verdicts = training_parts(out_dir, gpu)
+    if not (kernel_files or model_files or train_parts):
+        raise SystemExit(f"{out_dir}: no figures (train.json, bench_*.json); run benchmarks/gpu_check.sh "
+                         f"with OUT={out_dir} first")
+    parts = ["# megagpt2 on a GPU: figures from benchmarks/gpu_check.sh" if gpu else
+             "# megagpt2, gpu_check dry run on CPU (tiny shapes): figures from benchmarks/gpu_check.sh --dry-run", ""]
+    if summary_text:
+        parts += ["```", summary_text, "```", ""]
+    parts += train_parts
     for path in kernel_files:
         figures = json.loads(path.read_text())
         meta = figures["meta"]
@@ -97,7 +107,7 @@ def report(out_dir: Path) -> str:
                   f"{meta['seq']} on {meta['device']}, {meta['date']}", ""]
         parts += model_table(figures["rows"]) + [""]
     if verdicts:
-        parts += ["## Targets (bf16)", ""]
+        parts += ["## Targets", ""]
         parts += [f"- {'MET' if met else 'MISSED'}: {what} (measured {got})" for what, met, got in verdicts]
         parts.append("")
     return "\n".join(parts)

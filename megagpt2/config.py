@@ -38,6 +38,7 @@ Partition = Literal["uniform", "parameters"]
 TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
                         "BertWordPieceLowerCase", "BertWordPieceCase"]
 DataFormat = Literal["pretrain", "dialogue", "instruction", "chitchat"]
+Verify = Literal["checksum", "size"]
 Clean = Literal["none", "web"]  # megagpt2.corpus.cleaning.PRESETS
 DecayStyle = Literal["cosine", "linear", "constant"]
 OnNonfinite = Literal["stop", "skip"]
@@ -61,6 +62,7 @@ class ModelConfig:
     attention: Attention = "flash"  # attention implementation (docs/kernels.md)
     kernels: Kernels = "auto"  # LayerNorm/softmax kernels; auto = Triton on CUDA
     activation_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    compile: bool = False  # torch.compile the model (the blocks, under activation checkpointing)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -158,6 +160,9 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in dir
     tag: Optional[str] = None  # resume from this checkpoint (e.g. step_00000400) instead of the newest
+    fallback: bool = True  # a damaged newest checkpoint: resume from the newest that verifies (false: stop)
+    verify: Verify = "checksum"  # how much of each file is checked before resuming (size: sizes only)
+    allow_batch_change: bool = False  # resume with another global batch size (the sample position is kept)
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Test-wide settings: one intra-op thread per process (tests start many ranks on few cores), and a
-guard that no test leaves a run directory in the repository."""
+"""Test-wide settings (one intra-op thread per process: tests start many ranks on few cores), the
+fixtures several test modules share, and a guard that no test leaves a run directory in the
+repository."""
 
 import os
 from pathlib import Path
@@ -12,6 +13,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = ["tests.eval_fixtures"]  # the tiny trained model shared by evaluation and export tests
 
 _RUNS = Path(__file__).resolve().parent.parent / "runs"
+
+
+@pytest.fixture(scope="session")
+def source_222(tmp_path_factory):
+    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, 7 steps with a checkpoint after every step, trained
+    once for every test that needs a real checkpoint of a 3-D layout (tests/ckpt_utils.py)."""
+    from tests.ckpt_utils import train_source_222
+
+    return train_source_222(tmp_path_factory.mktemp("src222"))
 
 
 def _run_dirs() -> set[str]:

@@ -2,6 +2,7 @@
 
 KILL_AFTER_SAVE_STEP=N   after the checkpoint of step N is complete (every rank)
 KILL_BEFORE_COMPLETE_STEP=N   while saving step N, after the data files, before COMPLETE (rank 0)
+FIRST_FORMAT=1   save checkpoints in the first format (DeepSpeed .pt files; tests/first_format.py)
 """
 
 import os
@@ -37,6 +38,11 @@ if before_complete:
         _write(path, text)
 
     C._write_atomic = write
+
+if os.environ.get("FIRST_FORMAT") == "1":
+    from tests.first_format import save_first_format  # noqa: E402
+
+    C.save = save_first_format
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,8 @@
-"""No checkpoint file can run code: a pickle built only from callables the loaders allow, reaching
-`eval`, is refused on every path that reads one (resume, init_from, convert, evaluate, generate,
-a Hugging Face pytorch_model.bin), and damaged files fail with a message that says what to do."""
+"""No checkpoint file can run code. The layout-free format holds no pickle at all
+(tests/test_checkpoint_format.py); the first format's DeepSpeed .pt files and Hugging Face
+pytorch_model.bin still do: a pickle built only from callables the loaders allow, reaching `eval`,
+is refused on every path that reads one (resume, init_from, convert, evaluate, generate), and
+damaged files fail with a message that says what to do."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megagpt2.checkpoint.store import CheckpointError, _safe_globals, find_latest, safe_torch_load
+from megagpt2.checkpoint import CheckpointError, find_latest, safe_torch_load
+from megagpt2.checkpoint.legacy import _safe_globals
 from tests.launch_utils import start_ranks, wait_all, write_run_files
 from tests.train_utils import ds_config, make_dataset, tiny_config
 
@@ -72,12 +75,12 @@ def test_safe_load_refuses_the_payload(tmp_path):
 # -- every entry point, on a real checkpoint with one file replaced -----------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A 2-step ZeRO-2 run with a checkpoint at each step; returns (run dir, ckpt dir)."""
+    """A 2-step ZeRO-2 run with a first-format checkpoint at each step; returns (run dir, ckpt dir)."""
     tmp = tmp_path_factory.mktemp("sec")
     prefix = make_dataset(tmp / "data")
     cfg = tiny_config(prefix, tmp / "ckpt", steps=2, checkpoint={"interval": 1})
     cfg_path, ds_path = write_run_files(tmp, cfg, ds_config(stage=2, micro=4))
-    assert wait_all(start_ranks(1, cfg_path, ds_path, log_dir=tmp)) == [0]
+    assert wait_all(start_ranks(1, cfg_path, ds_path, {"FIRST_FORMAT": "1"}, log_dir=tmp)) == [0]
     assert find_latest(str(tmp / "ckpt")) == "step_00000002"
     return tmp, tmp / "ckpt"
 
@@ -177,14 +180,32 @@ def test_truncated_file_names_it_and_the_previous_checkpoint(trained, tmp_path):
         safe_torch_load(str(f))
 
 
-def test_resume_from_a_chosen_tag_and_missing_rng_warns(trained, tmp_path):
+def test_first_format_damage_is_found_before_loading(trained, tmp_path):
+    """A truncated .pt (torch's zip records a CRC-32 per entry) or a missing RNG file fails
+    verification, naming the file; resuming falls back to the previous checkpoint."""
+    from megagpt2.checkpoint.verify import choose, verify
+
+    _, ckpt = trained
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    assert verify(d / "step_00000002") is None
+    f = next((d / "step_00000002").glob("*_optim_states.pt"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    assert str(f) in verify(d / "step_00000002") and "damaged or truncated" in verify(d / "step_00000002")
+    logged: list = []
+    assert choose(d, ["step_00000001", "step_00000002"], None, True, "checksum", logged.append) == "step_00000001"
+    (d / "step_00000001" / "rng" / "rank_00000.safetensors").unlink()
+    assert verify(d / "step_00000001").endswith("step_00000001/rng/rank_00000.safetensors is missing")
+
+
+def test_first_format_resumes_from_a_chosen_tag_and_saves_the_new_format(trained, tmp_path):
     run, ckpt = trained
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    shutil.rmtree(tmp_path / "ckpt" / "step_00000001" / "rng")
     codes = wait_all(start_ranks(1, run / "cfg.yaml", run / "ds.json",
                                  args=(f"--checkpoint.dir={tmp_path / 'ckpt'}", "--checkpoint.tag=step_00000001"),
                                  log_dir=tmp_path))
     log = (tmp_path / "rank0.log").read_text()
     assert codes == [0], log
-    assert "resumed from" in log and "step 1" in log
-    assert "no longer exact" in log
+    assert "resumed from" in log and "step 1" in log and "first checkpoint format" in log
+    step2 = tmp_path / "ckpt" / "step_00000002"  # written again by the resumed run
+    assert not list(step2.glob("*.pt")) and (step2 / "tensors" / "rank_00000.safetensors").is_file()

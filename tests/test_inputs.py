@@ -111,7 +111,7 @@ def test_the_key_tables_are_what_the_installed_deepspeed_reads():
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from megagpt2.training import ds_keys
+    from megagpt2 import ds_keys
 
     assert deepspeed.__version__ == ds_keys.DEEPSPEED_VERSION
     base = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1}

@@ -34,8 +34,12 @@ def test_pp2_resume_equals_uninterrupted_run(data_prefix, tmp_path):
     assert_tied_identical(c)
 
 
-def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, source, consumed, micro, accum):
-    """Load `source` into this rank's stage of `layout`; mean loss of the next global batch."""
+def _pipeline_next_loss_worker(rank, world, cfg_dict, layout, sources, consumed, micro, accum):
+    """Load each of `sources` into this rank's stage of `layout`; mean loss of the next global batch."""
+    return [_pipeline_next_loss(cfg_dict, layout, source, consumed, micro, accum) for source in sources]
+
+
+def _pipeline_next_loss(cfg_dict, layout, source, consumed, micro, accum) -> float:
     from megagpt2.checkpoint.reshard import load_pretrained
     from megagpt2.pipeline import partition
     from megagpt2.pipeline.executor import StepExecutor
@@ -76,29 +80,31 @@ def _full_next_loss_worker(rank, world, cfg_dict, source, consumed, global_batch
 
 
 @pytest.fixture(scope="module")
-def run_222(data_prefix, tmp_path_factory):
-    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, 4 steps, checkpoints after steps 3 and 4."""
-    tmp = tmp_path_factory.mktemp("ck222")
-    cfg = tiny_config(data_prefix, tmp / "ckpt", steps=STEPS, model={"n_layer": 4},
-                      checkpoint={"interval": 3, "keep_last": 3}).to_dict()
-    results = run_jobs(8, [(cfg, _ds(2, 2, 2), {"tp": 2, "pp": 2, "schedule": "1f1b"})])[0]
-    return tmp, cfg, results
+def run_222(source_222):
+    """(tp, pp, dp) = (2, 2, 2), 1f1b, ZeRO-2, a checkpoint after every step (shared: conftest.py)."""
+    return source_222
 
 
 @pytest.mark.slow
-def test_convert_222_to_111_and_142_gives_the_same_next_step_loss(run_222):
+def test_convert_222_to_111_and_241_gives_the_same_next_step_loss(run_222):
+    """The weights of step 3 give step 4's loss: converted to tp=1, in one process and as a
+    (tp, pp, dp) = (2, 4, 1) pipeline; and read directly from the training checkpoint by that
+    pipeline (each rank its TP shards of the fp32 masters, the last stage its head copy)."""
     tmp, cfg, results = run_222
-    expected = results[0]["records"][STEPS - 1]["loss"]  # step 4: computed with the weights after step 3
+    expected = results[0]["records"][3]["loss"]  # step 4: computed with the weights after step 3
     out = tmp / "tp1"
     assert convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out),
                                     "--tp", "1"]) == 0
     consumed = 3 * 8  # global batch 8 = micro 2 x accum 2 x dp 2
     one = run_distributed(_full_next_loss_worker, 1, args=(cfg, str(out), consumed, 8), timeout=300)[0]
     assert abs(one - expected) <= 1e-5 * expected, (one, expected)
+    sources = [str(out), str(tmp / "ckpt" / "step_00000003")]
     got = run_distributed(_pipeline_next_loss_worker, 8,
-                          args=(cfg, {"tp": 1, "pp": 4, "schedule": "1f1b"}, str(out), consumed, 2, 2), timeout=300)
-    for loss in got:
-        assert abs(loss - expected) <= 1e-5 * expected, (got, expected)
+                          args=(cfg, {"tp": 2, "pp": 4, "schedule": "1f1b"}, sources, consumed, 2, 4), timeout=300)
+    for losses in got:
+        assert len(losses) == 2
+        for loss in losses:
+            assert abs(loss - expected) <= 1e-5 * expected, (got, expected)
 
 
 @pytest.mark.slow
@@ -112,7 +118,7 @@ def test_full_weights_from_a_222_checkpoint_and_hf_export(run_222):
     from megagpt2.parallel import ProcessGroups
 
     tmp, cfg, results = run_222
-    full = full_state_dict(str(tmp / "ckpt"))  # follows `latest`: step 4
+    full = full_state_dict(str(tmp / "ckpt"))  # the newest checkpoint: the final step
     final = gathered_params(results)
     assert set(full) == set(final)
     for name, p in final.items():

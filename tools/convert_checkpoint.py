@@ -9,9 +9,12 @@
     # Hugging Face GPT-2 -> megagpt2 weights for tp=2
     python tools/convert_checkpoint.py --input hf_gpt2 --output ckpt_tp2 --tp 2
 
-Start training or fine-tuning from the result with --train.init_from=<output>. Only weights are
-converted: Adam moments stay with the layout that wrote them (a resharded run starts a fresh
-optimizer state, as Megatron-LM's converter does).
+The input may be a training checkpoint of any layout and either format (the layout-free one gives
+its fp32 master weights, so a bf16 run converts without rounding), a converted directory or a
+Hugging Face directory. Start fine-tuning or a new run from the result with
+--train.init_from=<output> (weights only, a fresh optimizer). To continue the same run under
+another layout no conversion is needed: it resumes directly, optimizer state included
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations

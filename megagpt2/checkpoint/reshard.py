@@ -1,28 +1,36 @@
 """Weights across layouts: gather a full state dict from any checkpoint, shard it for any rank.
 
 Parameter names are global (`h.7.mlp.c_fc.weight` is block 7 in every layout) and every
-checkpoint records how each parameter is split over TP (`sharding` in megagpt2.json), so:
+checkpoint records how each parameter is split over TP, so:
 
-    full = full_state_dict(path)          # any tp x pp checkpoint, a converted dir, or HF GPT-2
+    full = full_state_dict(path)          # any checkpoint, a converted dir, or HF GPT-2
     load_pretrained(model, path)          # this rank's shard of every parameter it owns
 
 Sources understood by `read_weights`:
-  - a training checkpoint directory (<dir>/latest is followed) or one of its step_* tags;
+  - a training checkpoint directory (its newest complete checkpoint is taken) or one of its
+    step_* tags; the weights are the fp32 masters (a bf16 run exports without rounding);
   - a converted directory (tools/convert_checkpoint.py): megagpt2.json + model_tp00.safetensors ...;
   - a Hugging Face GPT-2 directory (config.json + model.safetensors / pytorch_model.bin).
-Only weights move: optimizer state stays with the layout that wrote it (see docs/checkpoints.md).
+A training run resumes its optimizer state under any layout by itself (megagpt2.checkpoint.resume);
+this module is for weights only (init_from, evaluation, export).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..parallel.layers import shard, unshard
-from .store import STATE_FILE, CheckpointError, find_latest, safe_torch_load
+from .engine_state import MASTER
+from .files import CheckpointError, OpenFiles
+from .index import check_model, read_into
+from .legacy import safe_torch_load
+from .tags import STATE_FILE, find_latest
+from .verify import read_meta
 
 CONVERTED_KIND = "megagpt2-weights"
 
@@ -35,7 +43,7 @@ def resolve(path: str) -> tuple[str, Path]:
     if (p / "config.json").is_file() and not (p / STATE_FILE).is_file():
         return "hf", p
     if (p / STATE_FILE).is_file():
-        meta = json.loads((p / STATE_FILE).read_text())
+        meta = read_meta(p)
         return ("converted" if meta.get("kind") == CONVERTED_KIND else "training"), p
     tag = find_latest(str(p))
     if tag is not None:
@@ -53,7 +61,9 @@ def read_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
         cfg, sd = load_hf_dir(str(d))
         return {"config": {"model": vars(cfg)}, "source": "hf", "sharding": default_sharding(sd)}, sd
-    meta = json.loads((d / STATE_FILE).read_text())
+    meta = read_meta(d)
+    if kind == "training" and int(meta.get("format_version", 1)) >= 2:
+        return _read_masters(d, meta)
     sharding = meta["sharding"]
     tp = meta["layout"]["tp"]
     pieces: dict[str, dict[int, torch.Tensor]] = {}
@@ -83,6 +93,29 @@ def read_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             raise CheckpointError(f"{d}: {name} has TP shards {sorted(by_rank)}, expected 0..{tp - 1}")
         full[name] = unshard([by_rank[t] for t in range(tp)], dim, stride)
     return meta, full
+
+
+def _read_masters(d: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Full fp32 master weights of a layout-free checkpoint (every piece of every tensor)."""
+    index = meta["tensors"]
+    files = OpenFiles(d)
+    full = {}
+    try:
+        for name, entry in index.items():
+            flat = torch.empty(math.prod(entry["shape"]), dtype=_dtype(entry["dtypes"][MASTER]))
+            read_into(files, name, entry, MASTER, (0, 1), 0, flat)
+            full[name] = flat.view(entry["shape"])
+    finally:
+        files.close()
+    sharding = {n: [e["tp_dim"], e["tp_stride"]] for n, e in index.items()}
+    return {**{k: v for k, v in meta.items() if k != "tensors"}, "sharding": sharding}, full
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in the checkpoint index")
+    return dtype
 
 
 def default_sharding(names) -> dict[str, list]:
@@ -127,21 +160,56 @@ def shard_for(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: in
 
 @torch.no_grad()
 def load_pretrained(model, path: str) -> dict[str, Any]:
-    """Copy weights from `path` (any layout or HF) into this rank's `model`; returns metadata."""
-    meta, full = read_weights(path)
-    want = model.cfg
+    """Copy weights from `path` (any layout or HF) into this rank's `model`; returns metadata.
+
+    From a layout-free training checkpoint each rank reads only its own TP shards."""
+    kind, d = resolve(path)
+    if kind == "training" and int(read_meta(d).get("format_version", 1)) >= 2:
+        meta = read_meta(d)
+        _check_same_model(meta, model.cfg, path)
+        local = _read_local_masters(model, d, meta)
+    else:
+        meta, full = read_weights(path)
+        _check_same_model(meta, model.cfg, path)
+        local = shard_for(model, full, model.groups.layout.tp_rank, model.groups.layout.tp)
+        if getattr(model, "post_process", False) and not getattr(model, "pre_process", True):
+            local["head_weight"] = shard(full["wte.weight"], 0, model.groups.layout.tp_rank, model.groups.layout.tp)
+    for name, p in model.named_parameters():
+        p.copy_(local[name].to(p.dtype))
+    if "head_weight" in local:  # a pipeline's last stage: its copy of the tied embedding
+        model.head_weight.copy_(local["head_weight"])
+    return meta
+
+
+def _check_same_model(meta: dict[str, Any], want, path: str) -> None:
     stored = meta.get("config", {}).get("model", {})
     for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
         if key in stored and stored[key] != getattr(want, key):
             raise CheckpointError(f"{path}: model.{key}={stored[key]} but this run has model.{key}="
                                   f"{getattr(want, key)}; use the same model config (or another checkpoint)")
-    tp_rank, tp = model.groups.layout.tp_rank, model.groups.layout.tp
-    local = shard_for(model, full, tp_rank, tp)
-    for name, p in model.named_parameters():
-        p.copy_(local[name].to(p.dtype))
+
+
+def _read_local_masters(model, d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """This rank's TP shard of each parameter it owns, read from the checkpoint's pieces."""
+
+    index, tp_rank, tp_size = meta["tensors"], model.groups.layout.tp_rank, model.groups.layout.tp
+    params = dict(model.named_parameters())
+    wanted = list(params.items())
     if getattr(model, "post_process", False) and not getattr(model, "pre_process", True):
-        model.head_weight.copy_(shard(full["wte.weight"], 0, tp_rank, tp))
-    return meta
+        wanted.append(("head_weight", model.head_weight))  # read as the matching shard of wte.weight
+    check_model(index, params, tp_size, str(d / STATE_FILE))
+    files, out = OpenFiles(d), {}
+    try:
+        for name, p in wanted:
+            source = "wte.weight" if name == "head_weight" else name
+            dim = 0 if name == "head_weight" else getattr(p, "tp_dim", None)
+            tp = (tp_rank, tp_size) if dim is not None else (0, 1)
+            flat = torch.empty(p.numel(), dtype=_dtype(index[source]["dtypes"][MASTER]))
+            read_into(files, source, index[source], MASTER, tp, 0, flat)
+            out[name] = flat.view(p.shape)
+    finally:
+        files.close()
+    return out
 
 
 def write_converted(full: dict[str, torch.Tensor], sharding: dict[str, list], meta: dict[str, Any],

@@ -21,21 +21,25 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, real_vocab, ignore_index):
         per_rank = logits.shape[-1]
         start = group_rank(group) * per_rank
-        x = logits.float()
-        n_valid = min(max(real_vocab - start, 0), per_rank)
-        if n_valid < per_rank:  # padded vocabulary columns never take part
-            x = x.clone()
-            x[..., n_valid:] = float("-inf")
-        x_max = x.max(dim=-1).values  # (B, T)
+        n_valid = min(max(real_vocab - start, 0), per_rank)  # padded vocabulary columns never take part
+        x = logits.float()  # (B, T, V/tp); a fresh copy unless the logits already are fp32
+        if n_valid:
+            x_max = x[..., :n_valid].max(dim=-1).values  # (B, T)
+        else:
+            x_max = torch.full(x.shape[:-1], float("-inf"), device=x.device)
         if group_size(group) > 1:
             dist.all_reduce(x_max, op=dist.ReduceOp.MAX, group=group)
-        x = x - x_max.unsqueeze(-1)
+        # One fp32 (B, T, V/tp) buffer from here on: shifted logits, then exp, then the softmax
+        # that backward turns into the gradient in place.
+        x = x.sub_(x_max.unsqueeze(-1)) if x is not logits else x - x_max.unsqueeze(-1)
+        if n_valid < per_rank:
+            x[..., n_valid:] = float("-inf")
         ignored = target == ignore_index
         local_t = target - start
         mine = (local_t >= 0) & (local_t < per_rank) & ~ignored
         local_t = local_t.masked_fill(~mine, 0)
         t_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(~mine, 0.0)
-        exp = x.exp_()  # x is no longer needed: reuse its storage for exp
+        exp = x.exp_()
         sum_exp = exp.sum(dim=-1)
         if group_size(group) > 1:
             dist.all_reduce(t_logit, group=group)
@@ -48,11 +52,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        softmax, local_t, mine, ignored = ctx.saved_tensors
-        grad = softmax.clone()
-        one_hot = torch.zeros_like(grad).scatter_(-1, local_t.unsqueeze(-1), 1.0)
-        grad -= one_hot * mine.unsqueeze(-1)
-        grad *= (g * ~ignored).unsqueeze(-1)
+        # softmax - one_hot(target), scaled by the incoming gradient, written over the saved
+        # softmax: no (B, T, V/tp) copies (as Megatron does; this backward runs once, so
+        # retain_graph / double backward through the loss are not supported).
+        grad, local_t, mine, ignored = ctx.saved_tensors
+        grad.scatter_add_(-1, local_t.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        grad.mul_((g * ~ignored).unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 

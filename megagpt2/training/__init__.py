@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..config import ConfigError, load_config
 from ..distributed import LaunchEnv, LaunchEnvError, detect_env
+from ..ds_config import DSConfigError
 from .cli import parse_args
-from .ds_config import DSConfigError
 from .plan import RunPlan, plan_run
 from .signals import Signals
 

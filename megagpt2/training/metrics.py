@@ -134,6 +134,28 @@ def truncate_metrics(path: Path, up_to_step: int) -> int:
     return dropped
 
 
+def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """(peak GiB so far, what was measured): CUDA's max allocated, or the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "allocated"
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kib / 2**20, "resident (process)"
+    except (OSError, StopIteration):  # not Linux
+        return float("nan"), "unmeasured"
+
+
+def memory_report(cfg, ds: dict, layout: ParallelLayout, device: torch.device) -> str:
+    """One log line: this rank's measured peak next to tools/estimate_memory.py's estimate
+    (`ds`: the engine's DeepSpeed config)."""
+    from ..memory import estimate_run
+
+    peak, what = peak_memory_gib(device)
+    est = estimate_run(cfg, ds, layout.dp, stage=layout.pp_rank)
+    return f"memory after step 1: peak {peak:.2f} GiB {what} | estimate {est.describe()}"
+
+
 class Scalars:
     """TensorBoard scalars (rank 0 only) plus an in-memory history for the final plot."""
 

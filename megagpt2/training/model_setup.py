@@ -43,14 +43,23 @@ def build_engine(plan: RunPlan, groups: ProcessGroups,
         load_pretrained(model, cfg.train.init_from)
         TiedEmbedding(groups, model).broadcast_weight()  # the last stage's copy of wte (pipelines)
     model.to(device)
+    if cfg.model.compile:
+        from ..model.compile import compile_model
+
+        compile_model(model, cfg.model.activation_checkpointing)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    cuda = device.type == "cuda"
-    ds = plan.ds.engine_config(cuda, cuda and torch.cuda.is_bf16_supported())
+    ds = engine_ds_config(plan, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=groups,
                                            lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
                                            dist_init_required=False)  # (DeepSpeed's hint names _LRScheduler only)
     return engine, model, StepExecutor(engine, model, groups, cfg.parallel, cfg.train.on_nonfinite)
+
+
+def engine_ds_config(plan: RunPlan, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config the engine gets on `device` (batch sizes filled in, "auto" resolved)."""
+    cuda = device.type == "cuda"
+    return plan.ds.engine_config(cuda, cuda and torch.cuda.is_bf16_supported())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

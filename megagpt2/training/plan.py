@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from ..config import Config, ConfigError, resolve_run_dir, validate
+from ..ds_config import DeepSpeedConfig, DSConfigError
 from ..parallel import ParallelLayout, ParallelLayoutError
 from ..pipeline import StageLayout, check_layout, partition
 from ..tokenizer import Tokenizer, TokenizerError
 from .data_size import data_size_checks
-from .ds_config import DeepSpeedConfig, DSConfigError
 
 if TYPE_CHECKING:
     from ..data.run_tokenizer import ResolvedTokenizer

@@ -12,13 +12,15 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import store as ckpt
+from ..checkpoint.resume import resume, run_layout
 from ..config import dump_yaml
 from ..parallel import ProcessGroups
 from ..parallel.collectives import all_reduce_small
 from ..pipeline.executor import NonFiniteError, NonfiniteGuard, StepResult
 from .data import build_data
-from .metrics import RunClock, Scalars, flops_per_token, memory_gb, peak_tflops, print_sample, truncate_metrics
-from .model_setup import build_engine
+from .metrics import (RunClock, Scalars, flops_per_token, memory_gb, memory_report, peak_tflops, print_sample,
+                      truncate_metrics)
+from .model_setup import build_engine, engine_ds_config
 from .plan import RunPlan
 from .signals import Signals
 
@@ -82,15 +84,20 @@ class Trainer:
         return mean
 
     # -- checkpoints --------------------------------------------------------------------------
+    def run_layout(self) -> dict[str, Any]:
+        """This run's layout as a checkpoint records it (grid, ZeRO stage, schedule, precision, batch)."""
+        return run_layout(self.cfg, engine_ds_config(self.plan, self.device), self.layout)
+
     def save(self) -> Optional[str]:
         cfg, layout = self.cfg, self.layout
         if not cfg.checkpoint.dir:
             return None
         state = {"consumed_samples": self.data.consumed, "config": cfg.to_dict(), "config_yaml": dump_yaml(cfg),
-                 "tokenizer": self.tokenizer.identity(), "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+                 "tokenizer": self.tokenizer.identity(), "layout": self.run_layout(),
                  "versions": {"torch": torch.__version__, "deepspeed": _ds_version()}}
         t0 = time.time()
-        tag = ckpt.save(self.engine, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last, self.model.tracker)
+        tag = ckpt.save(self.engine, layout, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last,
+                        self.model.tracker)
         self.log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)")
         return tag
 
@@ -98,19 +105,13 @@ class Trainer:
         cfg = self.cfg
         if not (cfg.checkpoint.dir and cfg.checkpoint.resume):
             return False
-        tag = ckpt.find_latest(cfg.checkpoint.dir)
-        if cfg.checkpoint.tag:
-            tag = cfg.checkpoint.tag
-            if not ckpt.is_complete(Path(cfg.checkpoint.dir) / tag):
-                complete = ", ".join(ckpt.complete_tags(cfg.checkpoint.dir)) or "none"
-                raise ckpt.CheckpointError(f"checkpoint.tag={tag}: {Path(cfg.checkpoint.dir) / tag} is not a complete "
-                                           f"checkpoint; complete ones: {complete}")
-        if tag is None:
+        state = resume(self.engine, self.layout, cfg, self.run_layout(), self.model.tracker, log=self.log)
+        if state is None:
             return False
-        state = ckpt.load(self.engine, cfg.checkpoint.dir, tag, self.layout, self.model.tracker)
         self.executor.sync_tied_weight()  # the last stage's copy of the tied embedding is in no checkpoint
         from ..tokenizer.base import check_same_identity
 
+        tag = state["tag"]
         check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
         self.step = int(state["step"])
         self.data.seek(int(state["consumed_samples"]))
@@ -170,6 +171,8 @@ class Trainer:
             r = self.train_step()
             self.step += 1
             self.clock.tick(self.step)
+            if self.step == 1:
+                self.log(memory_report(cfg, engine_ds_config(self.plan, self.device), self.layout, self.device))
             self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
