@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -117,6 +118,7 @@ class DataConfig:
     format: DataFormat = "pretrain"  # .bin/.idx, fine-tuning jsonl (dialogue, instruction) or chitchat text
     num_workers: int = 0  # DataLoader worker processes
     clean: Clean = "none"  # cleaning preset for fine-tuning turns, as tools/preprocess_data.py --clean
+    allow_repeat_in_batch: bool = False  # train on a split smaller than one global batch (steps repeat it)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class TrainConfig:
     eval_steps: int = 10  # global batches per validation run
     init_from: Optional[str] = None  # start from these weights: megagpt2 checkpoint dir or Hugging Face GPT-2 dir
     on_nonfinite: OnNonfinite = "stop"  # on a NaN/inf loss or grad norm: stop, or skip the update
+    max_skipped_steps: int = 5  # on_nonfinite=skip: stop after this many non-finite steps in a row
     device: Device = "auto"  # auto = every rank's GPU when CUDA is there
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = off
 
@@ -152,7 +155,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Where and when to save; resuming from `dir`'s latest is automatic."""
 
-    dir: Optional[str] = None  # checkpoints, metrics.jsonl and loss.png go here; none = nothing is saved
+    dir: Optional[str] = "auto"  # checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: no saving
     interval: int = 0  # steps between saves; 0 = only at the end and on signals
     keep_last: int = 3  # complete checkpoints kept (older ones are deleted)
     resume: bool = True  # continue from the newest complete checkpoint in dir
@@ -169,7 +172,7 @@ class LoggingConfig:
     interval: int = 1  # steps between log lines
     tensorboard_dir: Optional[str] = None  # write TensorBoard scalars here
     plot: bool = True  # PNG of the loss curves at the end (in the checkpoint dir)
-    sample_prompt: str = ""  # if set, print a generated sample at the end
+    sample_prompt: str = ""  # if set, print a sample at the end (chat formats: the user's turn)
 
 
 @dataclass
@@ -318,7 +321,25 @@ def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] =
                 _apply(cfg, section, key, value, str(path))
     for section, key, value, item in parse_overrides(overrides or []):
         _apply(cfg, section, key, _override_value(cfg, section, key, value), f"override {item!r}")
+    resolve_run_dir(cfg, path)
     return cfg
+
+
+def resolve_run_dir(cfg: Config, config_path: Optional[str] = None) -> None:
+    """checkpoint.dir=auto becomes runs/<stem of the YAML file> (runs/default without one), so no
+    run trains unsaved unless asked to (checkpoint.dir=none). A fine-tune gets -<data.format> and
+    a run from other weights -from-<their name>: resuming is automatic, so a fine-tune started with
+    the pretraining config must not find (and resume) the pretraining run's checkpoints."""
+    if cfg.checkpoint.dir != "auto":
+        return
+    name = Path(config_path).stem if config_path else "default"
+    if cfg.data.format != "pretrain":
+        name += f"-{cfg.data.format}"
+    if cfg.train.init_from:
+        source = Path(os.path.normpath(cfg.train.init_from))
+        tag = f"{source.parent.name}-{source.name}" if re.fullmatch(r"step_\d+", source.name) else source.name
+        name += f"-from-{tag}"
+    cfg.checkpoint.dir = str(Path("runs") / name)
 
 
 def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:
@@ -382,6 +403,11 @@ def _range_errors(cfg: Config) -> list[str]:
         errors.append("optim.warmup_steps must be >= 0")
     if cfg.checkpoint.keep_last < 1:
         errors.append("checkpoint.keep_last must be >= 1")
+    if cfg.checkpoint.dir is not None and not cfg.checkpoint.dir.strip():
+        errors.append("checkpoint.dir is empty: give a directory, auto (runs/<YAML file stem>) or none (save nothing)")
+    if cfg.train.max_skipped_steps < 1:
+        errors.append(f"train.max_skipped_steps must be >= 1 (a run must not skip non-finite steps forever), "
+                      f"got {cfg.train.max_skipped_steps}")
     if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
         errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
     return errors

@@ -4,7 +4,8 @@ The JSON is the only place for these. Global batch = micro batch x gradient accu
 data-parallel size: give any two (the third is derived) or all three (they must agree).
 `DeepSpeedConfig.from_dict` / `read` check everything that does not depend on the device before
 any process group exists; `check_device` adds the device rule once the device is known, and
-`engine_config` is the dict deepspeed.initialize gets. Nothing here imports torch.
+`engine_config` is the dict deepspeed.initialize gets. A key DeepSpeed does not have is refused
+with the closest valid one (ds_keys.py). Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from .ds_keys import unknown_keys
 
 Switch = Union[bool, Literal["auto"]]
 
@@ -52,6 +55,9 @@ class DeepSpeedConfig:
         """Check `doc` for `dp_size` data-parallel replicas (raises DSConfigError naming the key)."""
         if not isinstance(doc, dict):
             raise DSConfigError(f"{source}: the top level must be a JSON object")
+        unknown = unknown_keys(doc, source)
+        if unknown:
+            raise DSConfigError("\n  ".join(unknown))
         if "optimizer" in doc or "scheduler" in doc:
             raise DSConfigError(f"{source}: the DeepSpeed config must not define optimizer/scheduler: megagpt2 "
                                 f"builds AdamW and the LR schedule from the optim section of its YAML config")

@@ -23,5 +23,5 @@ else
 fi
 "${launcher[@]}" launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json \
   --config configs/gpt2/tiny.yaml --data.path="${prefix}_text_document" \
-  --checkpoint.dir="$run_dir" --logging.tensorboard_dir="$run_dir/tensorboard" "$@"
+  --checkpoint.dir="$run_dir" --logging.tensorboard_dir="$run_dir/tensorboard" --logging.sample_prompt="ROMEO:" "$@"
 echo "[demo] checkpoint, metrics.jsonl and loss.png are in $run_dir"

@@ -1,7 +1,9 @@
-"""Test-wide settings (one intra-op thread per process: tests start many ranks on few cores) and
-the fixtures several test modules share."""
+"""Test-wide settings (one intra-op thread per process: tests start many ranks on few cores), the
+fixtures several test modules share, and a guard that no test leaves a run directory in the
+repository."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = ["tests.eval_fixtures"]  # the tiny trained model shared by evaluation and export tests
+
+_RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +39,17 @@ def stop_reference(stop_files) -> dict:
     from tests.launch_utils import reference_losses
 
     return reference_losses(stop_files)
+
+
+def _run_dirs() -> set[str]:
+    return {p.name for p in _RUNS.iterdir()} if _RUNS.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_run_directory_in_the_repository():
+    """A run whose config names no checkpoint.dir saves to runs/<config name> under its working
+    directory: every test must give one under its tmp directory (or none, which saves nothing)."""
+    before = _run_dirs()
+    yield
+    added = _run_dirs() - before
+    assert not added, f"tests wrote run directories into the repository: {sorted(_RUNS / n for n in added)}"

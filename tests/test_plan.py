@@ -156,6 +156,7 @@ def _entry(args: list[str], cwd: Path, **env: str) -> tuple[subprocess.Completed
     (["@world:2", "--parallel.pp=2", "--model.n_layer=3"], "model.n_layer=3 is not divisible by parallel.pp"),
     (["--parallel.pp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 1 x 2"),
     (["@ds:train_batch_size=12"], "train_batch_size=12 but train_micro_batch_size_per_gpu"),
+    (["@ds:wall_clock_breakdwn=0"], "unknown DeepSpeed key 'wall_clock_breakdwn'"),
     (["--train.stepz=3"], "unknown key train.stepz"),
     (["--data-path", "data/owt"], "here it is --data.path=data/owt"),
 ])
@@ -202,8 +203,8 @@ def test_help_lists_every_key_with_type_and_default_quickly(tmp_path):
     out = " ".join(r.stdout.split())  # help text wraps descriptions
     assert "--data.path=str " in out and "(default: '')" in out
     assert "--parallel.tp=int tensor-parallel size (default: 1)" in out
-    assert "--checkpoint.dir=str|none checkpoints, metrics.jsonl and loss.png go here; none = nothing is saved " \
-           "(default: none)" in out
+    assert "--checkpoint.dir=str|none checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: " \
+           "no saving (default: auto)" in out
     assert "--model.attention=flash|fused_softmax|torch" in out
     rows = describe_fields()
     assert len(rows) > 50 and all(doc for _, _, _, doc in rows), [k for k, _, _, doc in rows if not doc]

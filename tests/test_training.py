@@ -134,3 +134,23 @@ def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
     from megagpt2.checkpoint.store import complete_tags
 
     assert complete_tags(str(tmp_path / "ck")) == ["step_00000003", "step_00000004", "step_00000005"]  # keep_last=3
+
+
+def poison_from_step_2(trainer):
+    """Every forward pass from step 2 on produces NaN: a run that has diverged for good."""
+    def hook(module, inputs, output):
+        return output * float("nan") if trainer.step >= 1 else output
+
+    trainer.model.ln_f.register_forward_hook(hook)
+
+
+def test_skipping_stops_after_max_skipped_steps_in_a_row(data_prefix, tmp_path):
+    from megagpt2.checkpoint.store import find_latest
+
+    cfg = tiny_config(data_prefix, tmp_path / "ck", steps=8, train={"on_nonfinite": "skip", "max_skipped_steps": 3},
+                      checkpoint={"interval": 1})
+    args = (cfg.to_dict(), ds_config(stage=2, micro=8), {}, False, poison_from_step_2)
+    with pytest.raises(RuntimeError, match=r"step 4: loss nan .* 3 non-finite steps in a row \(steps 2-4\) reached "
+                                           r"train.max_skipped_steps=3; stopping without a checkpoint"):
+        run_distributed(train_worker, 1, args=args)
+    assert find_latest(str(tmp_path / "ck")) == "step_00000003"  # the step that stopped it is not saved

@@ -11,7 +11,8 @@ this process (so the output is identical for any worker count) and writes
 (which the trainer, inspect_dataset.py and evaluate.py use when given no tokenizer) and
 ``{prefix}_report.json``. Bad input (malformed JSON, corrupt archive members) is counted, logged
 with its location and skipped; invalid UTF-8 is repaired (U+FFFD) and counted. Outputs are written
-under temporary names and renamed only when the run completes. See docs/data.md.
+under temporary names and renamed only when the run completes; a run that would write no tokens
+(no input records, every document dropped) writes nothing and exits 1 saying why. See docs/data.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megagpt2.corpus.cleaning import add_cleaning_args, cleaning_from_args  # noqa: E402
 from megagpt2.corpus.readers import expand_inputs  # noqa: E402
-from megagpt2.data.preprocess import PipelineOptions, run_pipeline  # noqa: E402
+from megagpt2.data.preprocess import EmptyOutputError, PipelineOptions, run_pipeline  # noqa: E402
 from megagpt2.data.sidecar import sidecar_dir  # noqa: E402
 from megagpt2.tokenizer import TOKENIZER_FLAGS, add_tokenizer_args, build_tokenizer  # noqa: E402
 
@@ -128,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad flags or inputs: one clear line
         log.error("%s", err)
         return 1
-    report = _run(args, opts, tokenizer)
+    try:
+        report = _run(args, opts, tokenizer)
+    except EmptyOutputError as err:  # a dataset with nothing to train on is a failure, not an empty success
+        log.error("%s", err)
+        return 1
     print(format_report(report))
     for _key, path in report["outputs"].items():
         print(f"wrote {path}.bin/.idx and {sidecar_dir(path)}/")

@@ -74,6 +74,14 @@ def read_turns(path: str, fmt: str, clean: str = "none") -> list[list[str]]:
     return out
 
 
+def count_examples(path: str, fmt: str) -> int:
+    """How many examples `read_turns` returns, without cleaning or tokenizing (the run plan's
+    check before training; a malformed line raises ValueError naming it, as in `read_turns`)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown fine-tuning format {fmt!r}; expected one of {FORMATS}")
+    return sum(1 for turns in _examples(path, fmt) if len(turns) >= 2)
+
+
 def _examples(path: str, fmt: str) -> Iterator[list[str]]:
     if fmt == "chitchat":
         yield from read_chitchat(path)

@@ -187,12 +187,34 @@ def _write_result(result: dict, duplicates: DuplicateIndex, builders: dict, prog
     progress.repairs.update(result["repairs"])
 
 
+class EmptyOutputError(ValueError):
+    """Preprocessing would write a dataset with nothing to train on; no output is written."""
+
+
+def _empty_output(opts: PipelineOptions, progress: Progress, tokens: Counter) -> str | None:
+    """Why the output would be empty, or None when every output has tokens."""
+    if progress.read == 0:
+        return (f"no input records: {' '.join(opts.inputs)} hold(s) no documents (empty files, or no "
+                f"supported files in the directories or archives); nothing was written")
+    if progress.kept == 0:
+        reasons = ", ".join(f"{n:,} {reason}" for reason, n in progress.dropped.most_common() if n)
+        return (f"every document was dropped ({progress.read:,} read: {reasons}; the warnings above say where); "
+                f"nothing was written. Check --json-keys and the input format, or the --clean filters")
+    empty = [k for k in opts.json_keys if tokens[k] == 0]
+    if empty:
+        return (f"the {progress.kept:,} documents kept tokenize to no tokens in {', '.join(map(repr, empty))} "
+                f"(all empty text; --append-eod would at least mark them); nothing was written")
+    return None
+
+
 def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
     """Preprocess ``opts.inputs`` into ``{output_prefix}_{key}_document.bin/.idx``; returns counts.
 
     Each output gets its tokenizer sidecar (``{dataset}.tokenizer/``, megagpt2.data.sidecar).
     ``tokenizer`` must be ``build_tokenizer(**opts.tokenizer_kwargs)`` (workers rebuild it from
-    those arguments). Outputs appear under their final names only if the whole run succeeds.
+    those arguments). Outputs appear under their final names only if the whole run succeeds, and
+    only if every output has tokens (else EmptyOutputError says why: no input records, every
+    document dropped, or nothing left after tokenizing).
     """
     dtype = np.dtype(dtype_for_vocab(tokenizer.vocab_size))
     inputs = expand_inputs(opts.inputs)  # fail on a missing input before creating outputs
@@ -208,6 +230,9 @@ def run_pipeline(opts: PipelineOptions, tokenizer) -> dict:
         for result in _ordered_results(_chunks(opts, progress), opts.workers, settings, tokenizer):
             _write_result(result, duplicates, builders, progress, tokens)
             progress.tick()
+        why = _empty_output(opts, progress, tokens)
+        if why:
+            raise EmptyOutputError(why)
         built_with = {"append_eod": opts.append_eod, "prepend_bos": opts.prepend_bos,
                       "cleaning": dataclasses.asdict(opts.cleaning)}
         kw = opts.tokenizer_kwargs

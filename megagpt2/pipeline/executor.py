@@ -5,7 +5,8 @@ Without pipelining the model is the whole GPT2, the schedule is `none` with one 
 and backward of each micro-batch in turn: plain gradient accumulation) and no message is ever
 sent; pipelines add the p2p link and the tied-embedding protocol. The executor holds the engine
 and owns what every step needs, whatever the layout: the global grad norm where DeepSpeed keeps
-none (ZeRO-0 fp32), non-finite losses (train.on_nonfinite) and the mean loss over the replicas.
+none (ZeRO-0 fp32), non-finite losses (train.on_nonfinite, capped by train.max_skipped_steps:
+NonfiniteGuard) and the mean loss over the replicas.
 
 What it relies on (pinned by tests/test_deepspeed_contract.py):
   - forward goes through engine(...) so DeepSpeed's backward prologue runs; a pipeline stage's
@@ -47,7 +48,48 @@ class StepResult:
     loss: float  # mean over the global batch
     grad_norm: Optional[float]  # before clipping
     lr: float
-    nonfinite: bool  # a loss or the grad norm was NaN/inf
+    nonfinite: bool  # a loss or the grad norm was NaN/inf (what train.on_nonfinite acts on)
+    overflow: bool = False  # fp16: finite loss, inf gradients; DeepSpeed skipped the step and lowered the loss scale
+
+
+def classify(loss_finite: bool, norm: Optional[float], fp16: bool) -> tuple[bool, bool]:
+    """(nonfinite, overflow) of a step. Under fp16 a finite loss with an inf/NaN grad norm is the
+    dynamic loss scale overflowing: DeepSpeed already skipped that update and halved the scale
+    (routine early in a run), so it is not a non-finite step; a non-finite loss always is."""
+    norm_bad = norm is not None and not math.isfinite(norm)
+    overflow = fp16 and loss_finite and norm_bad
+    return (not loss_finite) or (norm_bad and not overflow), overflow
+
+
+class NonFiniteError(RuntimeError):
+    """Training cannot go on: a non-finite step under train.on_nonfinite=stop, or too many in a row under skip."""
+
+
+class NonfiniteGuard:
+    """train.on_nonfinite, applied to every step (with the flag every rank agreed on): `stop` ends
+    the run at the first non-finite step, `skip` skips it, but at most `max_skipped` in a row: a
+    run that keeps producing NaN has diverged, and skipping forever would only burn the budget."""
+
+    def __init__(self, mode: str, max_skipped: int):
+        self.mode, self.max_skipped, self.in_a_row = mode, max_skipped, 0
+
+    def check(self, step: int, r: StepResult, nonfinite: bool) -> Optional[str]:
+        """None for a good step, the line to log for a skipped one; raises NonFiniteError to stop."""
+        if not nonfinite:
+            self.in_a_row = 0
+            return None
+        what = f"step {step}: loss {r.loss} / grad norm {r.grad_norm} is not finite"
+        if self.mode == "stop":
+            raise NonFiniteError(f"{what}; stopping without a checkpoint (train.on_nonfinite=skip skips such steps)")
+        self.in_a_row += 1
+        if self.in_a_row >= self.max_skipped:
+            first = step - self.in_a_row + 1
+            raise NonFiniteError(
+                f"{what}: {self.in_a_row} non-finite steps in a row (steps {first}-{step}) reached "
+                f"train.max_skipped_steps={self.max_skipped}; stopping without a checkpoint of this step. The run "
+                f"has diverged: resume from a checkpoint of before step {first} (checkpoint.tag) with a lower "
+                f"optim.lr or more warmup, or check the data of these steps")
+        return f"{what}: update skipped ({self.in_a_row} in a row, the run stops at {self.max_skipped})"
 
 
 def engine_keeps_no_norm(engine: Any) -> bool:
@@ -166,8 +208,8 @@ class StepExecutor:
         mean = self._replica_mean(step.loss_sum / len(batches) if self.chunks.post_process else step.loss_sum)
         norm = self.engine.get_global_grad_norm()
         norm = self.grad_norm if norm is None else float(norm)
-        nonfinite = step.nonfinite or not math.isfinite(mean) or (norm is not None and not math.isfinite(norm))
-        return StepResult(mean, norm, self.engine.get_lr()[0], nonfinite)
+        nonfinite, overflow = classify(not step.nonfinite and math.isfinite(mean), norm, self.engine.fp16_enabled())
+        return StepResult(mean, norm, self.engine.get_lr()[0], nonfinite, overflow)
 
     def _replica_mean(self, value: torch.Tensor) -> float:
         """The last stage's mean over its micro-batches, averaged over data parallelism."""

@@ -1,11 +1,13 @@
-"""What a run reports: throughput, model FLOPs utilisation, memory, TensorBoard, the loss-curve
-plot and the generated sample at the end."""
+"""What a run reports: throughput, model FLOPs utilisation, memory, elapsed time and ETA,
+metrics.jsonl (kept free of duplicate steps across resumes), TensorBoard, the loss-curve plot and
+the generated sample at the end."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -54,6 +56,82 @@ def memory_gb(device: torch.device) -> float:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except OSError:  # not Linux
         return 0.0
+
+
+def duration(seconds: float) -> str:
+    """42s, 3m05s, 2h03m, 3d04h: short enough for every step line."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def count(n: float) -> str:
+    """950, 12.3k, 4.56M, 1.20B, 3.00T tokens."""
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}" if n < 100 * div else f"{n / div:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+class RunClock:
+    """Elapsed time and ETA of this process's steps (a resumed run counts from its own start).
+
+    The ETA extrapolates the time per step since the first step of this process finished, so the
+    first step's one-off costs (allocation, kernel compilation, index building) do not inflate it."""
+
+    def __init__(self, last_step: int):
+        self.last_step = last_step
+        self.start = time.time()
+        self.first: Optional[tuple[int, float]] = None  # (step, time) when the first step ended
+
+    def begin(self) -> None:
+        """The loop starts now (after set-up, resume and the step-0 evaluation)."""
+        self.start, self.first = time.time(), None
+
+    def tick(self, step: int) -> None:
+        """`step` just finished."""
+        if self.first is None:
+            self.first = (step, time.time())
+
+    def progress(self, step: int, tokens: int) -> str:
+        """'1.23M tokens | 1m05s elapsed | ETA 2m10s' after `step` steps and `tokens` tokens trained."""
+        now = time.time()
+        per_step = now - self.start
+        if self.first is not None and step > self.first[0]:
+            per_step = (now - self.first[1]) / (step - self.first[0])
+        eta = per_step * max(self.last_step - step, 0)
+        return f"{count(tokens)} tokens | {duration(now - self.start)} elapsed | ETA {duration(eta)}"
+
+
+def truncate_metrics(path: Path, up_to_step: int) -> int:
+    """Drop the records of steps after `up_to_step` (a resumed run trains them again) and torn
+    lines; of several records of one step and kind (train / validation) the last is kept.
+    Atomic: a new file is written and renamed over the old one. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept: dict[tuple[int, bool], str] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step, int) and step <= up_to_step:
+            key = (step, "valid_loss" in rec)
+            kept.pop(key, None)  # re-insert: the order of the surviving records is the order they were written
+            kept[key] = line
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept.values()))
+        os.replace(tmp, path)
+    return dropped
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
@@ -149,19 +227,33 @@ class Scalars:
         return path
 
 
+def prompt_ids(tokenizer, prompt: str, chat: bool, max_tokens: int) -> list[int]:
+    """`prompt` laid out as the run's training samples are: a document start (pretraining), or
+    for the fine-tuning formats a chat prompt whose one turn is the user's (START prompt SEP,
+    megagpt2.data.finetune.chat_prompt), so the sample is the model's reply."""
+    ids = tokenizer.encode(prompt)
+    if chat:
+        from ..data.finetune import chat_prompt
+
+        return chat_prompt([ids[-(max_tokens - 2):]], tokenizer.eod, max_tokens, start=tokenizer.bos)
+    start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
+    if not ids or (tokenizer.bos is not None and ids[0] != tokenizer.bos):
+        ids = [start] + ids  # as documents start in the data
+    return ids
+
+
 def print_sample(model, tokenizer, prompt: str, layout: ParallelLayout, device: torch.device,
-                 max_new_tokens: int = 60) -> None:
+                 max_new_tokens: int = 60, chat_format: Optional[str] = None) -> None:
     """Data-parallel replica 0 samples (all its TP ranks together); rank 0 prints. Pipelines skip it.
 
-    The sample stops at the end of a document, never contains the unknown or document-start
-    token and is printed without special tokens (readable Chinese with a BERT vocabulary)."""
+    With `chat_format` (data.format of a fine-tune) the prompt is the user's turn and the sample
+    is the reply. The sample stops at the end of a document (a turn), never contains the unknown
+    or document-start token and is printed without special tokens (readable Chinese with a BERT
+    vocabulary)."""
     from ..generation import SamplingConfig, generate
 
     if layout.pp == 1 and layout.dp_rank == 0:
-        ids = tokenizer.encode(prompt)
-        start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
-        if not ids or (tokenizer.bos is not None and ids[0] != tokenizer.bos):
-            ids = [start] + ids  # as documents start in the data
+        ids = prompt_ids(tokenizer, prompt, chat_format is not None, model.cfg.n_positions // 2)
         budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
         banned = tuple(t for t in (tokenizer.unk, tokenizer.bos) if t is not None and t != tokenizer.eod)
         cfg = SamplingConfig(max_new_tokens=max(budget, 1), temperature=0.8, top_k=40, seed=0,
@@ -169,6 +261,9 @@ def print_sample(model, tokenizer, prompt: str, layout: ParallelLayout, device: 
         out = generate(model, [ids], cfg, pad_id=tokenizer.eod)[0]
         model.train()
         if layout.rank == 0:
-            print(f"sample: {prompt}{tokenizer.decode(out, skip_special_tokens=True)}", flush=True)
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            line = f"sample: {prompt}{text}" if chat_format is None else (
+                f"sample ({chat_format} layout): user: {prompt} | reply: {text}")
+            print(line, flush=True)
     if dist.is_initialized():
         dist.barrier()

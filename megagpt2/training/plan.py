@@ -7,17 +7,21 @@ second with one message (the entry prints it on the first rank only and exits 2)
 cheapest first and stop at the first group that fails:
 
   1. the config's fields and their combinations (config.validate);
-  2. the layout (world size over tp x pp), the DeepSpeed JSON and its batch sizes for that
+  2. the layout (world size over tp x pp), the DeepSpeed JSON (keys DeepSpeed has) and its batch sizes for that
      data-parallel size, the pipeline split and schedule: the same `partition` the stages are
      built from and the same `check_layout` the schedule runs;
   3. the files: every data prefix has a readable .bin/.idx pair (or the fine-tuning jsonl
-     exists), data.split parses, train.init_from exists; paths in messages are absolute, as
+     exists), data.split parses, train.init_from exists (and is not inside checkpoint.dir, whose
+     checkpoint would be resumed instead); paths in messages are absolute, as
      resolved from the directory the run was started in;
   4. the tokenizer (megagpt2.data.run_tokenizer): the explicit one, else the dataset's sidecar,
-     else train.init_from's; it builds, agrees with every source and fits model.vocab_size.
+     else train.init_from's; it builds, agrees with every source and fits model.vocab_size;
+  5. the amount of data (data_size.py): a training split smaller than one global batch, or an
+     empty one, is refused; one the run reads more than a few times over is a warning.
 
 The plan keeps what it built (layout, typed DeepSpeed config, pipeline split, tokenizer) so the
-run uses exactly what was checked.
+run uses exactly what was checked, and `notes`: what the first rank prints at the start (where
+the run saves, the warnings).
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from ..config import Config, ConfigError, validate
+from ..config import Config, ConfigError, resolve_run_dir, validate
 from ..ds_config import DeepSpeedConfig, DSConfigError
 from ..parallel import ParallelLayout, ParallelLayoutError
 from ..pipeline import StageLayout, check_layout, partition
 from ..tokenizer import Tokenizer, TokenizerError
+from .data_size import data_size_checks
 
 if TYPE_CHECKING:
     from ..data.run_tokenizer import ResolvedTokenizer
@@ -50,6 +55,7 @@ class RunPlan:
     split: Optional[StageLayout]  # blocks per virtual stage; None without pipelining
     tokenizer: Tokenizer
     tokenizer_summary: str = ""  # which tokenizer and where it came from, for the log
+    notes: tuple[str, ...] = ()  # printed at the start by the first rank: where the run saves, warnings
 
     @property
     def micro_batch(self) -> int:
@@ -66,6 +72,7 @@ class RunPlan:
 
 def plan_run(cfg: Config, ds: Union[str, dict[str, Any]], world_size: int, rank: int = 0) -> RunPlan:
     """Check `cfg` and the DeepSpeed config (a JSON path or its dict) for `world_size` ranks."""
+    resolve_run_dir(cfg)  # a config built in code: runs/default
     _raise_if(_config_errors(cfg))
     layout, ds_cfg, split, errors = _layout(cfg, ds, world_size, rank)
     _raise_if(errors)
@@ -73,7 +80,19 @@ def plan_run(cfg: Config, ds: Union[str, dict[str, Any]], world_size: int, rank:
     resolved, errors = _tokenizer(cfg)
     _raise_if(errors)
     assert layout is not None and ds_cfg is not None and resolved is not None
-    return RunPlan(cfg, ds_cfg, layout, split, resolved.tokenizer, resolved.summary())
+    errors, warnings = data_size_checks(cfg, ds_cfg.global_batch)
+    _raise_if(errors)
+    notes = (run_dir_note(cfg),) + tuple(f"warning: {w}" for w in warnings)
+    return RunPlan(cfg, ds_cfg, layout, split, resolved.tokenizer, resolved.summary(), notes)
+
+
+def run_dir_note(cfg: Config) -> str:
+    """Where the run writes (or that it writes nothing), for the first lines of the log."""
+    path = cfg.checkpoint.dir
+    if path is None:
+        return "checkpoint.dir=none: nothing is saved (no checkpoints, metrics.jsonl or loss.png)"
+    resume = "; its newest checkpoint, if any, is resumed" if cfg.checkpoint.resume else ""
+    return f"run directory: {_where(path)}: checkpoints, metrics.jsonl and loss.png go here{resume}"
 
 
 def _raise_if(errors: list[str]) -> None:
@@ -181,10 +200,15 @@ def _prefix_errors(prefix: str) -> list[str]:
 
 
 def _init_from_errors(cfg: Config) -> list[str]:
-    path = cfg.train.init_from
+    path, run_dir = cfg.train.init_from, cfg.checkpoint.dir
     if path and not os.path.exists(path):
         return [f"train.init_from={_where(path)} does not exist: give a megagpt2 checkpoint directory or a "
                 f"Hugging Face GPT-2 directory"]
+    if path and run_dir and os.path.commonpath([os.path.abspath(path), os.path.abspath(run_dir)]) == \
+            os.path.abspath(run_dir):
+        return [f"train.init_from={_where(path)} is inside checkpoint.dir={run_dir}: the run would resume the "
+                f"checkpoint there (optimizer, step and data position) instead of starting from its weights; "
+                f"give this run its own checkpoint.dir"]
     return []
 
 

@@ -16,16 +16,15 @@ from ..checkpoint.resume import resume, run_layout
 from ..config import dump_yaml
 from ..parallel import ProcessGroups
 from ..parallel.collectives import all_reduce_small
-from ..pipeline.executor import StepResult
+from ..pipeline.executor import NonFiniteError, NonfiniteGuard, StepResult
 from .data import build_data
-from .metrics import Scalars, flops_per_token, memory_gb, memory_report, peak_tflops, print_sample
+from .metrics import (RunClock, Scalars, flops_per_token, memory_gb, memory_report, peak_tflops, print_sample,
+                      truncate_metrics)
 from .model_setup import build_engine, engine_ds_config
 from .plan import RunPlan
 from .signals import TIME_LIMIT, Signals
 
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm is NaN/inf and train.on_nonfinite=stop."""
+__all__ = ["NonFiniteError", "Trainer", "describe"]
 
 
 class Trainer:
@@ -36,6 +35,8 @@ class Trainer:
         cfg = plan.cfg
         self.plan, self.cfg, self.groups, self.layout, self.device = plan, cfg, groups, groups.layout, device
         self.tokenizer = plan.tokenizer
+        for note in plan.notes:  # where the run saves, warnings about the data
+            self.log(note)
         if plan.tokenizer_summary:
             self.log(plan.tokenizer_summary)
         self.micro, self.accum, self.global_batch = plan.micro_batch, plan.grad_accum, plan.global_batch
@@ -52,6 +53,8 @@ class Trainer:
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
         self.metrics_path = Path(cfg.checkpoint.dir) / "metrics.jsonl" if cfg.checkpoint.dir else None
+        self.nonfinite = NonfiniteGuard(cfg.train.on_nonfinite, cfg.train.max_skipped_steps)
+        self.clock = RunClock(cfg.train.steps)
 
     def log(self, msg: str) -> None:
         if self.layout.rank == 0:
@@ -113,8 +116,11 @@ class Trainer:
         check_same_identity(state["tokenizer"], self.tokenizer.identity(), where=f"checkpoint {tag}")
         self.step = int(state["step"])
         self.data.seek(int(state["consumed_samples"]))
-        if self.metrics_path is not None:  # the curves so far, for the plot at the end
-            self.scalars.restore(self.metrics_path, self.step)
+        if self.metrics_path is not None and self.layout.rank == 0:
+            dropped = truncate_metrics(self.metrics_path, self.step)  # steps after the checkpoint are redone
+            if dropped:
+                self.log(f"metrics.jsonl: dropped {dropped} record(s) of steps after {tag} (they are trained again)")
+            self.scalars.restore(self.metrics_path, self.step)  # the curves so far, for the plot at the end
         self.log(f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, "
                  f"{self.data.consumed} samples consumed")
         return True
@@ -142,6 +148,7 @@ class Trainer:
         if self.peak:
             parts += [f"{tflops:.1f} TFLOP/s/dev", f"MFU {100 * tflops / self.peak:.1f}%"]
         parts += [f"mem {memory_gb(self.device):.2f} GiB", f"{dt:.2f} s/step"]
+        parts.append(self.clock.progress(self.step, self.data.consumed * cfg.data.seq_length))
         self.log(" | ".join(parts))
         for tag, v in (("train/loss", r.loss), ("train/lr", r.lr), ("train/grad_norm", r.grad_norm),
                        ("perf/tokens_per_s", tok_s), ("perf/tflops_per_device", tflops)):
@@ -165,20 +172,21 @@ class Trainer:
         start, stopped_by = time.time(), None
         last_saved = self.step if resumed else None
         interval_t, interval_steps = time.time(), 0
+        self.clock.begin()
         while self.step < cfg.train.steps:
             r = self.train_step()
             self.step += 1
+            self.clock.tick(self.step)
             if self.step == 1:
                 self.log(memory_report(cfg, engine_ds_config(self.plan, self.device), self.layout, self.device))
             self._record(loss=r.loss, lr=r.lr, grad_norm=r.grad_norm, consumed_samples=self.data.consumed)
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
             nonfinite, stop = self._agree(r.nonfinite, self._stop_code(over_time))
-            if nonfinite and cfg.train.on_nonfinite == "stop":
-                raise NonFiniteError(f"step {self.step}: loss {r.loss} / grad norm {r.grad_norm} is not finite; "
-                                     f"stopping without a checkpoint (train.on_nonfinite=skip skips such steps)")
-            if nonfinite:
-                self.log(f"step {self.step}: non-finite loss or grad norm, update skipped")
+            skipped = self.nonfinite.check(self.step, r, nonfinite)  # NonFiniteError: stop, no checkpoint
+            if skipped or r.overflow:
+                self.log(skipped or f"step {self.step}: fp16 gradient overflow: DeepSpeed skipped the update "
+                                    f"and lowered the loss scale")
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self._log_step(r, (time.time() - interval_t) / interval_steps)
                 interval_t, interval_steps = time.time(), 0
@@ -209,7 +217,8 @@ class Trainer:
                 self.log(f"loss curves: {png}")
         self.scalars.close()
         if cfg.logging.sample_prompt and stopped_by is None:
-            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, self.layout, self.device)
+            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, self.layout, self.device,
+                         chat_format=None if cfg.data.format == "pretrain" else cfg.data.format)
         return out
 
 
