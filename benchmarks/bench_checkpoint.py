@@ -52,11 +52,17 @@ def _engine(shape: str, ps, zero: int):
 
     cfg = _model_config(shape)
     model = GPT2(cfg, ps)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": zero, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
-          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()), config=ds,
-                                           mpu=ps, dist_init_required=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, OptimConfig()), config=ds, mpu=ps, dist_init_required=False
+    )
     x = torch.randint(0, cfg.vocab_size, (1, 17), generator=torch.Generator().manual_seed(0))
     engine.backward(engine(x[:, :-1], x[:, 1:]))
     engine.step()
@@ -90,8 +96,10 @@ def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
     out = {}
     native, ours = root / "native", root / "ours"
     state = {"consumed_samples": 0, "layout": {"tp": 1, "pp": 1, "dp": ps.layout.dp}}
-    saves = {"native_save": lambda: engine.save_checkpoint(str(native), tag="t", save_latest=False),
-             "ours_save": lambda: store.save(engine, ps.layout, str(ours), 1, state, keep_last=1)}
+    saves = {
+        "native_save": lambda: engine.save_checkpoint(str(native), tag="t", save_latest=False),
+        "ours_save": lambda: store.save(engine, ps.layout, str(ours), 1, state, keep_last=1),
+    }
     for key in sorted(saves, reverse=bool(i % 2)):
         os.sync()
         out[key] = _timed(saves[key])
@@ -110,8 +118,9 @@ def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import logging
     from datetime import timedelta
 
@@ -142,19 +151,26 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
 
 
 def report(args, results: dict) -> None:
-    print(f"checkpoint save/load, CPU, tp=pp=1, dp={args.dp}, ZeRO-{args.zero}, fp32; median of {args.repeat} "
-          f"round(s), slowest rank; {os.cpu_count()} CPU cores; directory {args.dir}")
+    print(
+        f"checkpoint save/load, CPU, tp=pp=1, dp={args.dp}, ZeRO-{args.zero}, fp32; median of {args.repeat} "
+        f"round(s), slowest rank; {os.cpu_count()} CPU cores; directory {args.dir}"
+    )
     print(f"{'shape':<7} {'params':>8} {'format':<22} {'save s':>8} {'load s':>8} {'MiB on disk':>12}")
     for shape, (n, per_rank) in results.items():
+
         def med(key, per_rank=per_rank):
             return statistics.median(max(r[i][key] for r in per_rank) for i in range(args.repeat))
 
         nb, ob = per_rank[0][0]["native_bytes"], per_rank[0][0]["ours_bytes"]
-        print(f"{shape:<7} {n / 1e6:>7.0f}M {'deepspeed (native)':<22} {med('native_save'):>8.2f} "
-              f"{med('native_load'):>8.2f} {nb / 2**20:>12.0f}")
-        print(f"{'':<7} {'':>8} {'megagpt2 (layout-free)':<22} {med('ours_save'):>8.2f} "
-              f"{med('ours_load') + med('ours_verify'):>8.2f} {ob / 2**20:>12.0f}   "
-              f"(load = {med('ours_verify'):.2f} verify + {med('ours_load'):.2f} read)")
+        print(
+            f"{shape:<7} {n / 1e6:>7.0f}M {'deepspeed (native)':<22} {med('native_save'):>8.2f} "
+            f"{med('native_load'):>8.2f} {nb / 2**20:>12.0f}"
+        )
+        print(
+            f"{'':<7} {'':>8} {'megagpt2 (layout-free)':<22} {med('ours_save'):>8.2f} "
+            f"{med('ours_load') + med('ours_verify'):>8.2f} {ob / 2**20:>12.0f}   "
+            f"(load = {med('ours_verify'):.2f} verify + {med('ours_load'):.2f} read)"
+        )
 
 
 def _wait(queue, procs) -> Optional[dict]:
@@ -172,8 +188,9 @@ def _wait(queue, procs) -> Optional[dict]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--shapes", default="124m,355m", help="comma-separated configs/gpt2/<shape>.yaml names")
     ap.add_argument("--dp", type=int, default=2, help="data-parallel ranks")
     ap.add_argument("--zero", type=int, default=2, choices=(0, 1, 2), help="ZeRO stage")

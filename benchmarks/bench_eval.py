@@ -66,13 +66,20 @@ def measure(model: GPT2, task: str, n: int, batch_size: int, device: str) -> dic
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return {"task": task, "batch_size": batch_size, "examples": examples, "seconds": round(dt, 3),
-            "examples_per_s": round(examples / dt, 2), "sequences_per_s": round(len(pairs) / dt, 2)}
+    return {
+        "task": task,
+        "batch_size": batch_size,
+        "examples": examples,
+        "seconds": round(dt, 3),
+        "examples_per_s": round(examples / dt, 2),
+        "sequences_per_s": round(len(pairs) / dt, 2),
+    }
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shapes", default="tiny,124m", help=f"comma-separated of {', '.join(SHAPES)}")
     p.add_argument("--tasks", default="lambada,hellaswag")
     p.add_argument("--batch-sizes", default="1,16")
@@ -94,8 +101,11 @@ def main(argv=None) -> int:
                 with torch.inference_mode():
                     row = {"shape": shape, **measure(model, task, n, bs, args.device)}
                 rows.append(row)
-                print(f"{shape:<6} {task:<10} {bs:>5} {row['examples_per_s']:>11.2f} {row['sequences_per_s']:>9.2f} "
-                      f"{row['seconds']:>8.2f}", flush=True)
+                print(
+                    f"{shape:<6} {task:<10} {bs:>5} {row['examples_per_s']:>11.2f} {row['sequences_per_s']:>9.2f} "
+                    f"{row['seconds']:>8.2f}",
+                    flush=True,
+                )
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -14,6 +14,7 @@ So "GB/s" compares like with like, and 100% of copy bandwidth is the best any ke
     python benchmarks/bench_kernels.py --dtype fp16 --compile largest --out figures.json
 Figures are printed, never asserted on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -189,9 +190,9 @@ def tuned(warps: int | None = None, ln_bwd_per_sm: int | None = None) -> Iterato
     if warps is not None:
         runtime.num_warps_for = lambda block: warps
     if ln_bwd_per_sm is not None:
+
         def programs(rows: int, device: torch.device) -> int:
-            sms = torch.cuda.get_device_properties(device).multi_processor_count if (
-                device.type == "cuda") else 1
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if (device.type == "cuda") else 1
             return max(1, min(rows, ln_bwd_per_sm * sms))
 
         layernorm_mod.bwd_programs = programs
@@ -218,8 +219,7 @@ def softmax_sweep(scale: float) -> Variants:
     return {f"triton w{w}": (op, {"warps": w}) for w in (1, 2, 4, 8)}
 
 
-def bench_layernorm(args, device, dtype, hidden: int, timer: Timer, copy_bw: float,
-                    sweep: bool = False) -> list[dict]:
+def bench_layernorm(args, device, dtype, hidden: int, timer: Timer, copy_bw: float, sweep: bool = False) -> list[dict]:
     m, n, e = args.tokens, hidden, torch.finfo(dtype).bits // 8
     x = torch.randn(m, n, dtype=dtype, device=device, requires_grad=True)
     w = (1 + 0.1 * torch.randn(n, device=device)).to(dtype).requires_grad_()
@@ -230,11 +230,22 @@ def bench_layernorm(args, device, dtype, hidden: int, timer: Timer, copy_bw: flo
     if sweep:
         variants = layernorm_sweep()
     else:
-        variants = {name: (op, {}) for name, op in layernorm_impls(args, device).items()
-                    if not _skip_compile(args, name, hidden)}
+        variants = {
+            name: (op, {})
+            for name, op in layernorm_impls(args, device).items()
+            if not _skip_compile(args, name, hidden)
+        }
     return [
-        measure("layernorm", f"({m}, {n})", name, overrides, fwd_bytes, bwd_bytes, copy_bw,
-                lambda: fwd_and_fwdbwd(op, [x, w, b], dy, timer))
+        measure(
+            "layernorm",
+            f"({m}, {n})",
+            name,
+            overrides,
+            fwd_bytes,
+            bwd_bytes,
+            copy_bw,
+            lambda: fwd_and_fwdbwd(op, [x, w, b], dy, timer),
+        )
         for name, (op, overrides) in variants.items()
     ]
 
@@ -255,8 +266,7 @@ def _first_hidden_per_heads(args) -> dict[int, int]:
     return first
 
 
-def bench_softmax(args, device, dtype, hidden: int, timer: Timer, copy_bw: float,
-                  sweep: bool = False) -> list[dict]:
+def bench_softmax(args, device, dtype, hidden: int, timer: Timer, copy_bw: float, sweep: bool = False) -> list[dict]:
     heads = _heads(args, hidden)
     bh, t, e = args.batch * heads, args.seq, torch.finfo(dtype).bits // 8
     scores = torch.randn(args.batch, heads, t, t, dtype=dtype, device=device, requires_grad=True)
@@ -269,12 +279,23 @@ def bench_softmax(args, device, dtype, hidden: int, timer: Timer, copy_bw: float
     if sweep:
         variants = softmax_sweep(scale)
     else:
-        variants = {name: (op, {}) for name, op in softmax_impls(args, device, mask, scale).items()
-                    if not _skip_compile(args, name, hidden)}
+        variants = {
+            name: (op, {})
+            for name, op in softmax_impls(args, device, mask, scale).items()
+            if not _skip_compile(args, name, hidden)
+        }
     shape = f"({args.batch}x{heads}, {t}, {t})"
     return [
-        measure("softmax", shape, name, overrides, fwd_bytes, bwd_bytes, copy_bw,
-                lambda: fwd_and_fwdbwd(op, [scores], dy, timer))
+        measure(
+            "softmax",
+            shape,
+            name,
+            overrides,
+            fwd_bytes,
+            bwd_bytes,
+            copy_bw,
+            lambda: fwd_and_fwdbwd(op, [scores], dy, timer),
+        )
         for name, (op, overrides) in variants.items()
     ]
 
@@ -302,18 +323,27 @@ def _row(kernel, shape, impl, f_ms, fb_ms, host_ms, fwd_bytes, bwd_bytes, copy_b
     b_ms = max(fb_ms - f_ms, 0.0)
     total = gbps(fwd_bytes + bwd_bytes, fb_ms)
     return {
-        "kernel": kernel, "shape": shape, "impl": impl,
-        "fwd_ms": f_ms, "bwd_ms": b_ms, "fwd_bwd_ms": fb_ms, "host_ms": host_ms,
-        "fwd_gbps": gbps(fwd_bytes, f_ms), "bwd_gbps": gbps(bwd_bytes, b_ms),
-        "fwd_bwd_gbps": total, "frac_copy_bw": total / copy_bw,
-        "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes,
+        "kernel": kernel,
+        "shape": shape,
+        "impl": impl,
+        "fwd_ms": f_ms,
+        "bwd_ms": b_ms,
+        "fwd_bwd_ms": fb_ms,
+        "host_ms": host_ms,
+        "fwd_gbps": gbps(fwd_bytes, f_ms),
+        "bwd_gbps": gbps(bwd_bytes, b_ms),
+        "fwd_bwd_gbps": total,
+        "frac_copy_bw": total / copy_bw,
+        "fwd_bytes": fwd_bytes,
+        "bwd_bytes": bwd_bytes,
     }
 
 
 def add_speedups(rows: list[dict], baselines: list[dict]) -> None:
     """speedup = torch eager fwd+bwd time (from `baselines`) / this row's, same kernel and shape."""
-    eager = {(r["kernel"], r["shape"]): r["fwd_bwd_ms"] for r in baselines
-             if r["impl"] == "torch eager" and "error" not in r}
+    eager = {
+        (r["kernel"], r["shape"]): r["fwd_bwd_ms"] for r in baselines if r["impl"] == "torch eager" and "error" not in r
+    }
     for r in rows:
         if "error" in r:
             continue
@@ -322,8 +352,10 @@ def add_speedups(rows: list[dict], baselines: list[dict]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'kernel':<10} {'shape':<21} {'impl':<17} {'fwd ms':>8} {'GB/s':>7} {'bwd ms':>8} "
-            f"{'GB/s':>7} {'f+b ms':>8} {'GB/s':>7} {'% copy':>7} {'vs eager':>8} {'host ms':>8}")
+    head = (
+        f"{'kernel':<10} {'shape':<21} {'impl':<17} {'fwd ms':>8} {'GB/s':>7} {'bwd ms':>8} "
+        f"{'GB/s':>7} {'f+b ms':>8} {'GB/s':>7} {'% copy':>7} {'vs eager':>8} {'host ms':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -343,17 +375,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--tokens", type=int, default=8192, help="LayerNorm rows (batch x seq)")
-    p.add_argument("--hidden", type=lambda s: [int(v) for v in s.split(",")],
-                   default=[768, 1024, 1280, 1600], help="comma-separated hidden sizes")
+    p.add_argument(
+        "--hidden",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[768, 1024, 1280, 1600],
+        help="comma-separated hidden sizes",
+    )
     p.add_argument("--batch", type=int, default=8, help="softmax batch (rows = batch x heads)")
     p.add_argument("--heads", type=int, default=0, help="0: GPT-2's heads for each hidden size")
     p.add_argument("--seq", type=int, default=1024, help="softmax sequence length")
     p.add_argument("--kernels", default="layernorm,softmax")
-    p.add_argument("--compile", choices=["all", "largest", "none"], default="all",
-                   help="torch.compile baselines for all hidden sizes, only the largest, or none")
-    p.add_argument("--sweep", action="store_true",
-                   help="also time the Triton kernels at the largest shapes with other warps per "
-                        "program and LayerNorm backward program counts (tuning data)")
+    p.add_argument(
+        "--compile",
+        choices=["all", "largest", "none"],
+        default="all",
+        help="torch.compile baselines for all hidden sizes, only the largest, or none",
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also time the Triton kernels at the largest shapes with other warps per "
+        "program and LayerNorm backward program counts (tuning data)",
+    )
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
@@ -388,16 +431,20 @@ def main(argv=None) -> int:
             widest = max(args.hidden, key=lambda h: _heads(args, h))
             sweep += bench_softmax(args, device, dtype, widest, timer, copy_bw, True)
         add_speedups(sweep, rows)
-        print("\ntuning sweep (Triton only; wN = N warps per program, bwd k/SM = LayerNorm "
-              "backward programs per SM)")
+        print("\ntuning sweep (Triton only; wN = N warps per program, bwd k/SM = LayerNorm backward programs per SM)")
         print(format_table(sweep))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"device": name, "dtype": args.dtype, "copy_gbps": copy_bw,
-                "torch": torch.__version__, "triton": _triton_version(),
-                "date": time.strftime("%Y-%m-%d"),
-                "interpreted": device.type != "cuda",
-                "timing": "kernel time, host launch work hidden" if timer.can_spin else "wall"}
+        meta = {
+            "device": name,
+            "dtype": args.dtype,
+            "copy_gbps": copy_bw,
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "interpreted": device.type != "cuda",
+            "timing": "kernel time, host launch work hidden" if timer.can_spin else "wall",
+        }
         figures = {"meta": meta, "rows": rows, "sweep": sweep}
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     return 0

@@ -11,6 +11,7 @@ six models start from the same weights and tokens; with dropout off (--no-dropou
 agree to rounding, a check that the paths compute the same function. No optimizer step: that
 costs the same whichever kernels run. Figures are printed, never asserted on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,9 @@ def bench(args) -> tuple[dict, list[dict]]:
     for kernels in kernel_choices(device):
         for attention in args.attention:
             torch.manual_seed(args.seed)
-            model = GPT2(replace(model_cfg, kernels=kernels, attention=attention), ProcessGroups.single(),
-                         seed=args.seed)
+            model = GPT2(
+                replace(model_cfg, kernels=kernels, attention=attention), ProcessGroups.single(), seed=args.seed
+            )
             if state is None:
                 state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
@@ -112,31 +114,46 @@ def bench(args) -> tuple[dict, list[dict]]:
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    base = next((r["ms"] for r in rows if r["kernels"] == "torch" and r["attention"] == "torch"
-                 and "error" not in r), None)
+    base = next(
+        (r["ms"] for r in rows if r["kernels"] == "torch" and r["attention"] == "torch" and "error" not in r), None
+    )
     for r in rows:
         if "error" not in r:
             r["speedup"] = base / r["ms"] if base else float("nan")
             r["tokens_per_s"] = args.micro_batch * seq / (r["ms"] * 1e-3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    meta = {"device": name, "config": args.config, "dtype": args.dtype, "micro_batch": args.micro_batch,
-            "seq": seq, "dropout": not args.no_dropout, "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "interpreted": device.type != "cuda"}
+    meta = {
+        "device": name,
+        "config": args.config,
+        "dtype": args.dtype,
+        "micro_batch": args.micro_batch,
+        "seq": seq,
+        "dropout": not args.no_dropout,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "interpreted": device.type != "cuda",
+    }
     return meta, rows
 
 
 def format_table(meta: dict, rows: list[dict]) -> str:
-    lines = [f"device: {meta['device']}  {meta['config']}  {meta['dtype']}  "
-             f"batch {meta['micro_batch']} x {meta['seq']}  dropout {'on' if meta['dropout'] else 'off'}"]
-    head = (f"{'kernels':<8} {'attention':<14} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9} "
-            f"{'vs torch/torch':>14} {'first loss':>11}")
+    lines = [
+        f"device: {meta['device']}  {meta['config']}  {meta['dtype']}  "
+        f"batch {meta['micro_batch']} x {meta['seq']}  dropout {'on' if meta['dropout'] else 'off'}"
+    ]
+    head = (
+        f"{'kernels':<8} {'attention':<14} {'ms/step':>9} {'tokens/s':>10} {'peak GiB':>9} "
+        f"{'vs torch/torch':>14} {'first loss':>11}"
+    )
     lines += [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['kernels']:<8} {r['attention']:<14} FAILED: {r['error'][:80]}")
             continue
-        lines.append(f"{r['kernels']:<8} {r['attention']:<14} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} "
-                     f"{r['peak_gib']:9.2f} {r['speedup']:13.2f}x {r['loss']:11.5f}")
+        lines.append(
+            f"{r['kernels']:<8} {r['attention']:<14} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} "
+            f"{r['peak_gib']:9.2f} {r['speedup']:13.2f}x {r['loss']:11.5f}"
+        )
     return "\n".join(lines)
 
 
@@ -147,8 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=0, help="0: the model's context length")
-    p.add_argument("--attention", type=lambda s: s.split(","), default=list(ATTENTION),
-                   help="comma-separated attention paths")
+    p.add_argument(
+        "--attention", type=lambda s: s.split(","), default=list(ATTENTION), help="comma-separated attention paths"
+    )
     p.add_argument("--no-dropout", action="store_true", help="dropout off: the losses must then agree")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--warmup", type=int, default=3)

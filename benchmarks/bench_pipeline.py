@@ -73,11 +73,18 @@ def _run_schedule(args, schedule: str, groups) -> dict:
     cfg = _config(args, schedule)
     par = cfg.parallel
     model = PipelineStage(cfg.model, groups, partition(cfg.model, par.pp, par.virtual_stages), seed=cfg.train.seed)
-    ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.micro_batches,
-          "train_batch_size": args.micro * args.micro_batches * groups.layout.dp, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim), config=ds,
-                                           mpu=groups, dist_init_required=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": args.micro,
+        "gradient_accumulation_steps": args.micro_batches,
+        "train_batch_size": args.micro * args.micro_batches * groups.layout.dp,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, cfg.optim), config=ds, mpu=groups, dist_init_required=False
+    )
     executor = StepExecutor(engine, model, groups, par)
     data, cpu = SyntheticData(args.micro, args.seq, args.vocab), torch.device("cpu")
     steps, bubbles = [], []
@@ -91,8 +98,9 @@ def _run_schedule(args, schedule: str, groups) -> dict:
 
 
 def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     import logging
     from datetime import timedelta
 
@@ -127,8 +135,10 @@ def theory(schedule: str, m: int, p: int, v: int) -> float:
 
 def report(args, per_rank: list[dict]) -> None:
     p, m, v = args.pp, args.micro_batches, args.virtual
-    print(f"GPT-2 {args.n_layer} layers x {args.n_embd} hidden, seq {args.seq}, micro-batch {args.micro}, "
-          f"pp={p}, m={m} micro-batches per step, v={v} (interleaved), {os.cpu_count()} CPU cores")
+    print(
+        f"GPT-2 {args.n_layer} layers x {args.n_embd} hidden, seq {args.seq}, micro-batch {args.micro}, "
+        f"pp={p}, m={m} micro-batches per step, v={v} (interleaved), {os.cpu_count()} CPU cores"
+    )
     print(f"{'schedule':<12} {'step ms':>9} {'bubble':>8} {'theory':>8} {'(p-1)/(m+p-1)':>14}")
     for s in args.schedules:
         step = max(r[s]["step_s"] for r in per_rank)
@@ -137,8 +147,11 @@ def report(args, per_rank: list[dict]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro-batches", type=int, default=8, help="m: micro-batches per optimizer step")
     ap.add_argument("--virtual", type=int, default=2, help="model chunks per rank for the interleaved schedule")

@@ -26,6 +26,7 @@ an error row; shapes that would not fit in memory are skipped rows. --launch als
 first step of the real entry (python and deepspeed launcher) against plain_gpt2.py as a script.
 Figures are printed (and written to --out after every row), never asserted on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ sys.path.insert(0, str(ROOT))  # run from anywhere in the checkout
 from benchmarks.plain_gpt2 import PlainConfig, PlainGPT, adamw, train_step  # noqa: E402
 from benchmarks.train_rows import cpu_peak_tflops, launch_times, make_token_file, peak_rss_gib, reset_peak_rss  # noqa: E402
 
-PRESETS = {"tiny": "configs/gpt2/tiny.yaml", "124m": "configs/gpt2/124m.yaml", "355m": "configs/gpt2/355m.yaml",
-           "774m": "configs/gpt2/774m.yaml", "1.5b": "configs/gpt2/1.5b.yaml"}
+PRESETS = {
+    "tiny": "configs/gpt2/tiny.yaml",
+    "124m": "configs/gpt2/124m.yaml",
+    "355m": "configs/gpt2/355m.yaml",
+    "774m": "configs/gpt2/774m.yaml",
+    "1.5b": "configs/gpt2/1.5b.yaml",
+}
 REFERENCE = "plain:compile"
 
 
@@ -109,8 +115,9 @@ def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device
 
 def plain_row(cfg, state: dict, compiled: bool, x, y, device: torch.device):
     m = cfg.model
-    model = PlainGPT(PlainConfig(m.n_layer, m.n_head, m.n_embd, m.n_positions, m.padded_vocab_size,
-                                 m.dropout, m.layer_norm_eps))
+    model = PlainGPT(
+        PlainConfig(m.n_layer, m.n_head, m.n_embd, m.n_positions, m.padded_vocab_size, m.dropout, m.layer_norm_eps)
+    )
     model.load_state_dict(state)
     model.to(device)
     opt = adamw(model, cfg.optim.lr, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2), cfg.optim.eps)
@@ -132,9 +139,12 @@ def hf_row(cfg, state: dict, x, y, device: torch.device):
     model.to(device).train()  # pyright: ignore[reportArgumentType]  (transformers' hint for .to)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                             {"params": other, "weight_decay": 0.0}], lr=cfg.optim.lr,
-                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
@@ -151,6 +161,7 @@ def hf_row(cfg, state: dict, x, y, device: torch.device):
 
 def time_row(step, device: torch.device, warmup: int, iters: int) -> dict:
     """First loss (before any update), then the median of `iters` timed steps after `warmup` more."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -197,8 +208,7 @@ def run_row(key: str, cfg, state, x, y, device: torch.device, args) -> dict:
         step, keep = hf_row(cfg, state, x, y, device)
     try:
         out = time_row(step, device, args.warmup, args.iters)
-        out["peak_gib"] = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
-                           else peak_rss_gib())
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
         return out
     finally:
         del step, keep
@@ -229,15 +239,22 @@ def bench(args: argparse.Namespace) -> dict:
     peak = peak_tflops(device) if device.type == "cuda" else cpu_peak_tflops()
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_")
     prefix = make_token_file(Path(tmp.name), load_config(str(ROOT / PRESETS["tiny"])).model.vocab_size)
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": "bf16" if device.type == "cuda" else "fp32", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "peak_tflops": peak,
-            "peak_source": "dense bf16 data sheet" if device.type == "cuda" else "fp32 matmul measured here",
-            "warmup": args.warmup, "iters": args.iters, "threads": torch.get_num_threads()}
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": "bf16" if device.type == "cuda" else "fp32",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "peak_tflops": peak,
+        "peak_source": "dense bf16 data sheet" if device.type == "cuda" else "fp32 matmul measured here",
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "threads": torch.get_num_threads(),
+    }
     result = {"meta": meta, "rows": [], "launch": []}
     if args.launch:
-        result["launch"] = launch_times(args.launch_config or ("124m" if device.type == "cuda" else "tiny"),
-                                        prefix, device, PRESETS, ROOT)
+        result["launch"] = launch_times(
+            args.launch_config or ("124m" if device.type == "cuda" else "tiny"), prefix, device, PRESETS, ROOT
+        )
         _save(args, result)
     with one_rank_group(device):
         for name in args.models:
@@ -317,18 +334,26 @@ def _save(args: argparse.Namespace, result: dict) -> None:
 def format_table(result: dict) -> str:
     meta = result["meta"]
     peak = meta["peak_tflops"]
-    lines = [f"device: {meta['device']}  {meta['dtype']}  torch {meta['torch']}  {meta['date']}  peak "
-             f"{peak:.3g} TFLOP/s ({meta['peak_source']})" if peak else f"device: {meta['device']}"]
-    head = (f"{'shape':<14} {'row':<34} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
-            f"{'peak GiB':>8} {'vs plain:compile':>16} {'first loss':>10}")
+    lines = [
+        f"device: {meta['device']}  {meta['dtype']}  torch {meta['torch']}  {meta['date']}  peak "
+        f"{peak:.3g} TFLOP/s ({meta['peak_source']})"
+        if peak
+        else f"device: {meta['device']}"
+    ]
+    head = (
+        f"{'shape':<14} {'row':<34} {'ms/step':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} "
+        f"{'peak GiB':>8} {'vs plain:compile':>16} {'first loss':>10}"
+    )
     lines += [head, "-" * len(head)]
     for r in result["rows"]:
         lead = f"{r['shape']:<14} {r['row']:<34}"
         if "error" in r or "skipped" in r:
             lines.append(f"{lead} {'FAILED: ' + r['error'][:90] if 'error' in r else 'skipped: ' + r['skipped']}")
             continue
-        lines.append(f"{lead} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.3f} {100 * r['mfu']:5.1f}% "
-                     f"{r['peak_gib']:8.2f} {_ratio(r['vs_plain_compiled']):>16} {r['loss']:10.4f}")
+        lines.append(
+            f"{lead} {r['ms']:9.2f} {r['tokens_per_s']:10.0f} {r['tflops']:8.3f} {100 * r['mfu']:5.1f}% "
+            f"{r['peak_gib']:8.2f} {_ratio(r['vs_plain_compiled']):>16} {r['loss']:10.4f}"
+        )
     for r in result.get("launch", []):
         took = f"{r['seconds']:.1f} s" if "seconds" in r else f"FAILED: {r['error'][:90]}"
         lines.append(f"launch to first step, {r['what']}: {took}")
@@ -343,20 +368,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--models", type=lambda s: s.split(","), default=None,
-                   help=f"comma-separated presets from {', '.join(PRESETS)} (default: 124m on CUDA, tiny on CPU)")
+    p.add_argument(
+        "--models",
+        type=lambda s: s.split(","),
+        default=None,
+        help=f"comma-separated presets from {', '.join(PRESETS)} (default: 124m on CUDA, tiny on CPU)",
+    )
     p.add_argument("--seq", type=int, default=0, help="0: the preset's context (1024; tiny: 128)")
     p.add_argument("--micro-batch", type=int, default=0, help="0: 8 on CUDA, 4 on CPU")
-    p.add_argument("--rows", type=lambda s: s.split(","), default=["*"],
-                   help="comma-separated glob patterns over row names, e.g. 'megagpt2:triton:*,plain:*'")
+    p.add_argument(
+        "--rows",
+        type=lambda s: s.split(","),
+        default=["*"],
+        help="comma-separated glob patterns over row names, e.g. 'megagpt2:triton:*,plain:*'",
+    )
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout of every row (0: the losses agree)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
     p.add_argument("--iters", type=int, default=5, help="timed steps (the median is reported; >= 5)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--launch", action="store_true", help="also time launch to first step (entry vs plain script)")
-    p.add_argument("--launch-config", choices=sorted(PRESETS), default=None,
-                   help="preset of the launch timing (default: 124m on CUDA, tiny on CPU)")
+    p.add_argument(
+        "--launch-config",
+        choices=sorted(PRESETS),
+        default=None,
+        help="preset of the launch timing (default: 124m on CUDA, tiny on CPU)",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here (after every row)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not cuda:

@@ -10,6 +10,7 @@ benchmarks/report_train.py's; the kernel targets (issue: fused kernels) are, on 
   (judged at every softmax shape benchmarked).
 The report is meant to be committed as is under benchmarks/results/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,29 +48,35 @@ def judge(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
 
 def kernel_table(rows: list[dict]) -> list[str]:
-    lines = ["| kernel | shape | impl | fwd ms | bwd ms | fwd+bwd ms | GB/s | % copy | vs eager | host ms |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kernel | shape | impl | fwd ms | bwd ms | fwd+bwd ms | GB/s | % copy | vs eager | host ms |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | failed: {r['error']} |"
-                         + " |" * 6)
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | failed: {r['error']} |" + " |" * 6)
             continue
         lines.append(
             f"| {r['kernel']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
             f"{r['fwd_bwd_ms']:.3f} | {r['fwd_bwd_gbps']:.0f} | {100 * r['frac_copy_bw']:.1f}% | "
-            f"{r['speedup_vs_eager']:.2f}x | {r.get('host_ms', float('nan')):.3f} |")
+            f"{r['speedup_vs_eager']:.2f}x | {r.get('host_ms', float('nan')):.3f} |"
+        )
     return lines
 
 
 def model_table(rows: list[dict]) -> list[str]:
-    lines = ["| kernels | attention | ms/step | tokens/s | peak GiB | vs torch/torch | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| kernels | attention | ms/step | tokens/s | peak GiB | vs torch/torch | first loss |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernels']} | {r['attention']} | failed: {r['error']} |" + " |" * 4)
             continue
-        lines.append(f"| {r['kernels']} | {r['attention']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_gib']:.2f} | {r['speedup']:.2f}x | {r['loss']:.5f} |")
+        lines.append(
+            f"| {r['kernels']} | {r['attention']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_gib']:.2f} | {r['speedup']:.2f}x | {r['loss']:.5f} |"
+        )
     return lines
 
 
@@ -79,13 +86,19 @@ def report(out_dir: Path) -> str:
     summary = out_dir / "summary.txt"
     summary_text = summary.read_text().rstrip() if summary.is_file() else ""
     gpu = "mode: GPU" in summary_text or any(
-        json.loads(p.read_text())["meta"]["device"] != "cpu" for p in out_dir.glob("bench_*.json"))
+        json.loads(p.read_text())["meta"]["device"] != "cpu" for p in out_dir.glob("bench_*.json")
+    )
     train_parts, verdicts = training_parts(out_dir, gpu)
     if not (kernel_files or model_files or train_parts):
-        raise SystemExit(f"{out_dir}: no figures (train.json, bench_*.json); run benchmarks/gpu_check.sh "
-                         f"with OUT={out_dir} first")
-    parts = ["# megagpt2 on a GPU: figures from benchmarks/gpu_check.sh" if gpu else
-             "# megagpt2, gpu_check dry run on CPU (tiny shapes): figures from benchmarks/gpu_check.sh --dry-run", ""]
+        raise SystemExit(
+            f"{out_dir}: no figures (train.json, bench_*.json); run benchmarks/gpu_check.sh with OUT={out_dir} first"
+        )
+    parts = [
+        "# megagpt2 on a GPU: figures from benchmarks/gpu_check.sh"
+        if gpu
+        else "# megagpt2, gpu_check dry run on CPU (tiny shapes): figures from benchmarks/gpu_check.sh --dry-run",
+        "",
+    ]
     if summary_text:
         parts += ["```", summary_text, "```", ""]
     parts += train_parts
@@ -93,18 +106,28 @@ def report(out_dir: Path) -> str:
         figures = json.loads(path.read_text())
         meta = figures["meta"]
         verdicts += judge(figures["rows"]) if meta["dtype"] == "bf16" else []
-        parts += [f"## {path.name}: {meta['dtype']} on {meta['device']}, {meta['date']}", "",
-                  f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth "
-                  f"{meta['copy_gbps']:.0f} GB/s; timing: {meta.get('timing', 'wall')}.", ""]
+        parts += [
+            f"## {path.name}: {meta['dtype']} on {meta['device']}, {meta['date']}",
+            "",
+            f"torch {meta['torch']}, triton {meta['triton']}; copy bandwidth "
+            f"{meta['copy_gbps']:.0f} GB/s; timing: {meta.get('timing', 'wall')}.",
+            "",
+        ]
         parts += kernel_table(figures["rows"]) + [""]
         if figures.get("sweep"):
-            parts += ["Tuning sweep (wN: N warps per program; bwd k/SM: LayerNorm backward programs "
-                      "per SM):", ""] + kernel_table(figures["sweep"]) + [""]
+            parts += (
+                ["Tuning sweep (wN: N warps per program; bwd k/SM: LayerNorm backward programs per SM):", ""]
+                + kernel_table(figures["sweep"])
+                + [""]
+            )
     for path in model_files:
         figures = json.loads(path.read_text())
         meta = figures["meta"]
-        parts += [f"## {path.name}: {meta['config']}, {meta['dtype']}, batch {meta['micro_batch']} x "
-                  f"{meta['seq']} on {meta['device']}, {meta['date']}", ""]
+        parts += [
+            f"## {path.name}: {meta['config']}, {meta['dtype']}, batch {meta['micro_batch']} x "
+            f"{meta['seq']} on {meta['device']}, {meta['date']}",
+            "",
+        ]
         parts += model_table(figures["rows"]) + [""]
     if verdicts:
         parts += ["## Targets", ""]

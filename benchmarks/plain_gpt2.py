@@ -17,6 +17,7 @@ As a script it is the "plain script" of the launch-to-first-step comparison (ben
     python benchmarks/plain_gpt2.py --data data/demo/corpus_text_document.bin --steps 5 \
         --n-layer 4 --n-embd 128 --n-head 4 --seq 128 --batch 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, D)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -115,17 +115,21 @@ class PlainGPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8,
-          fused: bool = True) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8, fused: bool = True
+) -> torch.optim.AdamW:
     """nanoGPT's optimizer: weight decay on matrices only, torch's fused AdamW."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               grad_clip: float = 1.0) -> torch.Tensor:
+def train_step(
+    model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, grad_clip: float = 1.0
+) -> torch.Tensor:
     """One optimizer step (bf16 autocast on CUDA); returns the loss, still on the device."""
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
         loss = model(x, y)
@@ -162,7 +166,7 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         ix = gen.integers(0, len(tokens) - args.seq - 1, args.batch)
-        batch = torch.from_numpy(np.stack([tokens[i:i + args.seq + 1].astype(np.int64) for i in ix])).to(device)
+        batch = torch.from_numpy(np.stack([tokens[i : i + args.seq + 1].astype(np.int64) for i in ix])).to(device)
         loss = train_step(step_fn, opt, batch[:, :-1], batch[:, 1:])
         print(f"step {step} | loss {loss.item():.4f} | {time.perf_counter() - t0:.3f} s", flush=True)
     return 0

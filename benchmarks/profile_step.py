@@ -12,6 +12,7 @@ functions with the most own time (cProfile, outside the profiler). Counts are ex
 busy machine; times are as measured and say so. With --ranks 2 the ranks run ZeRO-2 on gloo and
 rank 0 reports. Figures are printed (and written to --out), never asserted on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,23 @@ def counts(prof, steps: int) -> dict:
     ops = [e for e in events if e.name() != "[memory]"]
     allocs = [e for e in events if e.name() == "[memory]" and e.nbytes() > 0]
     names = Counter(e.name() for e in ops)
-    collectives = sum(n for name, n in names.items() if any(w in name.lower() for w in COLLECTIVE_WORDS)
-                      and name.startswith(("c10d::", "gloo:", "nccl:", "record_param_comms")))
+    collectives = sum(
+        n
+        for name, n in names.items()
+        if any(w in name.lower() for w in COLLECTIVE_WORDS)
+        and name.startswith(("c10d::", "gloo:", "nccl:", "record_param_comms"))
+    )
     self_ms = Counter()
     for e in prof.key_averages():
         self_ms[e.key] = e.self_cpu_time_total / 1e3 / steps
-    return {"host_syncs": names["aten::_local_scalar_dense"] / steps, "ops": len(ops) / steps,
-            "allocations": len(allocs) / steps, "alloc_mib": sum(e.nbytes() for e in allocs) / 2**20 / steps,
-            "collectives": collectives / steps, "top_ops_ms": self_ms.most_common(8)}
+    return {
+        "host_syncs": names["aten::_local_scalar_dense"] / steps,
+        "ops": len(ops) / steps,
+        "allocations": len(allocs) / steps,
+        "alloc_mib": sum(e.nbytes() for e in allocs) / 2**20 / steps,
+        "collectives": collectives / steps,
+        "top_ops_ms": self_ms.most_common(8),
+    }
 
 
 def python_hotspots(step, steps: int, n: int = 12) -> list[str]:
@@ -79,8 +89,12 @@ def profile_impl(name: str, step, args) -> dict:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for _ in range(args.steps):
             step()
-    return {"impl": name, "ms_median": sorted(times)[len(times) // 2], **counts(prof, args.steps),
-            "python": python_hotspots(step, args.steps)}
+    return {
+        "impl": name,
+        "ms_median": sorted(times)[len(times) // 2],
+        **counts(prof, args.steps),
+        "python": python_hotspots(step, args.steps),
+    }
 
 
 def run(rank: int, args) -> list[dict]:
@@ -105,8 +119,9 @@ def run(rank: int, args) -> list[dict]:
 
 
 def _rank_main(rank: int, args, port: int, result_path: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     with bench_train.one_rank_group(torch.device("cpu")):  # joins the env's world (size --ranks)
         rows = run(rank, args)
@@ -137,8 +152,10 @@ def main(argv=None) -> int:
     rows = json.loads(Path(result).read_text())
     for r in rows:
         print(f"\n== {r['impl']}: {r['ms_median']:.1f} ms/step (this machine, as measured)")
-        print(f"   per step: {r['host_syncs']:.0f} host syncs, {r['ops']:.0f} op calls, {r['allocations']:.0f} "
-              f"allocations ({r['alloc_mib']:.1f} MiB), {r['collectives']:.0f} collectives")
+        print(
+            f"   per step: {r['host_syncs']:.0f} host syncs, {r['ops']:.0f} op calls, {r['allocations']:.0f} "
+            f"allocations ({r['alloc_mib']:.1f} MiB), {r['collectives']:.0f} collectives"
+        )
         print("   most own time (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in r["top_ops_ms"]))
         print("   Python, most own time over the profiled steps (cProfile):")
         print("\n".join("     " + line for line in r["python"]))

@@ -7,6 +7,7 @@ Used by benchmarks/gpu_report.py. Targets (issue: speed, measured side by side):
   anywhere: launch to first step of the real entry within 2x that of a plain script; the main
   job's loss falls and its resumed steps equal the uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,19 +24,24 @@ def _rows_ok(rows: list[dict]) -> list[dict]:
 
 def bench_table(fig: dict) -> list[str]:
     meta = fig["meta"]
-    lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}; "
-             f"peak {meta['peak_tflops']:.4g} TFLOP/s ({meta['peak_source']}); "
-             f"median of {meta['iters']} steps after {meta['warmup']} + 1 untimed.", "",
-             "| shape | row | ms/step | tokens/s | TFLOP/s | MFU | peak GiB | vs plain:compile | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, {meta['date']}; "
+        f"peak {meta['peak_tflops']:.4g} TFLOP/s ({meta['peak_source']}); "
+        f"median of {meta['iters']} steps after {meta['warmup']} + 1 untimed.",
+        "",
+        "| shape | row | ms/step | tokens/s | TFLOP/s | MFU | peak GiB | vs plain:compile | first loss |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in fig["rows"]:
         if "ms" not in r:
             why = f"failed: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"
             lines.append(f"| {r['shape']} | {r['row']} | {why} |" + " |" * 6)
             continue
         ratio = "-" if r["vs_plain_compiled"] != r["vs_plain_compiled"] else f"{r['vs_plain_compiled']:.2f}x"
-        lines.append(f"| {r['shape']} | {r['row']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3f} | "
-                     f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {ratio} | {r['loss']:.4f} |")
+        lines.append(
+            f"| {r['shape']} | {r['row']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {r['tflops']:.3f} | "
+            f"{100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} | {ratio} | {r['loss']:.4f} |"
+        )
     for r in fig.get("launch", []):
         took = f"{r['seconds']:.1f} s" if "seconds" in r else f"failed: {r['error']}"
         lines.append(f"\nLaunch to first step, {r['what']}: {took}")
@@ -51,8 +57,13 @@ def bench_targets(fig: dict) -> list[Verdict]:
         ours, plain = by.get("megagpt2:torch:flash:eager"), by.get("plain:eager")
         if ours and plain:
             slower = ours["ms"] / plain["ms"] - 1
-            out.append((f"CPU ({ours['shape']}): megagpt2's trainer step within {CPU_WITHIN:.0%} of plain eager",
-                        slower <= CPU_WITHIN, f"{ours['ms']:.1f} vs {plain['ms']:.1f} ms/step ({slower:+.1%})"))
+            out.append(
+                (
+                    f"CPU ({ours['shape']}): megagpt2's trainer step within {CPU_WITHIN:.0%} of plain eager",
+                    slower <= CPU_WITHIN,
+                    f"{ours['ms']:.1f} vs {plain['ms']:.1f} ms/step ({slower:+.1%})",
+                )
+            )
         return out
     for preset, mfu_target in MFU_TARGET.items():
         shape_rows = [r for r in rows if r["shape"].split()[0] == preset]
@@ -75,16 +86,21 @@ def bench_targets(fig: dict) -> list[Verdict]:
 def train_section(train: dict) -> tuple[list[str], list[Verdict]]:
     checks = train["checks"]
     a, b = train["a"], train["b"]
-    lines = [f"`deepspeed --num_gpus 1 launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json --config "
-             f"{train['config']}`, {train['steps']} steps, checkpoint at {train['save_at']}, then a resume in a "
-             f"fresh directory holding only that checkpoint.", ""]
+    lines = [
+        f"`deepspeed --num_gpus 1 launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json --config "
+        f"{train['config']}`, {train['steps']} steps, checkpoint at {train['save_at']}, then a resume in a "
+        f"fresh directory holding only that checkpoint.",
+        "",
+    ]
     for name, run in (("run A", a), ("run B (resume)", b)):
         if run.get("exit_code") is None:
             lines.append(f"- {name}: {run.get('error', 'not run')}")
             continue
         first = run["first_step_s"]
-        lines.append(f"- {name}: exit code {run['exit_code']}, launch to first step "
-                     f"{'-' if first is None else f'{first:.1f} s'}, total {run['total_s']:.1f} s")
+        lines.append(
+            f"- {name}: exit code {run['exit_code']}, launch to first step "
+            f"{'-' if first is None else f'{first:.1f} s'}, total {run['total_s']:.1f} s"
+        )
     shown = [line for line in a.get("log_lines", []) if line.startswith("memory")] + a.get("log_lines", [])[-2:]
     if shown:
         lines += ["", "```"] + shown + ["```"]
@@ -94,16 +110,27 @@ def train_section(train: dict) -> tuple[list[str], list[Verdict]]:
         for s in sorted(la, key=int):
             lines.append(f"| {s} | {la[s]:.5f} | {lb[s]:.5f} |" if s in lb else f"| {s} | {la[s]:.5f} | |")
     verdicts: list[Verdict] = [
-        ("main job: the loss falls (mean of the last steps below the first ones)", checks["loss_falls"],
-         f"{checks.get('first_loss', float('nan')):.4f} -> {checks.get('last_loss', float('nan')):.4f}"),
-        (f"main job: resumed steps equal the uninterrupted run's within {train['tolerance']:g} (relative)",
-         checks["resume_matches"], f"resumed at step {checks['resumed_at']}, max relative difference "
-                                   f"{checks['max_rel_diff']}")]
+        (
+            "main job: the loss falls (mean of the last steps below the first ones)",
+            checks["loss_falls"],
+            f"{checks.get('first_loss', float('nan')):.4f} -> {checks.get('last_loss', float('nan')):.4f}",
+        ),
+        (
+            f"main job: resumed steps equal the uninterrupted run's within {train['tolerance']:g} (relative)",
+            checks["resume_matches"],
+            f"resumed at step {checks['resumed_at']}, max relative difference {checks['max_rel_diff']}",
+        ),
+    ]
     plain = train.get("plain_launch")
     if plain and "seconds" in plain and a.get("first_step_s"):
         ratio = a["first_step_s"] / plain["seconds"]
-        verdicts.append((f"launch to first step within {LAUNCH_WITHIN:g}x a plain script's", ratio <= LAUNCH_WITHIN,
-                         f"{a['first_step_s']:.1f} s vs {plain['seconds']:.1f} s ({ratio:.2f}x)"))
+        verdicts.append(
+            (
+                f"launch to first step within {LAUNCH_WITHIN:g}x a plain script's",
+                ratio <= LAUNCH_WITHIN,
+                f"{a['first_step_s']:.1f} s vs {plain['seconds']:.1f} s ({ratio:.2f}x)",
+            )
+        )
     return lines, verdicts
 
 

@@ -13,6 +13,7 @@ exact arithmetic in fp32 on CPU). Also timed: each launch to its first step, and
 --plain-launch, benchmarks/plain_gpt2.py as a script on the same data and shape. Everything goes
 to --out (JSON) for benchmarks/gpu_report.py; the exit code is 0 when all checks pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,28 @@ def run_job(ckpt_dir: Path, args: argparse.Namespace, log_path: Path) -> dict:
     """One launch of the entry: exit code, seconds to its first step, its step/memory lines."""
     import os
 
-    cmd = launcher() + ["--num_gpus", "1", "--master_port", str(_free_port()), "launch/pretrain_gpt2.py",
-                        "--deepspeed_config", "configs/ds/zero2.json", "--config", args.config,
-                        f"--data.path={args.data}", f"--data.cache_dir={args.work / 'index-cache'}",
-                        f"--train.steps={args.steps}", "--train.eval_interval=0", f"--checkpoint.dir={ckpt_dir}",
-                        f"--checkpoint.interval={args.save_at}", "--logging.interval=1", "--logging.plot=false",
-                        "--logging.sample_prompt=", f"--optim.warmup_steps={args.warmup}", *args.override]
+    cmd = launcher() + [
+        "--num_gpus",
+        "1",
+        "--master_port",
+        str(_free_port()),
+        "launch/pretrain_gpt2.py",
+        "--deepspeed_config",
+        "configs/ds/zero2.json",
+        "--config",
+        args.config,
+        f"--data.path={args.data}",
+        f"--data.cache_dir={args.work / 'index-cache'}",
+        f"--train.steps={args.steps}",
+        "--train.eval_interval=0",
+        f"--checkpoint.dir={ckpt_dir}",
+        f"--checkpoint.interval={args.save_at}",
+        "--logging.interval=1",
+        "--logging.plot=false",
+        "--logging.sample_prompt=",
+        f"--optim.warmup_steps={args.warmup}",
+        *args.override,
+    ]
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env["PYTHONUNBUFFERED"] = "1"
     t0, first, lines = time.perf_counter(), None, []
@@ -98,8 +115,24 @@ def plain_launch(args: argparse.Namespace, log_path: Path) -> dict:
 
     cfg = load_config(str(ROOT / args.config), [o.lstrip("-") for o in args.override])
     m, seq = cfg.model, cfg.data.seq_length
-    cmd = [sys.executable, "benchmarks/plain_gpt2.py", "--data", args.data + ".bin", "--steps", "2", "--n-layer",
-           str(m.n_layer), "--n-embd", str(m.n_embd), "--n-head", str(m.n_head), "--seq", str(seq), "--batch", "8"]
+    cmd = [
+        sys.executable,
+        "benchmarks/plain_gpt2.py",
+        "--data",
+        args.data + ".bin",
+        "--steps",
+        "2",
+        "--n-layer",
+        str(m.n_layer),
+        "--n-embd",
+        str(m.n_embd),
+        "--n-head",
+        str(m.n_head),
+        "--seq",
+        str(seq),
+        "--batch",
+        "8",
+    ]
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
     return _time_to_first_step(cmd, ROOT, timeout=300)
@@ -141,8 +174,10 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     checks = result["checks"]
-    print(f"train check: loss falls {checks['loss_falls']}, resumed at {checks['resumed_at']}, "
-          f"resume matches {checks['resume_matches']} (max rel diff {checks['max_rel_diff']})")
+    print(
+        f"train check: loss falls {checks['loss_falls']}, resumed at {checks['resumed_at']}, "
+        f"resume matches {checks['resume_matches']} (max rel diff {checks['max_rel_diff']})"
+    )
     ok = result["a"]["exit_code"] == 0 and result["b"].get("exit_code") == 0
     return 0 if ok and checks["loss_falls"] and checks["resume_matches"] else 1
 

@@ -1,4 +1,5 @@
 """Helpers of bench_train.py that are not a row: token files, CPU peak, peak RSS, launch timing."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,17 @@ import torch
 
 FIRST_STEP = re.compile(r"^step\s+1\b")  # megagpt2's log line and plain_gpt2.py's both start so
 # Variables of the benchmark's own one-rank process group: a child must not join it.
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "CROSS_RANK", "CROSS_SIZE", "TORCHELASTIC_RUN_ID")
+_DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 def make_token_file(directory: Path, vocab: int, n_docs: int = 256, doc_len: int = 1100, seed: int = 0) -> str:
@@ -96,8 +106,9 @@ def _time_to_first_step(cmd: list[str], cwd: Path, timeout: float) -> dict:
     return {"seconds": seconds, "exit_code": proc.returncode}
 
 
-def launch_times(preset: str, data_prefix: str, device: torch.device, presets: dict, root: Path,
-                 timeout: float = 300.0) -> list[dict]:
+def launch_times(
+    preset: str, data_prefix: str, device: torch.device, presets: dict, root: Path, timeout: float = 300.0
+) -> list[dict]:
     """Launch to first step: the real entry (plain python and the deepspeed launcher) vs a plain script.
 
     Same model, tokens per step and data file for all three; the entry also loads its tokenizer
@@ -106,19 +117,52 @@ def launch_times(preset: str, data_prefix: str, device: torch.device, presets: d
 
     cfg = load_config(str(root / presets[preset]))
     m, seq = cfg.model, cfg.data.seq_length
-    entry = ["launch/pretrain_gpt2.py", "--deepspeed_config", "configs/ds/zero2.json", "--config", presets[preset],
-             f"--data.path={data_prefix}", "--data.split=100,0,0", "--train.steps=2", "--train.eval_interval=0",
-             "--checkpoint.dir=null", "--logging.interval=1", "--logging.plot=false", "--logging.sample_prompt=",
-             f"--train.device={device.type}"]
-    plain = ["benchmarks/plain_gpt2.py", "--data", data_prefix + ".bin", "--steps", "2", "--n-layer", str(m.n_layer),
-             "--n-embd", str(m.n_embd), "--n-head", str(m.n_head), "--seq", str(seq), "--batch", "8"]
-    runs = [("plain script (python benchmarks/plain_gpt2.py)", [sys.executable] + plain),
-            ("megagpt2 (python launch/pretrain_gpt2.py)", [sys.executable] + entry)]
+    entry = [
+        "launch/pretrain_gpt2.py",
+        "--deepspeed_config",
+        "configs/ds/zero2.json",
+        "--config",
+        presets[preset],
+        f"--data.path={data_prefix}",
+        "--data.split=100,0,0",
+        "--train.steps=2",
+        "--train.eval_interval=0",
+        "--checkpoint.dir=null",
+        "--logging.interval=1",
+        "--logging.plot=false",
+        "--logging.sample_prompt=",
+        f"--train.device={device.type}",
+    ]
+    plain = [
+        "benchmarks/plain_gpt2.py",
+        "--data",
+        data_prefix + ".bin",
+        "--steps",
+        "2",
+        "--n-layer",
+        str(m.n_layer),
+        "--n-embd",
+        str(m.n_embd),
+        "--n-head",
+        str(m.n_head),
+        "--seq",
+        str(seq),
+        "--batch",
+        "8",
+    ]
+    runs = [
+        ("plain script (python benchmarks/plain_gpt2.py)", [sys.executable] + plain),
+        ("megagpt2 (python launch/pretrain_gpt2.py)", [sys.executable] + entry),
+    ]
     launcher = Path(sys.executable).with_name("deepspeed")
     launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
     if launcher:
-        runs.append(("megagpt2 (deepspeed --num_gpus 1 launch/pretrain_gpt2.py)",  # port 29500 may be taken
-                     [sys.executable, launcher, "--num_gpus", "1", "--master_port", str(_free_port())] + entry))
+        runs.append(
+            (
+                "megagpt2 (deepspeed --num_gpus 1 launch/pretrain_gpt2.py)",  # port 29500 may be taken
+                [sys.executable, launcher, "--num_gpus", "1", "--master_port", str(_free_port())] + entry,
+            )
+        )
     out = []
     for what, cmd in runs:
         print(f"launch timing: {what} ...", file=sys.stderr, flush=True)

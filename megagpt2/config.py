@@ -35,8 +35,14 @@ Attention = Literal["flash", "fused_softmax", "torch"]
 Kernels = Literal["auto", "triton", "torch", "apex"]
 Schedule = Literal["none", "gpipe", "1f1b", "interleaved"]
 Partition = Literal["uniform", "parameters"]
-TokenizerType = Literal["GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
-                        "BertWordPieceLowerCase", "BertWordPieceCase"]
+TokenizerType = Literal[
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "HFTokenizer",
+    "HuggingFaceTokenizer",
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
+]
 DataFormat = Literal["pretrain", "dialogue", "instruction", "chitchat"]
 Verify = Literal["checksum", "size"]
 Clean = Literal["none", "web"]  # megagpt2.corpus.cleaning.PRESETS
@@ -255,13 +261,17 @@ def _number(value: Any, tp: type, where: str) -> Any:
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
-        raise ConfigError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}"
-                          f"{_did_you_mean(section, sections)}")
+        raise ConfigError(
+            f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}"
+            f"{_did_you_mean(section, sections)}"
+        )
     sub = getattr(cfg, section)
     types_ = _field_types(type(sub))
     if key not in types_:
-        raise ConfigError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, types_, section + '.')}; "
-                          f"valid keys in {section}: {', '.join(types_)}")
+        raise ConfigError(
+            f"{source}: unknown key {section}.{key}{_did_you_mean(key, types_, section + '.')}; "
+            f"valid keys in {section}: {', '.join(types_)}"
+        )
     try:
         setattr(sub, key, _coerce(value, types_[key], f"{section}.{key}"))
     except ConfigError as e:
@@ -286,8 +296,9 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, str, str, str]]:
         text = item[2:] if item.startswith("--") else item
         dotted = text.split("=", 1)[0]
         if "." not in dotted or not all(dotted.split(".", 1)):
-            raise ConfigError(f"unrecognised argument {item!r}: overrides look like --section.key=value, "
-                              f"e.g. --train.steps=100")
+            raise ConfigError(
+                f"unrecognised argument {item!r}: overrides look like --section.key=value, e.g. --train.steps=100"
+            )
         if "=" not in text:
             if not item.startswith("--") or i + 1 >= len(items):
                 raise ConfigError(f"override {item!r}: expected --section.key=value, e.g. --train.steps=100")
@@ -305,8 +316,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[Sequence[str]] =
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist ({p.absolute()}); pass --config "
-                              f"configs/gpt2/<preset>.yaml")
+            raise ConfigError(
+                f"config file {path} does not exist ({p.absolute()}); pass --config configs/gpt2/<preset>.yaml"
+            )
         with p.open() as f:
             try:
                 doc = yaml.safe_load(f) or {}
@@ -384,10 +396,21 @@ def validate(cfg: Config) -> None:
 
 def _range_errors(cfg: Config) -> list[str]:
     errors = []
-    for dotted in ("model.n_layer", "model.n_embd", "model.n_head", "model.n_positions",
-                   "model.vocab_size", "model.make_vocab_size_divisible_by", "parallel.tp",
-                   "parallel.pp", "parallel.virtual_stages", "data.seq_length", "train.steps",
-                   "logging.interval", "parallel.timeout_seconds"):
+    for dotted in (
+        "model.n_layer",
+        "model.n_embd",
+        "model.n_head",
+        "model.n_positions",
+        "model.vocab_size",
+        "model.make_vocab_size_divisible_by",
+        "parallel.tp",
+        "parallel.pp",
+        "parallel.virtual_stages",
+        "data.seq_length",
+        "train.steps",
+        "logging.interval",
+        "parallel.timeout_seconds",
+    ):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             errors.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), key)}")
@@ -406,8 +429,10 @@ def _range_errors(cfg: Config) -> list[str]:
     if cfg.checkpoint.dir is not None and not cfg.checkpoint.dir.strip():
         errors.append("checkpoint.dir is empty: give a directory, auto (runs/<YAML file stem>) or none (save nothing)")
     if cfg.train.max_skipped_steps < 1:
-        errors.append(f"train.max_skipped_steps must be >= 1 (a run must not skip non-finite steps forever), "
-                      f"got {cfg.train.max_skipped_steps}")
+        errors.append(
+            f"train.max_skipped_steps must be >= 1 (a run must not skip non-finite steps forever), "
+            f"got {cfg.train.max_skipped_steps}"
+        )
     if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
         errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
     return errors
@@ -417,19 +442,22 @@ def _shape_errors(cfg: Config) -> list[str]:
     """Model shape against tensor parallelism and the sequence length."""
     errors, m, par = [], cfg.model, cfg.parallel
     if m.n_head >= 1 and m.n_embd % m.n_head:
-        errors.append(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd} "
-                      f"(pick n_embd a multiple of n_head)")
+        errors.append(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd} (pick n_embd a multiple of n_head)")
     if par.tp >= 1:
         if m.n_head % par.tp:
             errors.append(f"model.n_head={m.n_head} is not divisible by parallel.tp={par.tp}")
         if m.n_embd % par.tp:
             errors.append(f"model.n_embd={m.n_embd} is not divisible by parallel.tp={par.tp}")
         if m.make_vocab_size_divisible_by >= 1 and m.padded_vocab_size % par.tp:
-            errors.append(f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tp="
-                          f"{par.tp}; set model.make_vocab_size_divisible_by to a multiple of {par.tp}")
+            errors.append(
+                f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tp="
+                f"{par.tp}; set model.make_vocab_size_divisible_by to a multiple of {par.tp}"
+            )
     if par.sequence_parallel and par.tp >= 1 and cfg.data.seq_length % par.tp:
-        errors.append(f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tp="
-                      f"{par.tp} with parallel.sequence_parallel")
+        errors.append(
+            f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tp="
+            f"{par.tp} with parallel.sequence_parallel"
+        )
     if cfg.data.seq_length > m.n_positions:
         errors.append(f"data.seq_length={cfg.data.seq_length} exceeds model.n_positions={m.n_positions}")
     return errors

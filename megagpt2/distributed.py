@@ -48,8 +48,13 @@ class LaunchEnv:
 
     def export(self) -> None:
         """Write the standard variables (what torch.distributed's env:// init reads)."""
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
-                          MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK=str(self.local_rank),
+            MASTER_ADDR=self.master_addr,
+            MASTER_PORT=str(self.master_port),
+        )
 
 
 # Variables that per-node launchers (torchrun's agent, deepspeed.launcher.launch) set for the ranks
@@ -74,6 +79,7 @@ def _int(env: Mapping[str, str], key: str) -> Optional[int]:
 
 
 # -- Slurm host lists -----------------------------------------------------------------------------
+
 
 def _split_top_level(text: str) -> list[str]:
     """'a[1,3],b' -> ['a[1,3]', 'b']: commas inside brackets do not separate hosts."""
@@ -132,8 +138,9 @@ def slurm_hostnames(nodelist: str, timeout: float = 5.0) -> list[str]:
     scontrol = shutil.which("scontrol")
     if scontrol:
         try:
-            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True, text=True,
-                                 timeout=timeout, check=True).stdout.split()
+            out = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=timeout, check=True
+            ).stdout.split()
             if out:
                 return out
         except (OSError, subprocess.SubprocessError):
@@ -154,6 +161,7 @@ def port_for_job(job_id: str) -> int:
 
 # -- one source each ------------------------------------------------------------------------------
 
+
 def _is_srun_task(env: Mapping[str, str]) -> bool:
     step = _int(env, "SLURM_STEP_ID")
     if step is None:
@@ -173,22 +181,41 @@ def _check_agreement(env: Mapping[str, str], rank: int, world: int, local: Optio
         return  # torchrun or deepspeed's launcher started us: their numbering is the one to use
     candidates = []
     if _is_srun_task(env):
-        candidates.append(("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", _int(env, "SLURM_PROCID"),
-                           _slurm_world(env), _int(env, "SLURM_LOCALID")))
-    candidates.append(("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                       _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE"),
-                       _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")))
+        candidates.append(
+            (
+                "SLURM_PROCID",
+                "SLURM_NTASKS",
+                "SLURM_LOCALID",
+                _int(env, "SLURM_PROCID"),
+                _slurm_world(env),
+                _int(env, "SLURM_LOCALID"),
+            )
+        )
+    candidates.append(
+        (
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            _int(env, "OMPI_COMM_WORLD_RANK"),
+            _int(env, "OMPI_COMM_WORLD_SIZE"),
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK"),
+        )
+    )
     for r_name, w_name, l_name, r, w, lr in candidates:
         if r is None or w is None or w < world:
             continue  # w < world: a per-node launcher we do not know may have started several ranks per task
         if w > world:
-            raise LaunchEnvError(f"WORLD_SIZE={world} but the launcher started {w} tasks ({w_name}); RANK/"
-                                 f"WORLD_SIZE were probably exported to every task: unset RANK/WORLD_SIZE/"
-                                 f"LOCAL_RANK and let megagpt2 read {r_name}")
+            raise LaunchEnvError(
+                f"WORLD_SIZE={world} but the launcher started {w} tasks ({w_name}); RANK/"
+                f"WORLD_SIZE were probably exported to every task: unset RANK/WORLD_SIZE/"
+                f"LOCAL_RANK and let megagpt2 read {r_name}"
+            )
         if r != rank:
-            raise LaunchEnvError(f"RANK={rank} disagrees with {r_name}={r} ({w_name}={w}); the same RANK was "
-                                 f"probably exported to every task: unset RANK/WORLD_SIZE/LOCAL_RANK and let "
-                                 f"megagpt2 read {r_name}")
+            raise LaunchEnvError(
+                f"RANK={rank} disagrees with {r_name}={r} ({w_name}={w}); the same RANK was "
+                f"probably exported to every task: unset RANK/WORLD_SIZE/LOCAL_RANK and let "
+                f"megagpt2 read {r_name}"
+            )
         if local is not None and lr is not None and lr != local:
             raise LaunchEnvError(f"LOCAL_RANK={local} disagrees with {l_name}={lr}; unset LOCAL_RANK")
 
@@ -208,7 +235,8 @@ def _from_slurm(env: Mapping[str, str], hostnames: HostnameFn) -> tuple:
             f"SLURM_NTASKS={world} but this process was not started by srun (no SLURM_STEP_ID: it is the "
             f"job's batch script or an salloc shell), so the other {world - 1} ranks would never come. "
             f"Start it with `srun python launch/pretrain_gpt2.py ...` (see launch/slurm/pretrain_gpt2.sbatch), "
-            f"or give the job --ntasks=1 for one process")
+            f"or give the job --ntasks=1 for one process"
+        )
     addr = env.get("MASTER_ADDR")
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not addr and nodes and world > 1:
@@ -232,8 +260,9 @@ def _from_openmpi(env: Mapping[str, str]) -> tuple:
     return rank, world, local, addr, port
 
 
-def detect_env(env: Optional[Mapping[str, str]] = None, single_process_ok: bool = True,
-               hostnames: HostnameFn = slurm_hostnames) -> LaunchEnv:
+def detect_env(
+    env: Optional[Mapping[str, str]] = None, single_process_ok: bool = True, hostnames: HostnameFn = slurm_hostnames
+) -> LaunchEnv:
     """Rank, world size, local rank and rendezvous address from whichever launcher started us.
 
     env: the variables to read (default os.environ). single_process_ok: with no launcher variables at all,
@@ -241,9 +270,14 @@ def detect_env(env: Optional[Mapping[str, str]] = None, single_process_ok: bool 
     hostnames: expands a Slurm node list (tests pass a pure function).
     """
     env = os.environ if env is None else env
-    has = {name: _int(env, r) is not None and _int(env, w) is not None for name, r, w in
-           (("env", "RANK", "WORLD_SIZE"), ("slurm", "SLURM_PROCID", "SLURM_NTASKS"),
-            ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"))}
+    has = {
+        name: _int(env, r) is not None and _int(env, w) is not None
+        for name, r, w in (
+            ("env", "RANK", "WORLD_SIZE"),
+            ("slurm", "SLURM_PROCID", "SLURM_NTASKS"),
+            ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+        )
+    }
     if (_int(env, "RANK") is None) != (_int(env, "WORLD_SIZE") is None):
         raise LaunchEnvError("only one of RANK and WORLD_SIZE is set; set both (or neither and use a launcher)")
     if has["env"]:
@@ -255,14 +289,17 @@ def detect_env(env: Optional[Mapping[str, str]] = None, single_process_ok: bool 
     elif single_process_ok:
         return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
     else:
-        raise LaunchEnvError("no launcher environment found (RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS or "
-                             "OMPI_COMM_WORLD_RANK/SIZE); start with deepspeed, torchrun, srun or mpirun "
-                             "(see launch/README.md)")
+        raise LaunchEnvError(
+            "no launcher environment found (RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS or "
+            "OMPI_COMM_WORLD_RANK/SIZE); start with deepspeed, torchrun, srun or mpirun "
+            "(see launch/README.md)"
+        )
     return _checked(source, rank, world, local, addr, port)
 
 
-def _checked(source: str, rank: int, world: int, local: Optional[int], addr: Optional[str],
-             port: Optional[int]) -> LaunchEnv:
+def _checked(
+    source: str, rank: int, world: int, local: Optional[int], addr: Optional[str], port: Optional[int]
+) -> LaunchEnv:
     if world < 1 or not 0 <= rank < world:
         raise LaunchEnvError(f"{source}: rank {rank} is outside world size {world}")
     if local is None:
@@ -270,8 +307,10 @@ def _checked(source: str, rank: int, world: int, local: Optional[int], addr: Opt
     if local < 0 or local >= world:
         raise LaunchEnvError(f"{source}: local rank {local} is outside world size {world}")
     if world > 1 and not addr:
-        raise LaunchEnvError(f"{source}: MASTER_ADDR is not set and cannot be derived; export MASTER_ADDR=<address "
-                             f"of the node running rank 0> (mpirun: launch/mpirun.sh does this)")
+        raise LaunchEnvError(
+            f"{source}: MASTER_ADDR is not set and cannot be derived; export MASTER_ADDR=<address "
+            f"of the node running rank 0> (mpirun: launch/mpirun.sh does this)"
+        )
     if world > 1 and not port:
         raise LaunchEnvError(f"{source}: MASTER_PORT is not set; export MASTER_PORT=<free port on rank 0's node>")
     if port is not None and not 0 < port < 65536:
@@ -298,9 +337,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         count = torch.cuda.device_count()
         index = 0 if count == 1 else local_rank
         if index >= count:
-            raise RuntimeError(f"local rank {local_rank} but only {count} GPUs visible on this node "
-                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                               f"start one rank per GPU")
+            raise RuntimeError(
+                f"local rank {local_rank} but only {count} GPUs visible on this node "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"start one rank per GPU"
+            )
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
@@ -318,6 +359,11 @@ def init_distributed(env: LaunchEnv, device: torch.device, timeout_seconds: floa
         # DeepSpeed's shared-memory CPU allreduce is JIT-built (~30 s) at every start: not worth it here.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_seconds), rank=env.rank,
-                               world_size=env.world_size)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timedelta(seconds=timeout_seconds),
+        rank=env.rank,
+        world_size=env.world_size,
+    )

@@ -59,8 +59,10 @@ class DeepSpeedConfig:
         if unknown:
             raise DSConfigError("\n  ".join(unknown))
         if "optimizer" in doc or "scheduler" in doc:
-            raise DSConfigError(f"{source}: the DeepSpeed config must not define optimizer/scheduler: megagpt2 "
-                                f"builds AdamW and the LR schedule from the optim section of its YAML config")
+            raise DSConfigError(
+                f"{source}: the DeepSpeed config must not define optimizer/scheduler: megagpt2 "
+                f"builds AdamW and the LR schedule from the optim section of its YAML config"
+            )
         micro, accum, total = resolve_batch(doc, dp_size, source)
         zero = doc.get("zero_optimization", {})
         stage = zero.get("stage", 0) if isinstance(zero, dict) else None
@@ -86,14 +88,19 @@ class DeepSpeedConfig:
     def check_device(self, cuda: bool) -> None:
         """Half precision asked for explicitly on a CPU run is a mistake (DeepSpeed would try)."""
         if not cuda and (self.bf16 is True or self.fp16 is True):
-            raise DSConfigError(f"{self.source}: half precision is enabled but the run is on CPU; set "
-                                f"bf16.enabled to \"auto\" or false for CPU runs")
+            raise DSConfigError(
+                f"{self.source}: half precision is enabled but the run is on CPU; set "
+                f'bf16.enabled to "auto" or false for CPU runs'
+            )
 
     def engine_config(self, cuda: bool, bf16_ok: bool) -> dict[str, Any]:
         """A copy of the JSON ready for deepspeed.initialize: batch sizes filled in, "auto" resolved."""
         out = copy.deepcopy(self.raw)
-        out.update(train_micro_batch_size_per_gpu=self.micro_batch, gradient_accumulation_steps=self.grad_accum,
-                   train_batch_size=self.global_batch)
+        out.update(
+            train_micro_batch_size_per_gpu=self.micro_batch,
+            gradient_accumulation_steps=self.grad_accum,
+            train_batch_size=self.global_batch,
+        )
         chosen = self.precision(cuda, bf16_ok)
         for key in ("bf16", "fp16"):
             sect = out.get(key)
@@ -107,7 +114,7 @@ def _switch(doc: dict[str, Any], key: str, source: str) -> Switch:
     sect = doc.get(key, {})
     value = sect.get("enabled", False) if isinstance(sect, dict) else None
     if value not in (True, False, "auto"):
-        raise DSConfigError(f"{source}: {key}.enabled must be true, false or \"auto\", got {value!r}")
+        raise DSConfigError(f'{source}: {key}.enabled must be true, false or "auto", got {value!r}')
     return value
 
 
@@ -116,25 +123,33 @@ def resolve_batch(ds: dict[str, Any], dp_size: int, where: str = "DeepSpeed conf
     micro = ds.get("train_micro_batch_size_per_gpu")
     accum = ds.get("gradient_accumulation_steps")
     total = ds.get("train_batch_size")
-    for name, v in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum),
-                    ("train_batch_size", total)):
+    for name, v in (
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", accum),
+        ("train_batch_size", total),
+    ):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise DSConfigError(f"{where}: {name} must be a positive integer, got {v!r}")
     if micro is None and (accum is None or total is None):
-        raise DSConfigError(f"{where}: set train_micro_batch_size_per_gpu (and gradient_accumulation_steps "
-                            f"or train_batch_size)")
+        raise DSConfigError(
+            f"{where}: set train_micro_batch_size_per_gpu (and gradient_accumulation_steps or train_batch_size)"
+        )
     if micro is None:
         assert accum is not None and total is not None
         if total % (accum * dp_size):
-            raise DSConfigError(f"{where}: train_batch_size={total} is not divisible by "
-                                f"gradient_accumulation_steps x data-parallel size = {accum} x {dp_size}")
+            raise DSConfigError(
+                f"{where}: train_batch_size={total} is not divisible by "
+                f"gradient_accumulation_steps x data-parallel size = {accum} x {dp_size}"
+            )
         micro = total // (accum * dp_size)
     if accum is None:
         if total is None:
             accum = 1
         elif total % (micro * dp_size):
-            raise DSConfigError(f"{where}: train_batch_size={total} is not divisible by "
-                                f"train_micro_batch_size_per_gpu x data-parallel size = {micro} x {dp_size}")
+            raise DSConfigError(
+                f"{where}: train_batch_size={total} is not divisible by "
+                f"train_micro_batch_size_per_gpu x data-parallel size = {micro} x {dp_size}"
+            )
         else:
             accum = total // (micro * dp_size)
     expected = micro * accum * dp_size
@@ -142,5 +157,6 @@ def resolve_batch(ds: dict[str, Any], dp_size: int, where: str = "DeepSpeed conf
         raise DSConfigError(
             f"{where}: train_batch_size={total} but train_micro_batch_size_per_gpu x "
             f"gradient_accumulation_steps x data-parallel size = {micro} x {accum} x {dp_size} = {expected}; "
-            f"fix one of them (or drop train_batch_size to derive it)")
+            f"fix one of them (or drop train_batch_size to derive it)"
+        )
     return micro, accum, expected

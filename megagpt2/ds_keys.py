@@ -20,7 +20,8 @@ from typing import Any
 
 DEEPSPEED_VERSION = "0.19.8"
 
-TOP_LEVEL = frozenset("""
+TOP_LEVEL = frozenset(
+    """
 activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger
 communication_data_type compile compression_training csv_monitor curriculum_learning data_efficiency
 data_types dataloader_drop_last datastates_ckpt disable_allgather disable_python_gc dump_state eigenvalue
@@ -32,10 +33,13 @@ sparse_gradients steps_per_print tensor_parallel tensorboard timers torch_autoca
 train_micro_batch_size_per_gpu use_data_before_expert_parallelism vocabulary_size wall_clock_breakdown
 wandb weight_quantization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer zero_optimization
 sequence_parallel_size
-""".split())  # sequence_parallel_size: read by DeepSpeedConfig only when no mpu is given (Ulysses)
+""".split()
+)  # sequence_parallel_size: read by DeepSpeedConfig only when no mpu is given (Ulysses)
 
-SECTIONS: dict[str, frozenset[str]] = {name: frozenset(keys.split()) for name, keys in {
-    "zero_optimization": """
+SECTIONS: dict[str, frozenset[str]] = {
+    name: frozenset(keys.split())
+    for name, keys in {
+        "zero_optimization": """
         allgather_bucket_size allgather_partitions allgather_sequential compute_grad_norm contiguous_gradients
         cpu_offload cpu_offload_param cpu_offload_use_pin_memory elastic_checkpoint enable_sanity_checks
         gather_16bit_weights_on_model_save ignore_unused_parameters leaf_module legacy_stage1
@@ -50,18 +54,19 @@ SECTIONS: dict[str, frozenset[str]] = {name: frozenset(keys.split()) for name, k
         stage3_use_all_reduce_for_fetch_params sub_group_size use_all_reduce_for_fetch_params
         use_multi_rank_bucket_allreduce zenflow zero_hpz_partition_size zero_quantized_gradients
         zero_quantized_nontrainable_weights zero_quantized_weights""",
-    "bf16": "bf16_master_weights_and_grads bf16_optimizer_states check_grad_overflow enabled immediate_grad_update",
-    "fp16": """auto_cast consecutive_hysteresis enabled fp16_master_weights_and_grads hysteresis
+        "bf16": "bf16_master_weights_and_grads bf16_optimizer_states check_grad_overflow enabled immediate_grad_update",
+        "fp16": """auto_cast consecutive_hysteresis enabled fp16_master_weights_and_grads hysteresis
                initial_scale_power loss_scale loss_scale_window min_loss_scale""",
-    "activation_checkpointing": """contiguous_memory_optimization cpu_checkpointing number_checkpoints
+        "activation_checkpointing": """contiguous_memory_optimization cpu_checkpointing number_checkpoints
                                    partition_activations profile synchronize_checkpoint_boundary""",
-    "flops_profiler": "detailed enabled module_depth output_file profile_step recompute_fwd_factor top_modules",
-    "comms_logger": "debug enabled prof_all prof_ops verbose",
-    "tensorboard": "enabled job_name output_path",
-    "csv_monitor": "enabled job_name output_path",
-    "wandb": "enabled group project team",
-    "comet": "api_key enabled experiment_key experiment_name mode online project samples_log_interval workspace",
-}.items()}
+        "flops_profiler": "detailed enabled module_depth output_file profile_step recompute_fwd_factor top_modules",
+        "comms_logger": "debug enabled prof_all prof_ops verbose",
+        "tensorboard": "enabled job_name output_path",
+        "csv_monitor": "enabled job_name output_path",
+        "wandb": "enabled group project team",
+        "comet": "api_key enabled experiment_key experiment_name mode online project samples_log_interval workspace",
+    }.items()
+}
 READ_WITH_DEFAULTS = frozenset({"activation_checkpointing", "flops_profiler"})  # the others are pydantic models
 
 
@@ -71,10 +76,14 @@ def unknown_keys(doc: dict[str, Any], source: str) -> list[str]:
     for section, known in SECTIONS.items():
         value = doc.get(section)
         if isinstance(value, dict):
-            consequence = ("it would be ignored" if section in READ_WITH_DEFAULTS
-                           else "deepspeed.initialize would refuse it on every rank")
-            errors += [_message(source, f"{section}.{key}", key, known, consequence)
-                       for key in value if key not in known]
+            consequence = (
+                "it would be ignored"
+                if section in READ_WITH_DEFAULTS
+                else "deepspeed.initialize would refuse it on every rank"
+            )
+            errors += [
+                _message(source, f"{section}.{key}", key, known, consequence) for key in value if key not in known
+            ]
     return errors
 
 

@@ -75,8 +75,9 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: Optional[torc
     return logits
 
 
-def pick(logits: torch.Tensor, cfg: SamplingConfig, gens: Sequence[torch.Generator],
-         active: Optional[torch.Tensor] = None) -> torch.Tensor:
+def pick(
+    logits: torch.Tensor, cfg: SamplingConfig, gens: Sequence[torch.Generator], active: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Next token per row (B,) from filtered logits: argmax when greedy, else one draw per row
     from that row's generator (rows marked inactive draw nothing and get argmax)."""
     greedy = logits.argmax(-1)
@@ -96,14 +97,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
         raise ValueError("no prompts given")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: a prompt needs at least one token to continue "
-                             f"(start it with the end-of-document token to sample unconditionally)")
+            raise ValueError(
+                f"prompt {i} is empty: a prompt needs at least one token to continue "
+                f"(start it with the end-of-document token to sample unconditionally)"
+            )
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     real = torch.zeros((len(prompts), T), dtype=torch.bool)
     for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        real[i, T - len(p):] = True
+        ids[i, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        real[i, T - len(p) :] = True
     return ids.to(device), real.to(device)
 
 
@@ -123,8 +126,9 @@ class _Decoder:
     def first(self) -> torch.Tensor:
         """(B, V) logits after the prompts."""
         if self.use_cache:
-            logits, self.cache = self.model(self.ids, position_ids=self.positions,
-                                            kv_cache=[None] * len(self.model.h), attn_mask=self._mask())
+            logits, self.cache = self.model(
+                self.ids, position_ids=self.positions, kv_cache=[None] * len(self.model.h), attn_mask=self._mask()
+            )
             return logits[:, -1]
         return self._full()
 
@@ -140,27 +144,48 @@ class _Decoder:
         self.positions = torch.cat([self.positions, pos], 1)
         if not self.use_cache:
             return self._full()
-        logits, self.cache = self.model(tok[:, None], position_ids=pos, kv_cache=self.cache,
-                                        attn_mask=self._mask())
+        logits, self.cache = self.model(tok[:, None], position_ids=pos, kv_cache=self.cache, attn_mask=self._mask())
         return logits[:, -1]
 
 
 @torch.no_grad()
 @overload
-def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
-             return_logits: Literal[False] = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
-             stop_fn: Optional[StopFn] = None) -> list[list[int]]: ...
+def generate(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    pad_id: int = 0,
+    return_logits: Literal[False] = False,
+    use_cache: bool = True,
+    seeds: Optional[Sequence[int]] = None,
+    stop_fn: Optional[StopFn] = None,
+) -> list[list[int]]: ...
 
 
 @overload
-def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0, *,
-             return_logits: Literal[True], use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
-             stop_fn: Optional[StopFn] = None) -> tuple[list[list[int]], torch.Tensor]: ...
+def generate(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    pad_id: int = 0,
+    *,
+    return_logits: Literal[True],
+    use_cache: bool = True,
+    seeds: Optional[Sequence[int]] = None,
+    stop_fn: Optional[StopFn] = None,
+) -> tuple[list[list[int]], torch.Tensor]: ...
 
 
-def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, pad_id: int = 0,
-             return_logits: bool = False, use_cache: bool = True, seeds: Optional[Sequence[int]] = None,
-             stop_fn: Optional[StopFn] = None) -> Union[list[list[int]], tuple[list[list[int]], torch.Tensor]]:
+def generate(
+    model: GPT2,
+    prompts: Sequence[Sequence[int]],
+    cfg: SamplingConfig,
+    pad_id: int = 0,
+    return_logits: bool = False,
+    use_cache: bool = True,
+    seeds: Optional[Sequence[int]] = None,
+    stop_fn: Optional[StopFn] = None,
+) -> Union[list[list[int]], tuple[list[list[int]], torch.Tensor]]:
     """Continue each prompt; returns the new tokens per row (list of lists).
 
     A row stops at `cfg.stop_token` (kept in its output), when `stop_fn(row, tokens)` says so
@@ -175,8 +200,10 @@ def generate(model: GPT2, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
     ids, real = left_pad(prompts, pad_id, device)
     B, T = ids.shape
     if T + cfg.max_new_tokens > model.cfg.n_positions:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
-                         f"context of {model.cfg.n_positions} tokens; shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+            f"context of {model.cfg.n_positions} tokens; shorten the prompt or lower max_new_tokens"
+        )
     seeds = [cfg.seed + r for r in range(B)] if seeds is None else list(seeds)
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} prompts")

@@ -80,8 +80,10 @@ class Forwarder:
             _say("second SIGINT: sending SIGTERM to the launcher, which ends the ranks now")
             self._launcher().send_signal(signal.SIGTERM)
         elif self.pids_dir is None:
-            _say(f"got {name}: sending SIGUSR1 to the launcher, which forwards it to every rank; they finish "
-                 f"the step, save a checkpoint and exit")
+            _say(
+                f"got {name}: sending SIGUSR1 to the launcher, which forwards it to every rank; they finish "
+                f"the step, save a checkpoint and exit"
+            )
             self._launcher().send_signal(signal.SIGUSR1)
         else:
             then = "exit at once" if n_int == 2 and sig == signal.SIGINT else "finish the step, save and exit"
@@ -98,7 +100,7 @@ class Forwarder:
     def _to_ranks(self) -> None:
         for pid in self._rank_pids():
             done = self.delivered.get(pid, 0)
-            for sig in self.received[done:self.handled]:
+            for sig in self.received[done : self.handled]:
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
@@ -136,8 +138,9 @@ def run(command: Sequence[str], poll_s: float = 0.1) -> int:
             try:
                 # Own process group: a terminal's Ctrl-C reaches only this process. No stdin: a
                 # background process group reading the terminal would be stopped (SIGTTIN).
-                proc = fwd.proc = subprocess.Popen(list(command), env=env, stdin=subprocess.DEVNULL,
-                                                   preexec_fn=os.setpgrp)
+                proc = fwd.proc = subprocess.Popen(
+                    list(command), env=env, stdin=subprocess.DEVNULL, preexec_fn=os.setpgrp
+                )
             except OSError as e:
                 _say(f"cannot start {command[0]!r}: {e}")
                 return 127

@@ -21,15 +21,33 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 # Programs that are launchers by themselves (basename of argv[0]).
-PROGRAMS = {"mpirun": "mpirun", "mpiexec": "mpirun", "prterun": "mpirun", "prted": "mpirun", "orterun": "mpirun",
-            "orted": "mpirun", "prte": "mpirun", "srun": "srun", "torchrun": "torchrun", "deepspeed": "deepspeed"}
+PROGRAMS = {
+    "mpirun": "mpirun",
+    "mpiexec": "mpirun",
+    "prterun": "mpirun",
+    "prted": "mpirun",
+    "orterun": "mpirun",
+    "orted": "mpirun",
+    "prte": "mpirun",
+    "srun": "srun",
+    "torchrun": "torchrun",
+    "deepspeed": "deepspeed",
+}
 # Scripts run by an interpreter (python, bash): console scripts and our own wrappers.
-SCRIPTS = {"deepspeed": "deepspeed", "torchrun": "torchrun", "graceful.py": "launch/graceful.py",
-           "mpirun.sh": "launch/mpirun.sh"}
+SCRIPTS = {
+    "deepspeed": "deepspeed",
+    "torchrun": "torchrun",
+    "graceful.py": "launch/graceful.py",
+    "mpirun.sh": "launch/mpirun.sh",
+}
 # python -m <module>
-MODULES = {"deepspeed.launcher.runner": "deepspeed", "deepspeed.launcher.launch": "deepspeed.launcher.launch",
-           "torch.distributed.run": "torchrun", "torch.distributed.launch": "torchrun",
-           "megagpt2.graceful": "launch/graceful.py"}
+MODULES = {
+    "deepspeed.launcher.runner": "deepspeed",
+    "deepspeed.launcher.launch": "deepspeed.launcher.launch",
+    "torch.distributed.run": "torchrun",
+    "torch.distributed.launch": "torchrun",
+    "megagpt2.graceful": "launch/graceful.py",
+}
 # Set by launch/graceful.py for the processes it starts: a directory where each rank leaves its pid.
 RANK_PIDS_ENV = "MEGAGPT2_RANK_PIDS"
 _INTERPRETER_OPTIONS_WITH_VALUE = {"-X", "-W", "-Q", "-o", "-O"}  # python -X dev / -W error, bash -o pipefail

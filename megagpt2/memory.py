@@ -78,8 +78,7 @@ def stage_parameters(cfg: ModelConfig, tp: int, n_blocks: int, first: bool, last
     return n, (V // tp * C if last and not first else 0)
 
 
-def block_activation_bytes(cfg: ModelConfig, b: int, T: int, tp: int, sp: bool, a: int,
-                           checkpointed: bool) -> int:
+def block_activation_bytes(cfg: ModelConfig, b: int, T: int, tp: int, sp: bool, a: int, checkpointed: bool) -> int:
     """Bytes one block saves for backward, for b sequences of T tokens (a: bytes per element)."""
     C, hl = cfg.n_embd, cfg.n_head // tp
     Tl = T // tp if sp else T  # the residual stream's local sequence length
@@ -125,16 +124,48 @@ def embedding_bytes(cfg: ModelConfig, b: int, T: int, tp: int, sp: bool) -> int:
     return out
 
 
-def estimate(cfg: ModelConfig, seq: int, micro_batch: int, tp: int = 1, pp: int = 1, dp: int = 1,
-             zero_stage: int = 2, precision: str = "bf16", sequence_parallel: bool = False,
-             grad_accum: int = 1, schedule: str = "1f1b", stage: Optional[int] = None,
-             reduce_bucket_size: int = 50_000_000, overlap_comm: bool = True,
-             contiguous_gradients: bool = True) -> MemoryEstimate:
+def estimate(
+    cfg: ModelConfig,
+    seq: int,
+    micro_batch: int,
+    tp: int = 1,
+    pp: int = 1,
+    dp: int = 1,
+    zero_stage: int = 2,
+    precision: str = "bf16",
+    sequence_parallel: bool = False,
+    grad_accum: int = 1,
+    schedule: str = "1f1b",
+    stage: Optional[int] = None,
+    reduce_bucket_size: int = 50_000_000,
+    overlap_comm: bool = True,
+    contiguous_gradients: bool = True,
+) -> MemoryEstimate:
     """Per-rank bytes of pipeline stage `stage` (default: the largest of all stages)."""
     if stage is None:
-        return max((estimate(cfg, seq, micro_batch, tp, pp, dp, zero_stage, precision, sequence_parallel,
-                             grad_accum, schedule, s, reduce_bucket_size, overlap_comm, contiguous_gradients)
-                    for s in range(pp)), key=lambda e: e.peak)
+        return max(
+            (
+                estimate(
+                    cfg,
+                    seq,
+                    micro_batch,
+                    tp,
+                    pp,
+                    dp,
+                    zero_stage,
+                    precision,
+                    sequence_parallel,
+                    grad_accum,
+                    schedule,
+                    s,
+                    reduce_bucket_size,
+                    overlap_comm,
+                    contiguous_gradients,
+                )
+                for s in range(pp)
+            ),
+            key=lambda e: e.peak,
+        )
     a = {"bf16": 2, "fp16": 2, "fp32": 4}[precision]
     sp = sequence_parallel and tp > 1
     first, last = stage == 0, stage == pp - 1
@@ -188,19 +219,35 @@ def _backwards(schedule: str, m: int, pp: int, rank: int) -> list[tuple[int, boo
     return out
 
 
-def estimate_run(cfg, ds: dict, dp: int, stage: Optional[int] = None,
-                 precision: Optional[str] = None) -> MemoryEstimate:
+def estimate_run(
+    cfg, ds: dict, dp: int, stage: Optional[int] = None, precision: Optional[str] = None
+) -> MemoryEstimate:
     """The estimate for a run: a Config and its resolved DeepSpeed settings (DeepSpeed's defaults
     for what the JSON leaves out), for pipeline stage `stage` (default: the largest)."""
     zero = ds.get("zero_optimization", {})
     z = int(zero.get("stage", 0))
     if precision is None:
-        precision = ("bf16" if ds.get("bf16", {}).get("enabled") is True
-                     else "fp16" if ds.get("fp16", {}).get("enabled") is True else "fp32")
-    return estimate(cfg.model, cfg.data.seq_length, int(ds["train_micro_batch_size_per_gpu"]), tp=cfg.parallel.tp,
-                    pp=cfg.parallel.pp, dp=dp, zero_stage=z, precision=precision,
-                    sequence_parallel=cfg.parallel.sequence_parallel,
-                    grad_accum=int(ds.get("gradient_accumulation_steps", 1)), schedule=cfg.parallel.schedule,
-                    stage=stage, reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
-                    overlap_comm=bool(zero.get("overlap_comm", False)),
-                    contiguous_gradients=bool(zero.get("contiguous_gradients", True)))
+        precision = (
+            "bf16"
+            if ds.get("bf16", {}).get("enabled") is True
+            else "fp16"
+            if ds.get("fp16", {}).get("enabled") is True
+            else "fp32"
+        )
+    return estimate(
+        cfg.model,
+        cfg.data.seq_length,
+        int(ds["train_micro_batch_size_per_gpu"]),
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        dp=dp,
+        zero_stage=z,
+        precision=precision,
+        sequence_parallel=cfg.parallel.sequence_parallel,
+        grad_accum=int(ds.get("gradient_accumulation_steps", 1)),
+        schedule=cfg.parallel.schedule,
+        stage=stage,
+        reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
+        overlap_comm=bool(zero.get("overlap_comm", False)),
+        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+    )

@@ -3,16 +3,11 @@
 # whole test suite. Arguments go to pytest (e.g. `bash scripts/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# `ruff format --check` joins the checks once the tree has been formatted in one pass: set to 1 then.
-FORMAT_CHECK=${FORMAT_CHECK:-0}
 bash scripts/setup.sh
 if [ -f .ci/install_slurm.sh ]; then bash .ci/install_slurm.sh || true; fi
-echo "[test] ruff check"
+echo "[test] ruff check, ruff format --check"
 .venv/bin/ruff check .
-if [ "$FORMAT_CHECK" = 1 ]; then
-  echo "[test] ruff format --check"
-  .venv/bin/ruff format --check .
-fi
+.venv/bin/ruff format --check .
 echo "[test] basedpyright (basic)"
 .venv/bin/basedpyright
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

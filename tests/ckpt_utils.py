@@ -31,9 +31,18 @@ def run_config(prefix: str, ckpt: Optional[Path], **sections) -> dict:
     return tiny_config(prefix, ckpt, steps=STEPS, checkpoint=checkpoint, **sections).to_dict()
 
 
-def job(cfg: dict, world: int, layout: dict, stage: int = 2, bf16: bool = False, capture_at: tuple = (),
-        copy_tags: tuple = (), expect_error: bool = False, kill_saving: Optional[int] = None,
-        fake_free: Optional[int] = None) -> tuple:
+def job(
+    cfg: dict,
+    world: int,
+    layout: dict,
+    stage: int = 2,
+    bf16: bool = False,
+    capture_at: tuple = (),
+    copy_tags: tuple = (),
+    expect_error: bool = False,
+    kill_saving: Optional[int] = None,
+    fake_free: Optional[int] = None,
+) -> tuple:
     """A Trainer run on `world` ranks with `layout` (tp, pp, schedule, ...) and ZeRO `stage`.
 
     capture_at: steps after whose save the optimizer state is captured; copy_tags: checkpoints
@@ -43,8 +52,18 @@ def job(cfg: dict, world: int, layout: dict, stage: int = 2, bf16: bool = False,
     filesystem reports."""
     dp = world // (layout.get("tp", 1) * layout.get("pp", 1))
     ds = ds_config(stage=stage, micro=MICRO, accum=GLOBAL_BATCH // (MICRO * dp), clip=CLIP, bf16=bf16)
-    return cfg, ds, layout, {"capture_at": tuple(capture_at), "copy_tags": tuple(copy_tags),
-                             "expect_error": expect_error, "kill_saving": kill_saving, "fake_free": fake_free}
+    return (
+        cfg,
+        ds,
+        layout,
+        {
+            "capture_at": tuple(capture_at),
+            "copy_tags": tuple(copy_tags),
+            "expect_error": expect_error,
+            "kill_saving": kill_saving,
+            "fake_free": fake_free,
+        },
+    )
 
 
 def seed_dir(dest: Path, *tags: Path) -> Path:
@@ -73,8 +92,11 @@ def capture(trainer) -> dict[str, Any]:
             state[name] = {"master": safe_get_full_fp32_param(p).clone()}
             for key in MOMENTS:
                 state[name][key] = safe_get_full_optimizer_state(p, key).clone()
-            flat = opt.optimizer.param_groups[p._hp_mapping.param_group_index]["params"][0] \
-                if p._hp_mapping is not None else None
+            flat = (
+                opt.optimizer.param_groups[p._hp_mapping.param_group_index]["params"][0]
+                if p._hp_mapping is not None
+                else None
+            )
             if flat is not None:
                 steps.add(float(opt.optimizer.state[flat]["step"]))
         else:  # ZeRO-0 fp32: the torch optimizer on the parameters themselves
@@ -85,8 +107,13 @@ def capture(trainer) -> dict[str, Any]:
     tied = None
     if trainer.layout.pp > 1 and (m.pre_process or m.post_process):
         tied = (m.wte.weight if m.pre_process else m.head_weight).detach().float().clone()
-    return {"state": state, "steps": sorted(steps), "lr": engine.get_lr()[0], "tied": tied,
-            "lp": {n: p.detach().clone() for n, p in engine.module.named_parameters()}}
+    return {
+        "state": state,
+        "steps": sorted(steps),
+        "lr": engine.get_lr()[0],
+        "tied": tied,
+        "lp": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+    }
 
 
 def _job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, opts: dict) -> dict:
@@ -123,8 +150,10 @@ def _job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, opts: di
         return {**out, "error": str(e), "log": logged}
     finally:
         store.free_bytes = free_bytes
-    out["params"] = {n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
-                     for n, p in trainer.model.named_parameters()}
+    out["params"] = {
+        n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
+        for n, p in trainer.model.named_parameters()
+    }
     out["log"] = logged
     return out
 
@@ -210,9 +239,18 @@ class FakeEngine:
         from megagpt2.parallel import ProcessGroups
         from megagpt2.training.model_setup import build_optimizer
 
-        cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=100,
-                          make_vocab_size_divisible_by=64, dropout=0.0, attn_dropout=0.0, attention="torch",
-                          kernels="torch")
+        cfg = ModelConfig(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=16,
+            vocab_size=100,
+            make_vocab_size_divisible_by=64,
+            dropout=0.0,
+            attn_dropout=0.0,
+            attention="torch",
+            kernels="torch",
+        )
         self.module = GPT2(cfg, ProcessGroups.single(), seed=seed)
         self.optimizer = build_optimizer(self.module, OptimConfig(lr=1e-2, warmup_steps=0))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: 1.0 / (1.0 + s))
@@ -237,15 +275,18 @@ def save_fake(engine, root: Path, step: int, keep_last: int = 5, **layout) -> st
     from megagpt2.checkpoint import store
     from megagpt2.parallel import ParallelLayout
 
-    state = {"consumed_samples": engine.global_samples,
-             "layout": {"tp": 1, "pp": 1, "dp": 1, "global_batch": 2, **layout}}
+    state = {
+        "consumed_samples": engine.global_samples,
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "global_batch": 2, **layout},
+    }
     return store.save(engine, ParallelLayout(), str(root), step, state, keep_last=keep_last)
 
 
 def optimizer_state(engine) -> dict:
-    return {n: {"master": p.detach().clone(), **{k: v.clone() for k, v in engine.optimizer.state[p].items()}}
-            for n, p in engine.module.named_parameters()}
-
+    return {
+        n: {"master": p.detach().clone(), **{k: v.clone() for k, v in engine.optimizer.state[p].items()}}
+        for n, p in engine.module.named_parameters()
+    }
 
 
 # -- in the test -------------------------------------------------------------------------------
@@ -268,8 +309,10 @@ def full_state(results: list[dict], which: Any) -> dict[str, dict[str, torch.Ten
     for name, by_tp in shards.items():
         dim, stride = split[name]
         ranks = sorted(by_tp)
-        out[name] = {k: by_tp[ranks[0]][k] if dim is None else unshard([by_tp[t][k] for t in ranks], dim, stride)
-                     for k in by_tp[ranks[0]]}
+        out[name] = {
+            k: by_tp[ranks[0]][k] if dim is None else unshard([by_tp[t][k] for t in ranks], dim, stride)
+            for k in by_tp[ranks[0]]
+        }
     return out
 
 
@@ -282,14 +325,15 @@ def assert_same_state(got: dict, want: dict, keys=("master",) + MOMENTS) -> None
             assert a.shape == b.shape and torch.equal(a, b), (name, k, (a - b).abs().max().item())
 
 
-def assert_continues(results: list[dict], source: list[dict], first_step: int, rtol: float = 1e-6,
-                     later_rtol: Optional[float] = None) -> None:
+def assert_continues(
+    results: list[dict], source: list[dict], first_step: int, rtol: float = 1e-6, later_rtol: Optional[float] = None
+) -> None:
     """Loss, grad norm and learning rate of every resumed step equal the uninterrupted run's.
 
     `later_rtol` loosens the steps after the first, whose numbers also depend on the update
     arithmetic of the new layout: ZeRO-0 clips and averages gradients differently from ZeRO-1/2,
     and in fp32 the two drift apart by ~1e-5 within a few steps in any run, resumed or not."""
-    want = source[0]["records"][first_step - 1:]
+    want = source[0]["records"][first_step - 1 :]
     for r in results:
         got = r["records"]
         assert len(got) == len(want), (len(got), len(want))
@@ -306,8 +350,11 @@ def assert_tied_after_resume(results: list[dict]) -> None:
     after every step."""
     for first in (r for r in results if r["ps"][1] == 0 and r["resumed"]["tied"] is not None):
         tp, _, dp = first["ps"]
-        last = [r for r in results if r["ps"][0] == tp and r["ps"][2] == dp and r["ps"][1] != 0
-                and r["resumed"]["tied"] is not None]
+        last = [
+            r
+            for r in results
+            if r["ps"][0] == tp and r["ps"][2] == dp and r["ps"][1] != 0 and r["resumed"]["tied"] is not None
+        ]
         assert len(last) == 1
         assert torch.equal(first["resumed"]["tied"], last[0]["resumed"]["tied"])
         assert len(first["tied"]) == len(last[0]["tied"]) >= 1

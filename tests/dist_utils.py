@@ -46,8 +46,14 @@ def world_groups(tp: int = 1, pp: int = 1, virtual_stages: int = 1, timeout: flo
 
 
 def dist_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def quiet_deepspeed() -> None:
@@ -84,8 +90,9 @@ def _worker(fn, rank, world_size, port, args, out_path, pg_timeout):
         torch.save(result, f)
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (),
-                    timeout: float = 180.0, pg_timeout: float = 60.0) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), timeout: float = 180.0, pg_timeout: float = 60.0
+) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return results by rank."""
     import torch
 
@@ -93,8 +100,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         outs = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
-        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), outs[r], pg_timeout))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(fn, r, world_size, port, tuple(args), outs[r], pg_timeout))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -119,4 +128,3 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: Sequence[Any]
         if errors:
             raise RuntimeError("distributed test failed:\n" + "\n".join(errors))
         return results
-

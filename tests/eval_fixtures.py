@@ -14,10 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-WORDS = ("apple river stone music garden window silver morning winter candle forest letter quiet "
-         "bright journey ocean mountain paper yellow whisper").split()
-FRENCH = ("pomme rivière pierre musique jardin fenêtre argent matin hiver bougie forêt lettre calme "
-          "clair voyage océan montagne papier jaune murmure").split()
+WORDS = (
+    "apple river stone music garden window silver morning winter candle forest letter quiet "
+    "bright journey ocean mountain paper yellow whisper"
+).split()
+FRENCH = (
+    "pomme rivière pierre musique jardin fenêtre argent matin hiver bougie forêt lettre calme "
+    "clair voyage océan montagne papier jaune murmure"
+).split()
 
 
 def corpus(seed: int = 0, n: int = 400) -> list[str]:
@@ -66,8 +70,8 @@ def train_tiny(steps: int = 80, seed: int = 0):
     model.train()
     for _ in range(steps):
         starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
-        x = torch.stack([data[s:s + T] for s in starts])
-        y = torch.stack([data[s + 1:s + T + 1] for s in starts])
+        x = torch.stack([data[s : s + T] for s in starts])
+        y = torch.stack([data[s + 1 : s + T + 1] for s in starts])
         h = model.ln_f(model.run_blocks(model.embed(x))[0])  # (B, T, C)
         logits = h @ model.output_weight[used].t()  # (B, T, |used|)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), remap[y].flatten())

@@ -13,8 +13,7 @@ from megagpt2.checkpoint import store
 from megagpt2.checkpoint.tags import complete_tags, tag_for
 
 
-def save_first_format(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int,
-                      tracker=None) -> str:
+def save_first_format(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any], keep_last: int, tracker=None) -> str:
     """Collective, with store.save's signature."""
     from safetensors.torch import save_file
 
@@ -27,13 +26,19 @@ def save_first_format(engine, ps, ckpt_dir: str, step: int, state: dict[str, Any
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={}, save_latest=False)
     (path / "rng").mkdir(parents=True, exist_ok=True)
     save_file(store.rng_state(tracker), str(path / "rng" / f"rank_{rank:05d}.safetensors"))
-    sharding = {n: [getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)]
-                for n, p in engine.module.named_parameters()}
+    sharding = {
+        n: [getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)] for n, p in engine.module.named_parameters()
+    }
     sharding = {k: v for m in store._all_gather(sharding) for k, v in m.items()}
     if rank == 0:
         layout = {k: state["layout"][k] for k in ("tp", "pp", "dp")}
-        doc = {"format_version": 1, "step": step, **{k: v for k, v in state.items() if k != "config_yaml"},
-               "layout": layout, "sharding": sharding}
+        doc = {
+            "format_version": 1,
+            "step": step,
+            **{k: v for k, v in state.items() if k != "config_yaml"},
+            "layout": layout,
+            "sharding": sharding,
+        }
         (path / store.STATE_FILE).write_text(json.dumps(doc, indent=1))
     store._barrier()
     if rank == 0:

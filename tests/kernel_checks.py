@@ -39,8 +39,7 @@ def check_layer_norm_parity(x, w, b, dy, impl: str, tol: float, grad_tol: float)
     return y, grads
 
 
-def check_softmax_parity(s, dy, scale: float, causal: bool, mask, impl: str, tol: float,
-                         grad_tol: float):
+def check_softmax_parity(s, dy, scale: float, causal: bool, mask, impl: str, tol: float, grad_tol: float):
     """Scaled masked softmax through `impl` (Triton) against the fp32 reference -> (p, ds)."""
     p = scaled_masked_softmax(s, scale, causal, mask, impl=impl)
     assert type(p.grad_fn).__name__ == "TritonScaledMaskedSoftmaxBackward"

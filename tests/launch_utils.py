@@ -22,8 +22,12 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 def launcher_env(step_seconds: float = 0.0, **extra: str) -> dict:
     """This process's environment without any launcher's or scheduler's variables (tests may run inside
     a job), with the repository and, when step_seconds > 0, the slow-step hook on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS
-           and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "MEGAGPT2_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARS
+        and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PRTE_", "TORCHELASTIC_", "MEGAGPT2_"))
+    }
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHON=sys.executable)
     env.update(slow_steps(step_seconds), **extra)
     return env
@@ -41,17 +45,34 @@ def write_run_files(tmp: Path, cfg: Config, ds: dict) -> tuple[Path, Path]:
     return tmp / "cfg.yaml", tmp / "ds.json"
 
 
-def start_ranks(world: int, cfg_path: Path, ds_path: Path, extra_env: Optional[dict] = None,
-                args: tuple = (), log_dir: Optional[Path] = None) -> list[subprocess.Popen]:
+def start_ranks(
+    world: int,
+    cfg_path: Path,
+    ds_path: Path,
+    extra_env: Optional[dict] = None,
+    args: tuple = (),
+    log_dir: Optional[Path] = None,
+) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, **dist_env(rank, world, port), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-               **(extra_env or {})}
+        env = {
+            **os.environ,
+            **dist_env(rank, world, port),
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            **(extra_env or {}),
+        }
         out = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
-        procs.append(subprocess.Popen([sys.executable, str(WRAPPER), "--config", str(cfg_path),
-                                       "--deepspeed_config", str(ds_path), *args],
-                                      env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO)))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WRAPPER), "--config", str(cfg_path), "--deepspeed_config", str(ds_path), *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=str(REPO),
+            )
+        )
     return procs
 
 
@@ -95,8 +116,10 @@ def write_stop_files(d: Path) -> dict:
 
 def reference_losses(files: dict, timeout: float = 300.0) -> dict[int, float]:
     ckpt = files["dir"] / "reference"
-    codes = wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
-                                 log_dir=files["dir"]), timeout=timeout)
+    codes = wait_all(
+        start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",), log_dir=files["dir"]),
+        timeout=timeout,
+    )
     assert codes == [0, 0], (files["dir"] / "rank0.log").read_text()[-3000:]
     losses = train_losses(ckpt)
     assert sorted(losses) == list(range(1, STOP_STEPS + 1))

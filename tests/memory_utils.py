@@ -73,8 +73,9 @@ class _Held:
 
 def allocation_peak(prof) -> int:
     """Highest point of (allocated - freed) bytes over the profiled region, from its memory events."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     now = peak = 0
     for e in events:
         now += e.nbytes()
@@ -104,4 +105,3 @@ def measure_second_step(trainer) -> None:
         inner_record(**values, **found)
 
     trainer.train_step, trainer._record = step, record
-

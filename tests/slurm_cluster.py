@@ -25,11 +25,25 @@ from pathlib import Path
 from typing import Optional
 
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-PLUGIN_DIRS = ("/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib64/slurm",
-               "/usr/lib/slurm", "/usr/local/lib/slurm")
+PLUGIN_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/slurm-wlm",
+    "/usr/lib/aarch64-linux-gnu/slurm-wlm",
+    "/usr/lib64/slurm",
+    "/usr/lib/slurm",
+    "/usr/local/lib/slurm",
+)
 
 
 def _which(program: str) -> Optional[str]:
@@ -79,8 +93,12 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         # Jobs inherit the submitter's environment: drop any enclosing job's or launcher's variables.
-        self.env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(
-            ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "OMPI_", "PMIX_", "TORCHELASTIC_"))}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in LAUNCHER_VARS
+            and not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "OMPI_", "PMIX_", "TORCHELASTIC_"))
+        }
         self.env["SLURM_CONF"] = str(self.conf)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -135,8 +153,9 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=self.root, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
+        )
         log.close()
 
     def start(self, timeout: float = 60.0) -> None:
@@ -146,14 +165,27 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP OverS
             key.write_bytes(os.urandom(1024))
             key.chmod(0o600)
             run = self.root / "run"
-            self._spawn("munged", [_which("munged"), "-F", "-f", f"--socket={run}/munge.sock", f"--key-file={key}",
-                                   f"--pid-file={run}/munged.pid", f"--log-file={self.root}/log/munged.log",
-                                   f"--seed-file={run}/munged.seed"])
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "-F",
+                    "-f",
+                    f"--socket={run}/munge.sock",
+                    f"--key-file={key}",
+                    f"--pid-file={run}/munged.pid",
+                    f"--log-file={self.root}/log/munged.log",
+                    f"--seed-file={run}/munged.seed",
+                ],
+            )
             self._wait_for(lambda: (run / "munge.sock").exists(), timeout, "munged to create its socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf)])
-        self._wait_for(lambda: self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle",
-                       timeout, "the node to become idle")
+        self._wait_for(
+            lambda: self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip() == "idle",
+            timeout,
+            "the node to become idle",
+        )
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.time() + timeout

@@ -3,6 +3,7 @@
 Runs on CPU (the fused path through Triton's interpreter when kernels="triton") and, unchanged,
 on CUDA when one is present (gpu_check.sh runs this file there too).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,9 +54,15 @@ def close(a, b, tol=TOL):
 
 
 @pytest.mark.parametrize("tq,tk", [(6, 6), (1, 7), (3, 8), (5, 5)])
-@pytest.mark.parametrize("path,kernels", [
-    ("flash", "auto"), ("fused_softmax", "triton"), ("fused_softmax", "torch"), ("torch", "auto"),
-])
+@pytest.mark.parametrize(
+    "path,kernels",
+    [
+        ("flash", "auto"),
+        ("fused_softmax", "triton"),
+        ("fused_softmax", "torch"),
+        ("torch", "auto"),
+    ],
+)
 def test_paths_match_naive_attention(path, kernels, tq, tk):
     q, k, v = qkv(tq=tq, tk=tk)
     out, grads = run(path, kernels, q, k, v)

@@ -13,8 +13,23 @@ import torch
 from tests.kernel_checks import load_benchmark
 
 ROWS = "plain:eager,hf:eager,megagpt2:torch:flash:eager"
-ARGS = ["--device", "cpu", "--models", "tiny", "--seq", "16", "--micro-batch", "2", "--warmup", "0",
-        "--iters", "5", "--no-compile", "--rows", ROWS]
+ARGS = [
+    "--device",
+    "cpu",
+    "--models",
+    "tiny",
+    "--seq",
+    "16",
+    "--micro-batch",
+    "2",
+    "--warmup",
+    "0",
+    "--iters",
+    "5",
+    "--no-compile",
+    "--rows",
+    ROWS,
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +83,17 @@ def test_plain_reference_matches_megagpt2_model():
     from megagpt2.model import GPT2
     from megagpt2.parallel import ProcessGroups
 
-    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=128,
-                      make_vocab_size_divisible_by=64, dropout=0.0, attn_dropout=0.0, kernels="torch")
+    cfg = ModelConfig(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=16,
+        vocab_size=128,
+        make_vocab_size_divisible_by=64,
+        dropout=0.0,
+        attn_dropout=0.0,
+        kernels="torch",
+    )
     ours = GPT2(cfg, ProcessGroups.single())
     plain = bench.PlainGPT(bench.PlainConfig(2, 4, 32, 16, 128))
     plain.load_state_dict(ours.state_dict())

@@ -24,8 +24,11 @@ SPLITS = [((12, 8), 0, 3), ((12, 8), 1, 1), ((24,), 0, 1), ((6, 4, 4), 1, 2), ((
 
 
 def _expand(runs) -> np.ndarray:
-    return np.concatenate([np.arange(s, s + n) for s, n in zip(runs.start, runs.length)]) \
-        if len(runs.length) else np.zeros(0, dtype=np.int64)
+    return (
+        np.concatenate([np.arange(s, s + n) for s, n in zip(runs.start, runs.length)])
+        if len(runs.length)
+        else np.zeros(0, dtype=np.int64)
+    )
 
 
 @pytest.mark.parametrize("shape,dim,stride", SPLITS)
@@ -52,7 +55,7 @@ def _pieces(full: torch.Tensor, dim, stride, tp: int, dp: int):
         cuts = np.linspace(0, local.numel(), dp + 1).astype(int)
         cuts[1:-1] += np.arange(1, dp) % 2  # ZeRO partitions do not follow parameter boundaries
         for d in range(dp):
-            yield t, int(cuts[d]), int(cuts[d + 1] - cuts[d]), local[cuts[d]:cuts[d + 1]]
+            yield t, int(cuts[d]), int(cuts[d + 1] - cuts[d]), local[cuts[d] : cuts[d + 1]]
 
 
 @pytest.mark.parametrize("shape,dim,stride", SPLITS)
@@ -67,9 +70,25 @@ def test_any_tp_x_zero_split_reads_what_any_other_wrote(tmp_path, shape, dim, st
         for i, (t, start, n, piece) in enumerate(_pieces(full, dim, stride, T, dp_w)):
             rel = f"rank_{i:05d}.safetensors"
             write_safetensors(d / rel, {"w/master": piece.clone()})
-            per_rank.append((rel, [{"name": "w", "shape": list(shape), "dim": dim, "stride": stride, "tp": [t, T],
-                                    "start": start, "numel": n, "step": 3, "keys": ["master"],
-                                    "dtype": {"master": "float32"}}]))
+            per_rank.append(
+                (
+                    rel,
+                    [
+                        {
+                            "name": "w",
+                            "shape": list(shape),
+                            "dim": dim,
+                            "stride": stride,
+                            "tp": [t, T],
+                            "start": start,
+                            "numel": n,
+                            "step": 3,
+                            "keys": ["master"],
+                            "dtype": {"master": "float32"},
+                        }
+                    ],
+                )
+            )
         entry = build_index(per_rank)["w"]
         files = OpenFiles(d)
         for tp_r, dp_r in itertools.product(sizes, (1, 2)):
@@ -83,8 +102,12 @@ def test_any_tp_x_zero_split_reads_what_any_other_wrote(tmp_path, shape, dim, st
 def test_our_safetensors_open_with_the_library_and_record_size_and_crc(tmp_path):
     from safetensors.torch import load_file
 
-    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7), "c": torch.randn(11).to(torch.bfloat16),
-               "d": torch.zeros(0)}
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.arange(7),
+        "c": torch.randn(11).to(torch.bfloat16),
+        "d": torch.zeros(0),
+    }
     rec = write_safetensors(tmp_path / "x.safetensors", tensors, {"what": "test"})
     data = (tmp_path / "x.safetensors").read_bytes()
     assert rec == {"bytes": len(data), "crc32": zlib.crc32(data)} and len(data) == file_bytes(tensors, {"what": "test"})
@@ -94,17 +117,42 @@ def test_our_safetensors_open_with_the_library_and_record_size_and_crc(tmp_path)
 
 def test_coverage_problems_name_the_tensor_and_the_elements():
     def entry(*ranges, tp=1):
-        return {"shape": [4, 6], "tp_dim": 0, "tp_stride": 1,
-                "pieces": [{"file": f"f{i}", "tp": [t, tp], "flat": [a, n]} for i, (t, a, n) in enumerate(ranges)]}
+        return {
+            "shape": [4, 6],
+            "tp_dim": 0,
+            "tp_stride": 1,
+            "pieces": [{"file": f"f{i}", "tp": [t, tp], "flat": [a, n]} for i, (t, a, n) in enumerate(ranges)],
+        }
 
     assert coverage_problem("w", entry((0, 0, 24))) is None
-    assert coverage_problem("w", entry((0, 0, 10), (0, 12, 12))) == \
-        "tensor w: elements [10, 12) of TP shard 0/1 are in no file (missing slice)"
+    assert (
+        coverage_problem("w", entry((0, 0, 10), (0, 12, 12)))
+        == "tensor w: elements [10, 12) of TP shard 0/1 are in no file (missing slice)"
+    )
     assert "are in both f0 and f1" in coverage_problem("w", entry((0, 0, 13), (0, 12, 12)))
     assert "elements [0, 12) of TP shard 1/2 are in no file" in coverage_problem("w", entry((0, 0, 12), tp=2))
     with pytest.raises(CheckpointError, match="inconsistent checkpoint: tensor w"):
-        build_index([("f0", [{"name": "w", "shape": [4, 6], "dim": 0, "stride": 1, "tp": [0, 1], "start": 0,
-                              "numel": 20, "step": 1, "keys": ["master"], "dtype": {"master": "float32"}}])])
+        build_index(
+            [
+                (
+                    "f0",
+                    [
+                        {
+                            "name": "w",
+                            "shape": [4, 6],
+                            "dim": 0,
+                            "stride": 1,
+                            "tp": [0, 1],
+                            "start": 0,
+                            "numel": 20,
+                            "step": 1,
+                            "keys": ["master"],
+                            "dtype": {"master": "float32"},
+                        }
+                    ],
+                )
+            ]
+        )
 
 
 # -- a real model and optimizer, saved and loaded in this process ---------------------------------
@@ -121,8 +169,9 @@ def saved(tmp_path_factory):
 
 def test_a_checkpoint_is_json_and_safetensors_only(saved):
     root, _, _ = saved
-    files = sorted(str(f.relative_to(root / "step_00000003")) for f in (root / "step_00000003").rglob("*")
-                   if f.is_file())
+    files = sorted(
+        str(f.relative_to(root / "step_00000003")) for f in (root / "step_00000003").rglob("*") if f.is_file()
+    )
     assert files == ["COMPLETE", "megagpt2.json", "rng/rank_00000.safetensors", "tensors/rank_00000.safetensors"]
     complete = json.loads((root / "step_00000003" / "COMPLETE").read_text())
     assert sorted(complete["files"]) == [f for f in files if f != "COMPLETE"]
@@ -186,8 +235,9 @@ def test_the_fp16_loss_scale_carries_over():
     def fp16_engine():
         engine = FakeEngine()
         engine.fp16_enabled = lambda: True
-        engine.optimizer.loss_scaler = DynamicLossScaler(init_scale=2.0**16, scale_window=100, min_scale=1,
-                                                         delayed_shift=2, consecutive_hysteresis=False)
+        engine.optimizer.loss_scaler = DynamicLossScaler(
+            init_scale=2.0**16, scale_window=100, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+        )
         return engine
 
     a, b = fp16_engine(), fp16_engine()

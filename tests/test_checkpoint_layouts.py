@@ -40,8 +40,7 @@ FROM_222 = "layout changed from tp=2 pp=2 dp=2 ZeRO-2 fp32 1f1b to "
 @pytest.fixture(scope="module")
 def src(source_222):
     tmp, cfg, results = source_222
-    return {"dir": tmp / "ckpt", "prefix": cfg["data"]["path"], "results": results,
-            "state": full_state(results, SAVED)}
+    return {"dir": tmp / "ckpt", "prefix": cfg["data"]["path"], "results": results, "state": full_state(results, SAVED)}
 
 
 def _cfg(src, ckpt: Path, interval: int = 0) -> dict:
@@ -89,8 +88,10 @@ def small_disk(src, tmp_path_factory):
     when this process may mount one, else free space reported as that small."""
     d = tmp_path_factory.mktemp("tmpfs")
     size = sum(f.stat().st_size for f in (src["dir"] / TAG4).rglob("*") if f.is_file()) * 3 // 2
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True).returncode
+        == 0
+    )
     seed_dir(d / "ckpt", src["dir"] / TAG4)
     yield d / "ckpt", (None if mounted else size - sum(f.stat().st_size for f in d.rglob("*") if f.is_file()))
     if mounted:
@@ -100,23 +101,32 @@ def small_disk(src, tmp_path_factory):
 @pytest.fixture(scope="module")
 def world1(src, killed, small_disk):
     disk, fake_free = small_disk
-    jobs = [job(_cfg(src, disk, interval=5), 1, {}, expect_error=True, fake_free=fake_free),
-            job(_cfg(src, killed["dir"], interval=5), 1, {}, capture_at=(5,))]
+    jobs = [
+        job(_cfg(src, disk, interval=5), 1, {}, expect_error=True, fake_free=fake_free),
+        job(_cfg(src, killed["dir"], interval=5), 1, {}, capture_at=(5,)),
+    ]
     return dict(zip(("enospc", "111"), run_jobs(1, jobs)))
 
 
 @pytest.fixture(scope="module")
 def world4a(src, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("w4a")
-    layouts = {"122i": {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
-               "221sp": {"tp": 2, "pp": 2, "schedule": "1f1b", "sequence_parallel": True}, "114": {}}
+    layouts = {
+        "122i": {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
+        "221sp": {"tp": 2, "pp": 2, "schedule": "1f1b", "sequence_parallel": True},
+        "114": {},
+    }
     dirs = {k: seed_dir(tmp / k, src["dir"] / TAG4) for k in layouts}
     jobs = [job(_cfg(src, dirs[k], interval=5), 4, lay, capture_at=(5,)) for k, lay in layouts.items()]
     return {**dict(zip(layouts, run_jobs(4, jobs))), "dirs": dirs}
 
 
-DAMAGED = {"112": ("tensor file truncated", {}, 2), "211": ("metadata truncated", {"tp": 2}, 2),
-           "112z0": ("rng file missing", {}, 0), "112z1": ("bit flipped", {}, 1)}
+DAMAGED = {
+    "112": ("tensor file truncated", {}, 2),
+    "211": ("metadata truncated", {"tp": 2}, 2),
+    "112z0": ("rng file missing", {}, 0),
+    "112z1": ("bit flipped", {}, 1),
+}
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +138,12 @@ def world2(src, world4a, tmp_path_factory):
         damaged[name] = _damage(d, kind)
         jobs.append(job(_cfg(src, d), 2, layout, stage=stage))
         names.append(name)
-    jobs.append(job(_cfg(src, tmp / "121"), 2, {"pp": 2, "schedule": "1f1b"},
-                    copy_tags=(world4a["dirs"]["122i"] / TAG5,)))
-    jobs.append(job(_cfg(src, tmp / "112rt", interval=6), 2, {}, capture_at=(6,),
-                    copy_tags=(world4a["dirs"]["114"] / TAG5,)))
+    jobs.append(
+        job(_cfg(src, tmp / "121"), 2, {"pp": 2, "schedule": "1f1b"}, copy_tags=(world4a["dirs"]["122i"] / TAG5,))
+    )
+    jobs.append(
+        job(_cfg(src, tmp / "112rt", interval=6), 2, {}, capture_at=(6,), copy_tags=(world4a["dirs"]["114"] / TAG5,))
+    )
     jobs.append(job(_cfg(src, tmp / "bf16", interval=SAVED), 2, {}, bf16=True, capture_at=(SAVED, 7)))
     jobs.append(job(_cfg(src, tmp / "bf16_211"), 2, {"tp": 2}, bf16=True, copy_tags=(tmp / "bf16" / TAG4,)))
     names += ["121", "112rt", "bf16", "bf16_211"]
@@ -148,8 +160,17 @@ def world4b(src, world2):
 @pytest.fixture(scope="module")
 def world8(src, killed, world1):
     """The reverse direction: (1, 1, 1) -> (2, 2, 2), from the (1, 1, 1) target's step 5."""
-    return run_jobs(8, [job(_cfg(src, killed["dir"].parent / "222"), 8, {"tp": 2, "pp": 2, "schedule": "1f1b"},
-                            copy_tags=(killed["dir"] / TAG5,))])[0]
+    return run_jobs(
+        8,
+        [
+            job(
+                _cfg(src, killed["dir"].parent / "222"),
+                8,
+                {"tp": 2, "pp": 2, "schedule": "1f1b"},
+                copy_tags=(killed["dir"] / TAG5,),
+            )
+        ],
+    )[0]
 
 
 def _check_resumed(results, src, want_state, first_step: int, to: str, later_rtol=None) -> None:
@@ -163,8 +184,15 @@ def _check_resumed(results, src, want_state, first_step: int, to: str, later_rto
 
 
 # -- from the (2, 2, 2) checkpoint ----------------------------------------------------------------
-@pytest.mark.parametrize("name,to", [("112", "tp=1 pp=1 dp=2 ZeRO-2 fp32"), ("211", "tp=2 pp=1 dp=1 ZeRO-2 fp32"),
-                                     ("112z0", "tp=1 pp=1 dp=2 ZeRO-0 fp32"), ("112z1", "tp=1 pp=1 dp=2 ZeRO-1 fp32")])
+@pytest.mark.parametrize(
+    "name,to",
+    [
+        ("112", "tp=1 pp=1 dp=2 ZeRO-2 fp32"),
+        ("211", "tp=2 pp=1 dp=1 ZeRO-2 fp32"),
+        ("112z0", "tp=1 pp=1 dp=2 ZeRO-0 fp32"),
+        ("112z1", "tp=1 pp=1 dp=2 ZeRO-1 fp32"),
+    ],
+)
 def test_dp2_and_tp2_zero0_1_2_continue_exactly_past_a_damaged_newest_checkpoint(src, world2, name, to):
     """Each resumes from step 4 because its step 5 is damaged (a different file kind each), with
     a message naming the file."""
@@ -173,13 +201,20 @@ def test_dp2_and_tp2_zero0_1_2_continue_exactly_past_a_damaged_newest_checkpoint
     log = results[0]["log"]
     damaged = world2["damaged"][name].split("/", 1)[1]
     assert any(f"{TAG5} is damaged" in line and damaged in line for line in log), log
-    assert any(line.startswith("resuming from") and line.endswith(f"{TAG4}, the newest checkpoint that verifies")
-               for line in log), log
+    assert any(
+        line.startswith("resuming from") and line.endswith(f"{TAG4}, the newest checkpoint that verifies")
+        for line in log
+    ), log
 
 
-@pytest.mark.parametrize("name,to", [("122i", "tp=1 pp=2 dp=2 ZeRO-2 fp32 interleaved virtual stages 2"),
-                                     ("221sp", "tp=2 pp=2 dp=1 ZeRO-2 fp32 1f1b sequence parallel"),
-                                     ("114", "tp=1 pp=1 dp=4 ZeRO-2 fp32")])
+@pytest.mark.parametrize(
+    "name,to",
+    [
+        ("122i", "tp=1 pp=2 dp=2 ZeRO-2 fp32 interleaved virtual stages 2"),
+        ("221sp", "tp=2 pp=2 dp=1 ZeRO-2 fp32 1f1b sequence parallel"),
+        ("114", "tp=1 pp=1 dp=4 ZeRO-2 fp32"),
+    ],
+)
 def test_pipeline_and_dp4_layouts_continue_exactly(src, world4a, name, to):
     _check_resumed(world4a[name], src, src["state"], 5, to)
     if name != "114":

@@ -44,15 +44,23 @@ def _truncate(f: Path, keep: float = 0.5) -> None:
 
 
 DAMAGE = {
-    "tensor file truncated": (lambda d: _truncate(d / "tensors/rank_00000.safetensors"),
-                              ["tensors/rank_00000.safetensors", "truncated", "is cut short"]),
+    "tensor file truncated": (
+        lambda d: _truncate(d / "tensors/rank_00000.safetensors"),
+        ["tensors/rank_00000.safetensors", "truncated", "is cut short"],
+    ),
     "metadata truncated": (lambda d: _truncate(d / "megagpt2.json"), ["megagpt2.json", "damaged or truncated"]),
-    "rng file missing": (lambda d: (d / "rng/rank_00000.safetensors").unlink(),
-                         ["rng/rank_00000.safetensors is missing"]),
-    "tensor file missing": (lambda d: (d / "tensors/rank_00000.safetensors").unlink(),
-                            ["tensors/rank_00000.safetensors is missing"]),
-    "bit flipped": (lambda d: _flip(d / "tensors/rank_00000.safetensors"),
-                    ["tensors/rank_00000.safetensors: checksum mismatch"]),
+    "rng file missing": (
+        lambda d: (d / "rng/rank_00000.safetensors").unlink(),
+        ["rng/rank_00000.safetensors is missing"],
+    ),
+    "tensor file missing": (
+        lambda d: (d / "tensors/rank_00000.safetensors").unlink(),
+        ["tensors/rank_00000.safetensors is missing"],
+    ),
+    "bit flipped": (
+        lambda d: _flip(d / "tensors/rank_00000.safetensors"),
+        ["tensors/rank_00000.safetensors: checksum mismatch"],
+    ),
     "COMPLETE damaged": (lambda d: (d / "COMPLETE").write_text("{not json"), ["COMPLETE is damaged"]),
 }
 
@@ -82,8 +90,11 @@ def test_a_damaged_newest_checkpoint_falls_back_or_stops(two):
     tags, logged = complete_tags(str(root)), []
     assert choose(root, tags, None, True, "checksum", logged.append) == S1
     assert any(f"{S2} is damaged" in m and "rank_00000.safetensors" in m for m in logged), logged
-    with pytest.raises(CheckpointError, match=rf"{S2} is damaged: .*rank_00000.safetensors.*--checkpoint.tag={S1}"
-                                              r".*checkpoint.fallback=true"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{S2} is damaged: .*rank_00000.safetensors.*--checkpoint.tag={S1}"
+        r".*checkpoint.fallback=true",
+    ):
         choose(root, tags, None, False, "checksum", logged.append)
     with pytest.raises(CheckpointError, match=rf"checkpoint.tag={S2}: .*truncated"):
         choose(root, tags, S2, True, "checksum", logged.append)
@@ -120,8 +131,11 @@ def test_inconsistent_metadata_names_the_tensor_and_the_file(two):
 
     _rewrite_meta(root / S1, transpose)
     assert verify(root / S1) is None  # the same number of elements: consistent in itself
-    with pytest.raises(CheckpointError, match=r"megagpt2.json: tensor h.0.mlp.c_fc.weight has shape \(32, 128\) in "
-                                              r"the checkpoint but \(128, 32\) in the model"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"megagpt2.json: tensor h.0.mlp.c_fc.weight has shape \(32, 128\) in "
+        r"the checkpoint but \(128, 32\) in the model",
+    ):
         _loads(root / S1)
 
 
@@ -129,8 +143,11 @@ def test_inconsistent_metadata_names_the_tensor_and_the_file(two):
 def test_no_room_is_found_before_writing(two, monkeypatch):
     root, engine = two
     monkeypatch.setattr(store, "free_bytes", lambda d: 4096)
-    with pytest.raises(CheckpointError, match=rf"No space left on device for checkpoint {root / S3}: .* need "
-                                              r".*\(\d+ bytes\) but 4\.0 KiB are free"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"No space left on device for checkpoint {root / S3}: .* need "
+        r".*\(\d+ bytes\) but 4\.0 KiB are free",
+    ):
         save_fake(engine, root, 3)
     assert not (root / S3).exists() and find_latest(str(root)) == S2 and verify(root / S2) is None
 
@@ -253,8 +270,11 @@ def test_resume_moves_a_damaged_newest_checkpoint_aside(two):
 
 def test_another_global_batch_needs_the_flag(two):
     root, _ = two
-    with pytest.raises(CheckpointError, match=r"global batch of 2 samples and this run has 4.*"
-                                              r"--checkpoint.allow_batch_change=true"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"global batch of 2 samples and this run has 4.*"
+        r"--checkpoint.allow_batch_change=true",
+    ):
         _resume(root, [], global_batch=4)
     logged: list = []
     meta, _ = _resume(root, logged, global_batch=4, allow_batch_change=True)

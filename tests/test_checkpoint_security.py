@@ -42,8 +42,10 @@ def write_payload(path: Path, marker: Path, tensors: dict | None = None) -> None
     builtin_fn_type = _Call(getattr, getitem, "__class__")
     eval_ = _Call(rebuild, _Call(getattr, builtins_, "__getitem__"), builtin_fn_type, ("eval",), {})
     code = f"__import__('pathlib').Path({str(marker)!r}).write_text('ran')"
-    torch.save({"module": tensors or {"x": torch.zeros(1)}, "payload": _Call(rebuild, eval_, dict_type, (code,), {})},
-               str(path))
+    torch.save(
+        {"module": tensors or {"x": torch.zeros(1)}, "payload": _Call(rebuild, eval_, dict_type, (code,), {})},
+        str(path),
+    )
 
 
 def test_the_payload_runs_code_under_a_permissive_loader(tmp_path):
@@ -109,8 +111,11 @@ def test_resume_refuses_the_payload(trained, tmp_path, which):
     run, ckpt = trained
     marker = tmp_path / "marker"
     bad = _poisoned_copy(ckpt, tmp_path / "ckpt", which, marker)
-    codes = wait_all(start_ranks(1, run / "cfg.yaml", run / "ds.json", args=(f"--checkpoint.dir={bad}",
-                                                                               "--train.steps=3"), log_dir=tmp_path))
+    codes = wait_all(
+        start_ranks(
+            1, run / "cfg.yaml", run / "ds.json", args=(f"--checkpoint.dir={bad}", "--train.steps=3"), log_dir=tmp_path
+        )
+    )
     log = (tmp_path / "rank0.log").read_text()
     assert codes != [0]
     assert "refusing to load step_00000002/" in log and "--checkpoint.tag=step_00000001" in log
@@ -121,9 +126,15 @@ def test_init_from_refuses_the_payload(trained, tmp_path):
     run, ckpt = trained
     marker = tmp_path / "marker"
     bad = _poisoned_copy(ckpt, tmp_path / "src", "mp_rank_*_model_states.pt", marker)
-    codes = wait_all(start_ranks(1, run / "cfg.yaml", run / "ds.json",
-                                 args=(f"--train.init_from={bad}", f"--checkpoint.dir={tmp_path / 'new'}"),
-                                 log_dir=tmp_path))
+    codes = wait_all(
+        start_ranks(
+            1,
+            run / "cfg.yaml",
+            run / "ds.json",
+            args=(f"--train.init_from={bad}", f"--checkpoint.dir={tmp_path / 'new'}"),
+            log_dir=tmp_path,
+        )
+    )
     assert codes != [0]
     assert "refusing to load" in (tmp_path / "rank0.log").read_text()
     assert not marker.exists()
@@ -138,8 +149,9 @@ def test_tools_refuse_the_payload(trained, tmp_path, capsys):
     (tmp_path / "text.txt").write_text("some text to score " * 20)
     runs = {
         "convert": lambda: convert_checkpoint.main(["--input", str(bad), "--output", str(tmp_path / "out")]),
-        "evaluate": lambda: evaluate.main(["ppl", "--load", str(bad), "--input", str(tmp_path / "text.txt"),
-                                           "--device", "cpu"]),
+        "evaluate": lambda: evaluate.main(
+            ["ppl", "--load", str(bad), "--input", str(tmp_path / "text.txt"), "--device", "cpu"]
+        ),
         "generate": lambda: generate.main(["--load", str(bad), "--prompt", "hi", "--device", "cpu"]),
     }
     for name, run in runs.items():
@@ -201,9 +213,15 @@ def test_first_format_damage_is_found_before_loading(trained, tmp_path):
 def test_first_format_resumes_from_a_chosen_tag_and_saves_the_new_format(trained, tmp_path):
     run, ckpt = trained
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    codes = wait_all(start_ranks(1, run / "cfg.yaml", run / "ds.json",
-                                 args=(f"--checkpoint.dir={tmp_path / 'ckpt'}", "--checkpoint.tag=step_00000001"),
-                                 log_dir=tmp_path))
+    codes = wait_all(
+        start_ranks(
+            1,
+            run / "cfg.yaml",
+            run / "ds.json",
+            args=(f"--checkpoint.dir={tmp_path / 'ckpt'}", "--checkpoint.tag=step_00000001"),
+            log_dir=tmp_path,
+        )
+    )
     log = (tmp_path / "rank0.log").read_text()
     assert codes == [0], log
     assert "resumed from" in log and "step 1" in log and "first checkpoint format" in log

@@ -31,7 +31,7 @@ POEMS = [
 MIXED = [
     "我在2024年读了3本书，最喜欢《三体》。",
     "他说：“你好！”然后用python写了100行代码。",
-    "gpt-2 has 1,500 million parameters, and it's 3.14 times \"better\" (they say).",
+    'gpt-2 has 1,500 million parameters, and it\'s 3.14 times "better" (they say).',
     "价格是$25，折扣50%，时间12:30。",
 ]
 FIXTURE = POEMS + MIXED
@@ -42,10 +42,25 @@ def wordpiece(tmp_path_factory):
     """tools/train_tokenizer.py --type wordpiece on the fixture: (dir, HFTokenizer of tokenizer.json)."""
     root = tmp_path_factory.mktemp("wp")
     corpus = root / "zh.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in FIXTURE * 3),
-                      encoding="utf-8")
-    assert train_tokenizer.main(["--type", "wordpiece", "--input", str(corpus), "--vocab-size", "400",
-                                 "--output-dir", str(root / "tok"), "--quiet"]) == 0
+    corpus.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in FIXTURE * 3), encoding="utf-8"
+    )
+    assert (
+        train_tokenizer.main(
+            [
+                "--type",
+                "wordpiece",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "400",
+                "--output-dir",
+                str(root / "tok"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root / "tok", build_tokenizer("HFTokenizer", tokenizer_model=str(root / "tok" / "tokenizer.json"))
 
 
@@ -98,10 +113,26 @@ def test_bert_vocab_txt_equals_transformers_bert_tokenizer(tmp_path):
     from transformers import BertTokenizerFast
 
     corpus = tmp_path / "cased.txt"
-    corpus.write_text("\n".join(FIXTURE + ["Hello HELLO hello Café CAFÉ résumé Beijing 北京 München"]) * 3,
-                      encoding="utf-8")
-    assert train_tokenizer.main(["--type", "wordpiece", "--no-lowercase", "--input", str(corpus),
-                                 "--vocab-size", "500", "--output-dir", str(tmp_path / "tok"), "--quiet"]) == 0
+    corpus.write_text(
+        "\n".join(FIXTURE + ["Hello HELLO hello Café CAFÉ résumé Beijing 北京 München"]) * 3, encoding="utf-8"
+    )
+    assert (
+        train_tokenizer.main(
+            [
+                "--type",
+                "wordpiece",
+                "--no-lowercase",
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "500",
+                "--output-dir",
+                str(tmp_path / "tok"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     vocab = str(tmp_path / "tok" / "vocab.txt")
     texts = ["Hello HELLO Café résumé 北京München", "  床前\t明月光 \n Beijing!", MIXED[1], MIXED[2]]
     got = {}
@@ -117,8 +148,9 @@ def test_bert_vocab_txt_equals_transformers_bert_tokenizer(tmp_path):
 def test_layout_tokens_names_and_errors(wordpiece):
     out, tok = wordpiece
     vocab = str(out / "vocab.txt")
-    zh = build_tokenizer("BertWordPieceLowerCase", vocab_file=vocab, bos_token="[MASK]", eod_token="[CLS]",
-                         newline_token="[SEP]")
+    zh = build_tokenizer(
+        "BertWordPieceLowerCase", vocab_file=vocab, bos_token="[MASK]", eod_token="[CLS]", newline_token="[SEP]"
+    )
     assert (zh.bos, zh.eod, zh.newline) == (4, 2, 3)
     text = "《静夜思》\n床前明月光，\n\n疑是地上霜。"
     ids = zh.encode(text)
@@ -141,15 +173,28 @@ def test_layout_tokens_names_and_errors(wordpiece):
 
 
 def test_config_takes_the_new_names_without_quotes():
-    cfg = load_config(None, ["--tokenizer.tokenizer_type=BertWordPieceLowerCase", "--tokenizer.bos_token=[MASK]",
-                             "--tokenizer.eod_token=[CLS]", "--tokenizer.newline_token=[SEP]",
-                             "--data.format=chitchat", "--model.n_positions=64", "--data.seq_length=64"])
+    cfg = load_config(
+        None,
+        [
+            "--tokenizer.tokenizer_type=BertWordPieceLowerCase",
+            "--tokenizer.bos_token=[MASK]",
+            "--tokenizer.eod_token=[CLS]",
+            "--tokenizer.newline_token=[SEP]",
+            "--data.format=chitchat",
+            "--model.n_positions=64",
+            "--data.seq_length=64",
+        ],
+    )
     validate(cfg)
-    assert (cfg.tokenizer.bos_token, cfg.tokenizer.eod_token, cfg.tokenizer.newline_token) == ("[MASK]", "[CLS]",
-                                                                                                "[SEP]")
+    assert (cfg.tokenizer.bos_token, cfg.tokenizer.eod_token, cfg.tokenizer.newline_token) == (
+        "[MASK]",
+        "[CLS]",
+        "[SEP]",
+    )
     for name in ("HuggingFaceTokenizer", "BertWordPieceCase"):
-        validate(load_config(None, [f"--tokenizer.tokenizer_type={name}", "--model.n_positions=64",
-                                    "--data.seq_length=64"]))
+        validate(
+            load_config(None, [f"--tokenizer.tokenizer_type={name}", "--model.n_positions=64", "--data.seq_length=64"])
+        )
     with pytest.raises(ConfigError, match="data.format='chit' is not one of"):
         validate(load_config(None, ["--data.format=chit"]))
 
@@ -158,8 +203,9 @@ def test_chitchat_text_equals_jsonl_dialogue(tmp_path, wordpiece):
     out, _ = wordpiece
     tok = build_tokenizer("BertWordPieceLowerCase", vocab_file=str(out / "vocab.txt"), bos_token="[CLS]")
     dialogues = [[c + "，" for c in p.split("，")[:3]] for p in POEMS] + [["你好", "你好！"], ["只有一句"]]
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogues),
-                                      encoding="utf-8")
+    (tmp_path / "d.jsonl").write_text(
+        "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dialogues), encoding="utf-8"
+    )
     # chitchat's train.txt: a line per utterance, a blank line between dialogues (CRLF here)
     (tmp_path / "train.txt").write_bytes("\r\n\r\n".join("\r\n".join(d) for d in dialogues).encode("utf-8"))
     with pytest.warns(UserWarning, match="skipped 1 dialogue"):
@@ -169,8 +215,9 @@ def test_chitchat_text_equals_jsonl_dialogue(tmp_path, wordpiece):
     for x, y in zip(a, b):
         assert len(x) == len(y) > 0
         for i in range(len(x)):
-            assert np.array_equal(x[i]["tokens"], y[i]["tokens"]) and np.array_equal(x[i]["loss_mask"],
-                                                                                      y[i]["loss_mask"])
+            assert np.array_equal(x[i]["tokens"], y[i]["tokens"]) and np.array_equal(
+                x[i]["loss_mask"], y[i]["loss_mask"]
+            )
     # GPT2-chitchat's layout: [CLS] u1 [SEP] u2 [SEP] ..., loss on the replies and their [SEP]
     sample = next(b[0][i] for i in range(len(b[0])) if tok.decode(b[0][i]["tokens"][1:3]) == "你好")
     cls, sep = tok.token_id("[CLS]", "x"), tok.eod
@@ -184,11 +231,36 @@ def test_preprocess_and_inspect_in_gpt2_chinese_layout(tmp_path, wordpiece, caps
     corpus = tmp_path / "zh.jsonl"
     docs = ["《静夜思》\n" + POEMS[0], "《春晓》\n" + POEMS[1]]
     corpus.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
-    flags = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", str(out / "vocab.txt"),
-             "--bos-token", "[MASK]", "--eod-token", "[CLS]", "--newline-token", "[SEP]"]
+    flags = [
+        "--tokenizer-type",
+        "BertWordPieceLowerCase",
+        "--vocab-file",
+        str(out / "vocab.txt"),
+        "--bos-token",
+        "[MASK]",
+        "--eod-token",
+        "[CLS]",
+        "--newline-token",
+        "[SEP]",
+    ]
     prefix = str(tmp_path / "zh")
-    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", prefix, "--append-eod",
-                                 "--prepend-bos", "--no-fix-unicode", "--no-progress", "--no-dedup"] + flags) == 0
+    assert (
+        preprocess_data.main(
+            [
+                "--input",
+                str(corpus),
+                "--output-prefix",
+                prefix,
+                "--append-eod",
+                "--prepend-bos",
+                "--no-fix-unicode",
+                "--no-progress",
+                "--no-dedup",
+            ]
+            + flags
+        )
+        == 0
+    )
     ds = IndexedDataset(prefix + "_text_document")
     first = ds.document(0).tolist()
     assert first[0] == 4 and first[-1] == 2 and first.count(3) == 1  # [MASK] ... [CLS], newline = [SEP]
@@ -198,16 +270,31 @@ def test_preprocess_and_inspect_in_gpt2_chinese_layout(tmp_path, wordpiece, caps
     assert docs[0] in printed and docs[1] in printed and "[CLS]" not in printed
     assert inspect_dataset.main(["--prefix", prefix + "_text_document", "--doc", "0", "--show-special"] + flags) == 0
     assert "[MASK]《静夜思》\n床前" in capsys.readouterr().out
-    assert preprocess_data.main(["--input", str(corpus), "--output-prefix", prefix + "x", "--prepend-bos",
-                                 "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
-                                 str(out / "vocab.txt")]) == 1  # --prepend-bos without --bos-token
+    assert (
+        preprocess_data.main(
+            [
+                "--input",
+                str(corpus),
+                "--output-prefix",
+                prefix + "x",
+                "--prepend-bos",
+                "--tokenizer-type",
+                "BertWordPieceLowerCase",
+                "--vocab-file",
+                str(out / "vocab.txt"),
+            ]
+        )
+        == 1
+    )  # --prepend-bos without --bos-token
 
 
 def test_train_tokenizer_wordpiece_flag_errors(tmp_path, capsys):
     corpus = tmp_path / "t.txt"
     corpus.write_text(POEMS[0], encoding="utf-8")
-    for extra in (["--output-prefix", str(tmp_path / "p")], ["--output-dir", str(tmp_path / "d"), "--model-type",
-                                                             "unigram"]):
+    for extra in (
+        ["--output-prefix", str(tmp_path / "p")],
+        ["--output-dir", str(tmp_path / "d"), "--model-type", "unigram"],
+    ):
         with pytest.raises(SystemExit) as info:
             train_tokenizer.main(["--type", "wordpiece", "--input", str(corpus)] + extra)
         assert info.value.code == 2
@@ -221,8 +308,10 @@ def test_make_zh_corpus_from_fortune_files(tmp_path):
     tang = "\x1b[32m《静夜思》\x1b[m\n\x1b[33m作者：李白\x1b[m\n床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n%\n"
     (src / "tang300").write_text(tang, encoding="utf-8")
     (src / "song100").write_text("题目:《春晓》\n春眠不觉晓，处处闻啼鸟。\n%\n", encoding="utf-8")
-    (src / "chinese").write_text("Use apt-get install foo to install foo on Debian.\n%\n狗咬穿烂的，人舔穿好的。\n"
-                                 "    --《谚语》\n%\n", encoding="utf-8")
+    (src / "chinese").write_text(
+        "Use apt-get install foo to install foo on Debian.\n%\n狗咬穿烂的，人舔穿好的。\n    --《谚语》\n%\n",
+        encoding="utf-8",
+    )
     info = make_zh_corpus.make_zh_corpus(str(tmp_path / "out"), str(tmp_path / "cache"), str(src), max_turns=2)
     assert info["documents"] == 3  # the English entry is left out
     texts = {json.loads(line)["text"] for line in (tmp_path / "out" / "pretrain.jsonl").open(encoding="utf-8")}
@@ -230,7 +319,17 @@ def test_make_zh_corpus_from_fortune_files(tmp_path):
     from megagpt2.data.finetune import read_chitchat
 
     chats = read_chitchat(str(tmp_path / "out" / "chat.txt"))
-    assert sorted(chats) == sorted([["床前明月光，", "疑是地上霜。"], ["举头望明月，", "低头思故乡。"],
-                                    ["春眠不觉晓，", "处处闻啼鸟。"], ["狗咬穿烂的，", "人舔穿好的。"]])
-    assert make_zh_corpus.main(["--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"),
-                                "--fortunes-dir", str(tmp_path)]) == 1
+    assert sorted(chats) == sorted(
+        [
+            ["床前明月光，", "疑是地上霜。"],
+            ["举头望明月，", "低头思故乡。"],
+            ["春眠不觉晓，", "处处闻啼鸟。"],
+            ["狗咬穿烂的，", "人舔穿好的。"],
+        ]
+    )
+    assert (
+        make_zh_corpus.main(
+            ["--output-dir", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--fortunes-dir", str(tmp_path)]
+        )
+        == 1
+    )

@@ -41,12 +41,21 @@ def trained(tmp_path_factory):
     tok = build_tokenizer("HFTokenizer", tokenizer_model=str(root / "tokenizer.json"), **LAYOUT)
     stream = [i for p in POEMS * 4 for i in [tok.bos] + tok.encode(p) + [tok.eod]]
     assert 0.2 < stream.count(tok.unk) / len(stream) < 0.5
-    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=tok.vocab_size,
-                      make_vocab_size_divisible_by=32, dropout=0.0, attn_dropout=0.0, kernels="torch")
+    cfg = ModelConfig(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=32,
+        vocab_size=tok.vocab_size,
+        make_vocab_size_divisible_by=32,
+        dropout=0.0,
+        attn_dropout=0.0,
+        kernels="torch",
+    )
     torch.manual_seed(0)
     model = GPT2(cfg, ProcessGroups.single(), seed=0)
     data = torch.tensor(stream)
-    windows = torch.stack([data[i:i + 17] for i in range(0, len(data) - 17, 3)])  # (N, 17)
+    windows = torch.stack([data[i : i + 17] for i in range(0, len(data) - 17, 3)])  # (N, 17)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _step in range(80):
         batch = windows[torch.randint(len(windows), (16,))]
@@ -62,8 +71,18 @@ def trained(tmp_path_factory):
 def _generate(trained, tmp_path, *extra: str) -> list[dict]:
     hf, tok_json = trained
     out = tmp_path / "out.jsonl"
-    flags = ["--tokenizer-type", "HFTokenizer", "--tokenizer-model", tok_json, "--bos-token", "[MASK]",
-             "--eod-token", "[CLS]", "--newline-token", "[SEP]"]
+    flags = [
+        "--tokenizer-type",
+        "HFTokenizer",
+        "--tokenizer-model",
+        tok_json,
+        "--bos-token",
+        "[MASK]",
+        "--eod-token",
+        "[CLS]",
+        "--newline-token",
+        "[SEP]",
+    ]
     prompts = ["床前", "春眠", "白日", "红豆", "千山", "举头", "夜来", "孤舟"]
     args = ["--load", str(hf), "--max-new-tokens", "24", "--temperature", "1.3", "--output", str(out)]
     assert generate_tool.main(args + flags + [a for p in prompts for a in ("--prompt", p)] + list(extra)) == 0
@@ -97,9 +116,28 @@ def test_chat_prompt_in_chitchat_layout_starts_with_cls(trained, monkeypatch, ca
 
     monkeypatch.setattr(generate_tool, "generate", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("床前明月光，\n"))
-    assert generate_tool.main(["--load", str(hf), "--interactive", "--top-k", "8", "--max-new-tokens", "8",
-                               "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tok_json,
-                               "--bos-token", "[CLS]", "--ban-token", "[MASK]"]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                str(hf),
+                "--interactive",
+                "--top-k",
+                "8",
+                "--max-new-tokens",
+                "8",
+                "--tokenizer-type",
+                "HFTokenizer",
+                "--tokenizer-model",
+                tok_json,
+                "--bos-token",
+                "[CLS]",
+                "--ban-token",
+                "[MASK]",
+            ]
+        )
+        == 0
+    )
     prompt, banned = seen[0]
     assert prompt == [tok.bos] + tok.encode("床前明月光，") + [tok.eod]  # [CLS] u1 [SEP]
     assert set(banned) == {tok.unk, tok.bos, tok.token_id("[MASK]", "x")}  # [CLS] starts dialogues only

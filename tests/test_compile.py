@@ -19,8 +19,18 @@ from megagpt2.parallel import ProcessGroups
 from tests.dist_utils import run_distributed
 from tests.train_utils import ds_config, losses, make_dataset, tiny_config, train_worker
 
-TINY = dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=250, make_vocab_size_divisible_by=64,
-            dropout=0.0, attn_dropout=0.0, attention="flash", kernels="torch")
+TINY = dict(
+    n_layer=2,
+    n_embd=32,
+    n_head=4,
+    n_positions=16,
+    vocab_size=250,
+    make_vocab_size_divisible_by=64,
+    dropout=0.0,
+    attn_dropout=0.0,
+    attention="flash",
+    kernels="torch",
+)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -68,8 +78,12 @@ def test_trainer_compiled_blocks_under_checkpointing_match_eager(data_prefix):
     cfg = tiny_config(data_prefix, None, steps=3, model={"activation_checkpointing": True})
     eager = run_distributed(train_worker, 1, args=(cfg.to_dict(), ds_config(stage=2, micro=4), {}))[0]
     cfg.model.compile = True
-    comp = run_distributed(train_worker, 1, args=(cfg.to_dict(), ds_config(stage=2, micro=4), {}, True,
-                                                  record_compiled_graphs), timeout=900)[0]
+    comp = run_distributed(
+        train_worker,
+        1,
+        args=(cfg.to_dict(), ds_config(stage=2, micro=4), {}, True, record_compiled_graphs),
+        timeout=900,
+    )[0]
     steps = [r for r in comp["records"] if "loss" in r]
     assert steps and all(r["compiled"] for r in steps)
     # One graph for the block, shared by both blocks (plus at most a few for what runs outside it).
@@ -88,5 +102,5 @@ def test_trainer_compiled_blocks_under_checkpointing_match_eager(data_prefix):
     for name, (p, _, _) in eager["params"].items():
         q = comp["params"][name][0]
         if name.endswith("attn.c_attn.bias"):
-            p, q = torch.cat([p[:C], p[2 * C:]]), torch.cat([q[:C], q[2 * C:]])
+            p, q = torch.cat([p[:C], p[2 * C :]]), torch.cat([q[:C], q[2 * C :]])
         assert _rel(q, p) < 5e-5, (name, _rel(q, p))

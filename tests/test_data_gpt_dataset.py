@@ -52,7 +52,7 @@ def test_every_token_in_exactly_the_expected_samples(tmp_path, seq_length):
         expected[int(stream[p])] |= owners
     for s in range(num_built):
         sample = ds.sample(s)
-        assert sample.tolist() == stream[s * seq_length: s * seq_length + seq_length + 1].tolist()
+        assert sample.tolist() == stream[s * seq_length : s * seq_length + seq_length + 1].tolist()
         for token in sample:
             seen[int(token)].add(s)
     assert seen == expected
@@ -61,7 +61,7 @@ def test_every_token_in_exactly_the_expected_samples(tmp_path, seq_length):
     assert len(set(ds.shuffle_idx.tolist())) == len(ds) and ds.shuffle_idx.max() < num_built
     for i in range(len(ds)):
         s = int(ds.shuffle_idx[i])
-        window = stream[s * seq_length: s * seq_length + seq_length + 1]
+        window = stream[s * seq_length : s * seq_length + seq_length + 1]
         assert ds[i]["tokens"].tolist() == window.tolist()
 
 
@@ -100,8 +100,7 @@ def test_split_ranges_and_disjoint_splits(tmp_path):
     assert split_ranges(10, "1") == [(0, 10), (10, 10), (10, 10)]
     prefix = str(tmp_path / "d")
     _make(prefix, 60)
-    train, valid, test = build_gpt_datasets(prefix, "8,1,1", 8, 0, (300, 40, 40),
-                                            cache_dir=str(tmp_path / "cache"))
+    train, valid, test = build_gpt_datasets(prefix, "8,1,1", 8, 0, (300, 40, 40), cache_dir=str(tmp_path / "cache"))
     docs_of = []
     for ds in (train, valid, test):
         docs_of.append({int(t) // 1000 for i in range(len(ds)) for t in ds[i]["tokens"]})
@@ -165,10 +164,8 @@ def test_builder_and_followers(tmp_path):
     calls = []
     with pytest.raises(FileNotFoundError, match="missing after the barrier"):
         build_gpt_datasets(prefix, "1", 8, 0, (40, 0, 0), cache, lambda: calls.append(1), False)
-    built, _, _ = build_gpt_datasets(prefix, "1", 8, 0, (40, 0, 0), cache,
-                                     lambda: calls.append(2), True)
-    follower, _, _ = build_gpt_datasets(prefix, "1", 8, 0, (40, 0, 0), cache,
-                                        lambda: calls.append(3), False)
+    built, _, _ = build_gpt_datasets(prefix, "1", 8, 0, (40, 0, 0), cache, lambda: calls.append(2), True)
+    follower, _, _ = build_gpt_datasets(prefix, "1", 8, 0, (40, 0, 0), cache, lambda: calls.append(3), False)
     assert calls == [1, 2, 3]
     assert isinstance(follower.shuffle_idx, np.memmap)
     assert all((built[i]["tokens"] == follower[i]["tokens"]).all() for i in range(40))
@@ -177,15 +174,16 @@ def test_builder_and_followers(tmp_path):
 @pytest.mark.parametrize("dp_size,mbs", [(1, 4), (2, 3), (4, 1)])
 def test_sampler_exact_resume(dp_size, mbs):
     total = 100
+
     def global_order(consumed):
-        per_rank = [list(PretrainingSampler(total, consumed, mbs, r, dp_size))
-                    for r in range(dp_size)]
+        per_rank = [list(PretrainingSampler(total, consumed, mbs, r, dp_size)) for r in range(dp_size)]
         assert len({len(b) for b in per_rank}) == 1
         order = []
         for step in zip(*per_rank):
             for batch in step:
                 order.extend(batch)
         return order
+
     full = global_order(0)
     assert full == list(range(len(full))) and len(full) == total - total % (mbs * dp_size)
     for k in (mbs * dp_size, 5 * mbs * dp_size, 7):
@@ -193,7 +191,7 @@ def test_sampler_exact_resume(dp_size, mbs):
         assert resumed[0] == k and max(resumed) < total
         common = min(len(resumed), len(full) - k)  # a partial last batch is dropped
         assert common > len(full) - k - mbs * dp_size
-        assert resumed[:common] == full[k:k + common]
+        assert resumed[:common] == full[k : k + common]
 
 
 def test_loader_resume_reads_the_uninterrupted_samples(tmp_path):

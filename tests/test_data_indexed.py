@@ -41,9 +41,19 @@ def test_exact_bytes_of_idx_and_bin(tmp_path):
     assert open(prefix + ".bin", "rb").read() == expected_bin
 
 
-@pytest.mark.parametrize("dtype,code", [(np.uint8, 1), (np.int8, 2), (np.int16, 3), (np.int32, 4),
-                                        (np.int64, 5), (np.float64, 6), (np.float32, 7),
-                                        (np.uint16, 8)])
+@pytest.mark.parametrize(
+    "dtype,code",
+    [
+        (np.uint8, 1),
+        (np.int8, 2),
+        (np.int16, 3),
+        (np.int32, 4),
+        (np.int64, 5),
+        (np.float64, 6),
+        (np.float32, 7),
+        (np.uint16, 8),
+    ],
+)
 def test_dtype_codes(tmp_path, dtype, code):
     prefix = str(tmp_path / "d")
     _write(prefix, [[1, 2], [3]], dtype)
@@ -166,8 +176,7 @@ def test_inconsistent_pointers(tmp_path):
 
 
 def test_bad_doc_idx(tmp_path):
-    msg = _corrupt(tmp_path, lambda p: _patch(p + ".idx", os.path.getsize(p + ".idx") - 8,
-                                              struct.pack("<q", 3)))
+    msg = _corrupt(tmp_path, lambda p: _patch(p + ".idx", os.path.getsize(p + ".idx") - 8, struct.pack("<q", 3)))
     assert "document index" in msg
 
 

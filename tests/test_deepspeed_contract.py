@@ -37,9 +37,14 @@ class _Tiny(nn.Module):
 
 
 def _engine(model: nn.Module, stage: int, gas: int = GAS, mpu=None, clip: float = 0.0, lr: float = 0.0):
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": gas, "gradient_clipping": clip,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-          "steps_per_print": 10**9}
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds, mpu=mpu, dist_init_required=False)
     return engine
@@ -55,8 +60,11 @@ def _scaling_worker(rank, world):
     (ref(x) * g).sum().backward()
     want = {n: p.grad.clone() for n, p in ref.named_parameters()}
     out = {}
-    for name, scale_wrt_gas, surrogate in (("default", True, "product"), ("no_gas", False, "product"),
-                                           ("inject_no_gas", False, "inject")):
+    for name, scale_wrt_gas, surrogate in (
+        ("default", True, "product"),
+        ("no_gas", False, "product"),
+        ("inject_no_gas", False, "inject"),
+    ):
         engine = _engine(_Tiny(), stage=0)
         y = engine(x)  # through the engine: its output hooks are registered
         loss = (y * g).sum() if surrogate == "product" else _InjectGrad.apply(y, g, 1.0)
@@ -185,15 +193,25 @@ def _adam_engine(kind: str, seed: int = 0):
     stage, bf16, extra, _ = KINDS[kind]
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
-    groups = [{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
-              {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}]
+    groups = [
+        {"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
+        {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-2, foreach=False)
-    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-          "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
-          "bf16": {"enabled": bf16}, **extra}
+    ds = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "bf16": {"enabled": bf16},
+        **extra,
+    }
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + s))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds,
-                                           dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds, dist_init_required=False
+    )
     return engine
 
 
@@ -232,13 +250,17 @@ def _full_state(engine) -> dict:
         masters = {id(lp): hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
     for name, p in engine.module.named_parameters():
         if hasattr(p, "_hp_mapping"):
-            out[name] = {"master": safe_get_full_fp32_param(p).clone(),
-                         **{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")}}
+            out[name] = {
+                "master": safe_get_full_fp32_param(p).clone(),
+                **{k: safe_get_full_optimizer_state(p, k).clone() for k in ("exp_avg", "exp_avg_sq")},
+            }
         else:
             hp = masters.get(id(p), p)
             state = (opt.optimizer if masters else opt).state[hp]
-            out[name] = {"master": hp.detach().float().clone(),
-                         **{k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")}}
+            out[name] = {
+                "master": hp.detach().float().clone(),
+                **{k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")},
+            }
         out[name]["lp"] = p.detach().clone()
     return out
 
@@ -254,8 +276,11 @@ def _fragment_worker(rank, world, stage):
     for lps, flat in zip(opt.bit16_groups, flats):
         lazy_init_hp_params_optimizer_state(lps, flat, inner.state)
     before = _full_state(engine)
-    out = {"flats_are_partitions": all(f is s for f, s in zip(flats, opt.single_partition_of_fp32_groups)),
-           "ranges": {}, "views": True}
+    out = {
+        "flats_are_partitions": all(f is s for f, s in zip(flats, opt.single_partition_of_fp32_groups)),
+        "ranges": {},
+        "views": True,
+    }
     for name, p in engine.module.named_parameters():
         hm = p._hp_mapping
         if hm is None:
@@ -264,7 +289,7 @@ def _fragment_worker(rank, world, stage):
         out["ranges"][name] = (a, n)
         flat = flats[hm.param_group_index]
         h = hm.hp_fragment_address.start
-        out["views"] &= torch.equal(hm.get_hp_fragment(), before[name]["master"].view(-1)[a:a + n])
+        out["views"] &= torch.equal(hm.get_hp_fragment(), before[name]["master"].view(-1)[a : a + n])
         out["views"] &= hm.get_hp_fragment("exp_avg").data_ptr() == inner.state[flat]["exp_avg"][h:].data_ptr()
         with torch.no_grad():
             hm.get_hp_fragment().add_(1.0)  # write through the views, as a resume does
@@ -315,8 +340,13 @@ def _kinds_worker(rank, world, tmp):
         meta = read_meta(root / "step_00000002")
         load_tensors(target, ps, root / "step_00000002", meta)
         restore_extras(target, meta)
-        out[kind] = (type(engine.optimizer).__name__, _full_state(engine), _full_state(target),
-                     target.lr_scheduler.last_epoch, target.get_lr())
+        out[kind] = (
+            type(engine.optimizer).__name__,
+            _full_state(engine),
+            _full_state(target),
+            target.lr_scheduler.last_epoch,
+            target.get_lr(),
+        )
     return out
 
 
@@ -324,8 +354,9 @@ def test_every_optimizer_wrapper_saves_and_loads_into_every_other(tmp_path):
     """fp32 ZeRO 0/1/2, bf16 ZeRO-0/1/2: masters and moments move exactly, the model's weights are the
     masters in its own precision afterwards, and the LR schedule continues."""
     names = list(KINDS)
-    for i, (kind, (cls, saved, loaded, epoch, lr)) in enumerate(run_distributed(_kinds_worker, 2,
-                                                                                   args=(str(tmp_path),))[0].items()):
+    for i, (kind, (cls, saved, loaded, epoch, lr)) in enumerate(
+        run_distributed(_kinds_worker, 2, args=(str(tmp_path),))[0].items()
+    ):
         assert cls == KINDS[kind][3], f"{kind}: DeepSpeed now wraps AdamW in {cls}"
         for name in saved:
             for k in ("master", "exp_avg", "exp_avg_sq"):

@@ -25,35 +25,51 @@ def detect(env: dict, **kw) -> LaunchEnv:
     return detect_env(env, hostnames=kw.pop("hostnames", no_scontrol), **kw)
 
 
-def srun_task(rank: int, ntasks: int, local: int, nodelist: str = "gpu[003-004]", job: str = "4242",
-              **extra: str) -> dict:
+def srun_task(
+    rank: int, ntasks: int, local: int, nodelist: str = "gpu[003-004]", job: str = "4242", **extra: str
+) -> dict:
     """What srun puts in one task's environment (the variables detect_env reads)."""
-    env = {"SLURM_JOB_ID": job, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(ntasks),
-           "SLURM_STEP_NUM_TASKS": str(ntasks), "SLURM_LOCALID": str(local), "SLURM_STEP_ID": "0",
-           "SLURM_JOB_NODELIST": nodelist, "SLURM_STEP_NODELIST": nodelist}
+    env = {
+        "SLURM_JOB_ID": job,
+        "SLURM_PROCID": str(rank),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_STEP_NUM_TASKS": str(ntasks),
+        "SLURM_LOCALID": str(local),
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_STEP_NODELIST": nodelist,
+    }
     env.update(extra)
     return env
 
 
 def mpirun_rank(rank: int, size: int, local: int, local_size: int, **extra: str) -> dict:
-    env = {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": str(size),
-           "OMPI_COMM_WORLD_LOCAL_RANK": str(local), "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
-           "PMIX_NAMESPACE": "prterun-host-1234@1"}
+    env = {
+        "OMPI_COMM_WORLD_RANK": str(rank),
+        "OMPI_COMM_WORLD_SIZE": str(size),
+        "OMPI_COMM_WORLD_LOCAL_RANK": str(local),
+        "OMPI_COMM_WORLD_LOCAL_SIZE": str(local_size),
+        "PMIX_NAMESPACE": "prterun-host-1234@1",
+    }
     env.update(extra)
     return env
 
 
 # -- host lists -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node7", ["node7"]),
-    ("gpu[003-005,007]", ["gpu003", "gpu004", "gpu005", "gpu007"]),
-    ("gpu[003-005,007],cpu1", ["gpu003", "gpu004", "gpu005", "gpu007", "cpu1"]),
-    ("a1,b[1-2]", ["a1", "b1", "b2"]),
-    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
-    ("n[8-11]", ["n8", "n9", "n10", "n11"]),
-    ("node-[09-10].cluster", ["node-09.cluster", "node-10.cluster"]),
-])
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node7", ["node7"]),
+        ("gpu[003-005,007]", ["gpu003", "gpu004", "gpu005", "gpu007"]),
+        ("gpu[003-005,007],cpu1", ["gpu003", "gpu004", "gpu005", "gpu007", "cpu1"]),
+        ("a1,b[1-2]", ["a1", "b1", "b2"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("node-[09-10].cluster", ["node-09.cluster", "node-10.cluster"]),
+    ],
+)
 def test_expand_hostlist(nodelist, hosts):
     assert expand_hostlist(nodelist) == hosts
     assert first_slurm_host(nodelist) == hosts[0]
@@ -77,6 +93,7 @@ def test_slurm_hostnames_falls_back_to_the_parser(monkeypatch):
 
 
 # -- sources ----------------------------------------------------------------------------------------
+
 
 def test_torchrun_and_deepspeed_launcher_variables():
     env = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
@@ -131,16 +148,31 @@ def test_openmpi_multi_node_needs_master_addr():
 
 def test_mpirun_inside_a_slurm_batch_script():
     # The ranks inherit the batch script's SLURM_* (no step); mpirun's numbering is the one to use.
-    env = dict(mpirun_rank(3, 4, 3, 4), SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_NTASKS="4", SLURM_LOCALID="0",
-               SLURM_JOB_NODELIST="n[1-2]")
+    env = dict(
+        mpirun_rank(3, 4, 3, 4),
+        SLURM_JOB_ID="7",
+        SLURM_PROCID="0",
+        SLURM_NTASKS="4",
+        SLURM_LOCALID="0",
+        SLURM_JOB_NODELIST="n[1-2]",
+    )
     e = detect(env)
     assert (e.rank, e.world_size, e.local_rank, e.source) == (3, 4, 3, "openmpi")
 
 
 def test_env_wins_over_slurm_when_a_per_node_launcher_started_us():
     # srun started one torchrun per node; torchrun numbers the ranks, its rendezvous decides the order.
-    env = srun_task(0, 2, 0, RANK="9", WORLD_SIZE="16", LOCAL_RANK="1", MASTER_ADDR="gpu003", MASTER_PORT="1234",
-                    TORCHELASTIC_RUN_ID="77")
+    env = srun_task(
+        0,
+        2,
+        0,
+        RANK="9",
+        WORLD_SIZE="16",
+        LOCAL_RANK="1",
+        MASTER_ADDR="gpu003",
+        MASTER_PORT="1234",
+        TORCHELASTIC_RUN_ID="77",
+    )
     assert (detect(env).rank, detect(env).source) == (9, "env")
     env.update(WORLD_SIZE="2", RANK="1")  # --nproc-per-node=1: same world size, rendezvous order may differ
     assert detect(env).rank == 1
@@ -148,8 +180,17 @@ def test_env_wins_over_slurm_when_a_per_node_launcher_started_us():
 
 def test_deepspeed_local_launcher_inside_a_batch_script():
     # The batch shell has SLURM_PROCID=0 and no step; deepspeed's launcher set RANK/CROSS_RANK.
-    env = {"SLURM_JOB_ID": "5", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
-           "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    env = {
+        "SLURM_JOB_ID": "5",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_LOCALID": "0",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }
     assert detect(env).rank == 1
     assert detect(dict(env, CROSS_RANK="0")).rank == 1
 
@@ -161,6 +202,7 @@ def test_single_process_when_nothing_is_set():
 
 
 # -- errors -----------------------------------------------------------------------------------------
+
 
 def test_nothing_found_is_an_error_when_single_process_is_not_allowed():
     with pytest.raises(LaunchEnvError, match="no launcher environment found.*deepspeed, torchrun, srun or mpirun"):
@@ -234,6 +276,7 @@ def test_multi_rank_env_without_master_address():
 
 
 # -- devices ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fake_gpus(monkeypatch):

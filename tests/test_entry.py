@@ -31,8 +31,20 @@ def prefix(tmp_path_factory):
 def test_deepspeed_launcher_tp2_on_4_cpu_ranks(tmp_path, prefix):
     cfg = tiny_config(prefix, tmp_path / "ckpt", steps=3)
     cfg_path, ds_path = write_run_files(tmp_path, cfg, ds_config(stage=2, micro=4))
-    r = _run([str(BIN / "deepspeed"), "--num_gpus", "4", str(REPO / "launch" / "pretrain_gpt2.py"),
-              "--deepspeed_config", str(ds_path), "--config", str(cfg_path), "--parallel.tp=2"], tmp_path)
+    r = _run(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "4",
+            str(REPO / "launch" / "pretrain_gpt2.py"),
+            "--deepspeed_config",
+            str(ds_path),
+            "--config",
+            str(cfg_path),
+            "--parallel.tp=2",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world 4 = tp 2 x pp 1 x dp 2" in r.stdout
     assert find_latest(str(tmp_path / "ckpt")) == "step_00000003"
@@ -42,9 +54,23 @@ def test_deepspeed_launcher_tp2_on_4_cpu_ranks(tmp_path, prefix):
 def test_torchrun_2_ranks(tmp_path, prefix):
     cfg = tiny_config(prefix, tmp_path / "ckpt", steps=2)
     cfg_path, ds_path = write_run_files(tmp_path, cfg, ds_config(stage=2, micro=4))
-    r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-              str(REPO / "launch" / "pretrain_gpt2.py"), "--deepspeed_config", str(ds_path),
-              "--config", str(cfg_path)], tmp_path)
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "launch" / "pretrain_gpt2.py"),
+            "--deepspeed_config",
+            str(ds_path),
+            "--config",
+            str(cfg_path),
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world 2 = tp 1 x pp 1 x dp 2" in r.stdout
     assert find_latest(str(tmp_path / "ckpt")) == "step_00000002"
@@ -54,8 +80,18 @@ def test_batch_mismatch_fails_before_any_process_group(tmp_path, prefix):
     cfg = tiny_config(prefix, tmp_path / "ckpt", steps=2)
     ds = {**ds_config(stage=2, micro=4), "train_batch_size": 12}
     cfg_path, ds_path = write_run_files(tmp_path, cfg, ds)
-    r = _run([sys.executable, str(REPO / "launch" / "pretrain_gpt2.py"), "--deepspeed_config", str(ds_path),
-              "--config", str(cfg_path)], tmp_path, timeout=60)
+    r = _run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "pretrain_gpt2.py"),
+            "--deepspeed_config",
+            str(ds_path),
+            "--config",
+            str(cfg_path),
+        ],
+        tmp_path,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "train_batch_size=12 but train_micro_batch_size_per_gpu x gradient_accumulation_steps" in r.stderr
 

@@ -19,8 +19,10 @@ from megagpt2.model import GPT2
 from megagpt2.parallel import ProcessGroups
 from tools import evaluate as evaluate_tool
 
-WORDS = ("apple river stone music garden window silver morning winter candle forest letter quiet "
-         "bright journey ocean mountain paper yellow whisper").split()
+WORDS = (
+    "apple river stone music garden window silver morning winter candle forest letter quiet "
+    "bright journey ocean mountain paper yellow whisper"
+).split()
 REL = 1e-4
 
 
@@ -52,9 +54,14 @@ def setup(tmp_path_factory):
     (tmp / "text.txt").write_text(text)
     lambada = _lambada_texts(model, tok, rng)
     (tmp / "lambada.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lambada))
-    mc = [{"ctx": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))),
-           "endings": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(3)],
-           "label": rng.randrange(3)} for _ in range(8)]
+    mc = [
+        {
+            "ctx": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))),
+            "endings": [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(3)],
+            "label": rng.randrange(3),
+        }
+        for _ in range(8)
+    ]
     (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
     return {"tmp": tmp, "model": model, "hf": hf, "tok": tok, "text": text, "lambada": lambada, "mc": mc}
 
@@ -107,7 +114,7 @@ def hf_sliding_nll(hf, ids: list[int], window: int, stride: int) -> tuple[float,
 @torch.no_grad()
 def hf_continuation(hf, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
     ids = torch.tensor([ctx + cont])
-    logp = hf(ids[:, :-1]).logits[0].log_softmax(-1)[len(ctx) - 1:]  # rows predicting cont
+    logp = hf(ids[:, :-1]).logits[0].log_softmax(-1)[len(ctx) - 1 :]  # rows predicting cont
     target = torch.tensor(cont)
     return -float(logp.gather(1, target[:, None]).double().sum()), bool((logp.argmax(-1) == target).all())
 
@@ -119,8 +126,20 @@ def _close(a: float, b: float) -> bool:
 @pytest.mark.parametrize("stride", [32, 12])
 def test_ppl_equals_transformers(setup, stride):
     tmp, tok = setup["tmp"], setup["tok"]
-    got = _run("ppl", tmp, "--load", str(tmp / "hf"), "--input", str(tmp / "text.txt"), "--window", "32",
-               "--stride", str(stride), "--batch-size", "3")
+    got = _run(
+        "ppl",
+        tmp,
+        "--load",
+        str(tmp / "hf"),
+        "--input",
+        str(tmp / "text.txt"),
+        "--window",
+        "32",
+        "--stride",
+        str(stride),
+        "--batch-size",
+        "3",
+    )
     ids = [tok.eod] + tok.encode(setup["text"])
     nll, n = hf_sliding_nll(setup["hf"], ids, 32, stride)
     assert got["tokens"] == n == len(ids) - 1
@@ -147,8 +166,18 @@ def test_lambada_equals_transformers(setup):
 
 def test_lambada_fewshot_equals_transformers(setup):
     tmp, tok, hf = setup["tmp"], setup["tok"], setup["hf"]
-    got = _run("lambada", tmp, "--load", str(tmp / "hf"), "--input", str(tmp / "lambada.jsonl"),
-               "--num-fewshot", "2", "--fewshot-seed", "9")
+    got = _run(
+        "lambada",
+        tmp,
+        "--load",
+        str(tmp / "hf"),
+        "--input",
+        str(tmp / "lambada.jsonl"),
+        "--num-fewshot",
+        "2",
+        "--fewshot-seed",
+        "9",
+    )
     texts = setup["lambada"]
     nlls = []
     for i, text in enumerate(texts):
@@ -195,9 +224,9 @@ def test_stride_equal_to_window_is_plain_chunking(setup):
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(stream) - 1, W):  # chunk k: inputs s[kW:(k+1)W] -> targets shifted by one
-            x = torch.tensor([stream[b:b + W]])
-            y = torch.tensor([stream[b + 1:b + W + 1]])
-            x = x[:, :y.shape[1]]
+            x = torch.tensor([stream[b : b + W]])
+            y = torch.tensor([stream[b + 1 : b + W + 1]])
+            x = x[:, : y.shape[1]]
             total += float(model(x, y)) * y.shape[1]
             count += y.shape[1]
     assert n == count == len(stream) - 1
@@ -223,8 +252,10 @@ def test_indexed_dataset_ppl_equals_text_ppl(setup, tmp_path):
 def test_detokenizers():
     from megagpt2.eval import detokenize
 
-    assert detokenize("the 1 @,@ 000 @-@ year plan , he said ( again ) .", "wikitext") == \
-        "the 1,000-year plan, he said (again) ."
+    assert (
+        detokenize("the 1 @,@ 000 @-@ year plan , he said ( again ) .", "wikitext")
+        == "the 1,000-year plan, he said (again) ."
+    )
     assert detokenize("it 's not there , is n't it", "ptb") == "it's not there, isn't it"
     with pytest.raises(ValueError, match="unknown detokenizer"):
         detokenize("x", "klingon")
@@ -290,8 +321,10 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path, capsys):
     # a model of another vocabulary
     other = tiny_gpt2(vocab=1000, n_positions=32)
     save_hf_dir({k: v.detach() for k, v in other.state_dict().items()}, other.cfg, str(tmp_path / "v1000"))
-    fails(["lambada", "--load", str(tmp_path / "v1000"), "--input", str(tmp / "lambada.jsonl")],
-          "vocabulary of 1000 tokens")
+    fails(
+        ["lambada", "--load", str(tmp_path / "v1000"), "--input", str(tmp / "lambada.jsonl")],
+        "vocabulary of 1000 tokens",
+    )
     # a megagpt2 checkpoint given a tokenizer other than the one it recorded
     other_tok = dict(setup["tok"].identity(), files={"vocab_file": "0" * 64, "merge_file": "1" * 64})
     ckpt = _converted(setup, tmp_path / "ckpt_other", other_tok, tp=1)

@@ -43,13 +43,13 @@ def test_mask_covers_exactly_the_responses(tmp_path, tok):
     assert valid is None
     eod = tok.eod
     seen = set()
-    for item in _all_items(train)[:len(DIALOGUES)]:
+    for item in _all_items(train)[: len(DIALOGUES)]:
         t, m = item["tokens"], item["loss_mask"]
         assert t.shape == m.shape == (41,) and t.dtype == np.int64
         # find the dialogue: the first user turn follows the leading separator
-        d = next(d for d in DIALOGUES if t[1:1 + len(tok.encode(d[0]))].tolist() == tok.encode(d[0]))
+        d = next(d for d in DIALOGUES if t[1 : 1 + len(tok.encode(d[0]))].tolist() == tok.encode(d[0]))
         seen.add(d[0])
-        turns = d[:len(d) - len(d) % 2]
+        turns = d[: len(d) - len(d) % 2]
         expect_t, expect_m = [eod], [0]
         for i, u in enumerate(turns):
             expect_t += tok.encode(u) + [eod]
@@ -66,14 +66,16 @@ def test_trainer_batch_masks_response_targets(tmp_path, tok):
     from megagpt2.data.sampler import collate_tokens
     from megagpt2.training.data import split_batch
 
-    path = _write(tmp_path / "i.jsonl", [{"instruction": "Say hi", "response": "hi"},
-                                         {"prompt": "Add", "input": "2 and 3", "output": "5"}])
+    path = _write(
+        tmp_path / "i.jsonl",
+        [{"instruction": "Say hi", "response": "hi"}, {"prompt": "Add", "input": "2 and 3", "output": "5"}],
+    )
     train, _ = build_finetune_datasets(path, "instruction", tok, 16, "1,0,0", 0, 2, 0)
     x, y, mask = split_batch(collate_tokens(_all_items(train)), torch.device("cpu"))
     assert mask.shape == y.shape == (2, 16)
     got = sorted(tok.decode(y[r][mask[r] == 1].tolist()) for r in range(2))
     assert got == ["5<|endoftext|>", "hi<|endoftext|>"]
-    prompts = sorted(tok.decode(x[r][:len(tok.encode("Add\n\n2 and 3")) + 2].tolist()) for r in range(2))
+    prompts = sorted(tok.decode(x[r][: len(tok.encode("Add\n\n2 and 3")) + 2].tolist()) for r in range(2))
     assert prompts[0].startswith("<|endoftext|>Add\n\n2 and 3<|endoftext|>")
 
 
@@ -97,7 +99,7 @@ def test_epochs_split_and_determinism(tmp_path, tok):
     train, valid = build_finetune_datasets(path, "dialogue", tok, 12, "60,40,0", 3, 25, 5)
     assert len(train) >= 25 and len(train) % 6 == 0 and len(valid) >= 5 and len(valid) % 4 == 0
     key = [tuple(it["tokens"].tolist()) for it in _all_items(train)]
-    epochs = [key[i:i + 6] for i in range(0, len(key), 6)]
+    epochs = [key[i : i + 6] for i in range(0, len(key), 6)]
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each epoch: every example once
     assert len(set(map(tuple, epochs))) > 1  # reshuffled per epoch
     assert not set(epochs[0]) & {tuple(it["tokens"].tolist()) for it in _all_items(valid)}
@@ -149,8 +151,13 @@ def test_finetune_from_hf_dir_lowers_response_loss(tmp_path, tok):
     from tests.train_utils import ds_config, losses, tiny_config, train_worker
 
     path = _write(tmp_path / "chat.jsonl", DIALOGUES * 2)
-    cfg = tiny_config(path, tmp_path / "ckpt", steps=8, data={"format": "dialogue", "split": "1,0,0"},
-                      optim={"lr": 1e-2, "min_lr": 1e-3})
+    cfg = tiny_config(
+        path,
+        tmp_path / "ckpt",
+        steps=8,
+        data={"format": "dialogue", "split": "1,0,0"},
+        optim={"lr": 1e-2, "min_lr": 1e-3},
+    )
     start = GPT2(cfg.model, ProcessGroups.single(), seed=42).eval()
     save_hf_dir({k: v.detach() for k, v in start.state_dict().items()}, cfg.model, str(tmp_path / "hf"))
     cfg.train.init_from = str(tmp_path / "hf")
@@ -171,6 +178,20 @@ def test_finetune_from_hf_dir_lowers_response_loss(tmp_path, tok):
     loaded, _, meta = load_model(str(tmp_path / "ckpt"))
     assert meta["step"] == 8 and abs(_response_loss(loaded, train, 12) - after) < 1e-6
     out = tmp_path / "reply.jsonl"
-    assert generate_tool.main(["--load", str(tmp_path / "ckpt"), "--prompt", "hello there", "--greedy",
-                               "--max-new-tokens", "4", "--output", str(out)]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                str(tmp_path / "ckpt"),
+                "--prompt",
+                "hello there",
+                "--greedy",
+                "--max-new-tokens",
+                "4",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.read_text().count("\n") == 1

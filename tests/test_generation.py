@@ -20,9 +20,18 @@ PROMPTS = [[5, 17, 3], [40, 41, 42, 43, 44, 45, 46], [9], [60, 2, 60, 2, 60]]
 
 
 def tiny_model(attention: str = "torch", vocab: int = 97, n_positions: int = 48, seed: int = 0) -> GPT2:
-    cfg = ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=n_positions, vocab_size=vocab,
-                      make_vocab_size_divisible_by=32, dropout=0.0, attn_dropout=0.0, attention=attention,
-                      kernels="torch")
+    cfg = ModelConfig(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        n_positions=n_positions,
+        vocab_size=vocab,
+        make_vocab_size_divisible_by=32,
+        dropout=0.0,
+        attn_dropout=0.0,
+        attention=attention,
+        kernels="torch",
+    )
     model = GPT2(cfg, ProcessGroups.single(), seed=seed)
     with torch.no_grad():  # sharper distributions: greedy paths vary, sampling is not uniform noise
         model.wte.weight.mul_(8.0)
@@ -42,17 +51,21 @@ def test_kv_cache_equals_recomputation(attention):
     assert generate(model, PROMPTS, sampled) == generate(model, PROMPTS, sampled, use_cache=False)
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(max_new_tokens=10, temperature=0.0),
-                                 SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7),
-                                 SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=5,
-                                                repetition_penalty=1.3, seed=1)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(max_new_tokens=10, temperature=0.0),
+        SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7),
+        SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=5, repetition_penalty=1.3, seed=1),
+    ],
+)
 def test_batched_left_padded_equals_one_at_a_time(cfg):
     model = tiny_model("flash")
     batched, logits = generate(model, PROMPTS, cfg, pad_id=0, return_logits=True)
     for i, p in enumerate(PROMPTS):
         alone, la = generate(model, [p], cfg, pad_id=0, return_logits=True, seeds=[cfg.seed + i])
         assert alone[0] == batched[i], i
-        assert (la[0] - logits[i, :la.shape[1]]).abs().max().item() < 1e-5
+        assert (la[0] - logits[i, : la.shape[1]]).abs().max().item() < 1e-5
 
 
 def test_pad_id_does_not_matter():
@@ -69,7 +82,7 @@ def test_stop_token_and_stop_fn():
     cfg.stop_token = stop
     rows = generate(model, PROMPTS, cfg)
     for r, f in zip(rows, free):
-        expected = f[:f.index(stop) + 1] if stop in f else f
+        expected = f[: f.index(stop) + 1] if stop in f else f
         assert r == expected
     cfg.stop_token = None
     rows = generate(model, PROMPTS, cfg, stop_fn=lambda row, toks: row == 0 and len(toks) == 2)
@@ -131,28 +144,56 @@ def test_tool_batched_file_equals_single_prompts(hf_dir, tmp_path):
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(prompts) + "\n")
     common = ["--load", str(hf_dir), "--max-new-tokens", "6", "--temperature", "0.8", "--top-k", "50", "--seed", "5"]
-    assert generate_tool.main(common + ["--prompt-file", str(pf), "--batch-size", "3",
-                                        "--output", str(tmp_path / "all.jsonl")]) == 0
+    assert (
+        generate_tool.main(
+            common + ["--prompt-file", str(pf), "--batch-size", "3", "--output", str(tmp_path / "all.jsonl")]
+        )
+        == 0
+    )
     together = _tool_lines(tmp_path / "all.jsonl")
     assert [r["prompt"] for r in together] == prompts
     # row i uses seed + i, so prompt i alone with seed 5 + i gives the same text
     for i, p in enumerate(prompts):
-        one = ["--load", str(hf_dir), "--max-new-tokens", "6", "--temperature", "0.8", "--top-k", "50",
-               "--seed", str(5 + i), "--prompt", p, "--output", str(tmp_path / "one.jsonl")]
+        one = [
+            "--load",
+            str(hf_dir),
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "50",
+            "--seed",
+            str(5 + i),
+            "--prompt",
+            p,
+            "--output",
+            str(tmp_path / "one.jsonl"),
+        ]
         assert generate_tool.main(one) == 0
         assert _tool_lines(tmp_path / "one.jsonl")[0]["tokens"] == together[i]["tokens"]
 
 
 def test_tool_stop_string_is_cut(hf_dir, tmp_path):
     out = tmp_path / "o.jsonl"
-    args = ["--load", str(hf_dir), "--prompt", "Once upon a time", "--greedy", "--max-new-tokens", "12",
-            "--no-stop-at-eod", "--output", str(out)]
+    args = [
+        "--load",
+        str(hf_dir),
+        "--prompt",
+        "Once upon a time",
+        "--greedy",
+        "--max-new-tokens",
+        "12",
+        "--no-stop-at-eod",
+        "--output",
+        str(out),
+    ]
     assert generate_tool.main(args) == 0
     full = _tool_lines(out)[0]["completion"]
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     assert stop and generate_tool.main(args + ["--stop", stop]) == 0
     cut = _tool_lines(out)[0]
-    assert cut["completion"] == full[:full.index(stop)]
+    assert cut["completion"] == full[: full.index(stop)]
     assert len(cut["tokens"]) < 12  # generation stopped early, not just trimmed
 
 
@@ -169,15 +210,29 @@ def test_tool_chat_keeps_a_window_of_history(hf_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(generate_tool, "generate", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("hi there\nhow are you\nbye now\n/quit\n"))
-    assert generate_tool.main(["--load", str(hf_dir), "--interactive", "--greedy", "--max-new-tokens", "5",
-                               "--history-turns", "2", "--no-stop-at-eod"]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                str(hf_dir),
+                "--interactive",
+                "--greedy",
+                "--max-new-tokens",
+                "5",
+                "--history-turns",
+                "2",
+                "--no-stop-at-eod",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.count("bot>") == 3
     eod = tok.eod
     u1, u2, u3 = (tok.encode(s) for s in ("hi there", "how are you", "bye now"))
     assert seen[0] == [eod] + u1 + [eod]  # the fine-tuning layout: SEP user SEP
-    assert seen[1][:len(u1) + 2] == [eod] + u1 + [eod] and seen[1][-len(u2) - 2:] == [eod] + u2 + [eod]
+    assert seen[1][: len(u1) + 2] == [eod] + u1 + [eod] and seen[1][-len(u2) - 2 :] == [eod] + u2 + [eod]
     # third turn: 2 utterances of history (user 2, bot 2) + the new line; user 1 has left the window
-    assert seen[2][:len(u2) + 2] == [eod] + u2 + [eod] and seen[2][-len(u3) - 2:] == [eod] + u3 + [eod]
+    assert seen[2][: len(u2) + 2] == [eod] + u2 + [eod] and seen[2][-len(u3) - 2 :] == [eod] + u3 + [eod]
 
 
 def test_tool_errors(hf_dir, tmp_path, capsys):
@@ -202,11 +257,29 @@ def _tp_worker(rank, world, hf, out_path):
 
     model, tok, _ = load_model(hf, tp=world)
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    rows, logits = generate(model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod,
-                            return_logits=True)
+    rows, logits = generate(
+        model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod, return_logits=True
+    )
     nll, n = stream_nll(model, tok.encode("the cat sat on the mat " * 8), window=16, stride=8)
-    assert generate_tool.main(["--load", hf, "--tp", str(world), "--prompt", "Hi", "--top-k", "9",
-                               "--max-new-tokens", "5", "--output", out_path]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                hf,
+                "--tp",
+                str(world),
+                "--prompt",
+                "Hi",
+                "--top-k",
+                "9",
+                "--max-new-tokens",
+                "5",
+                "--output",
+                out_path,
+            ]
+        )
+        == 0
+    )
     return rows, logits, nll, n
 
 
@@ -216,13 +289,29 @@ def test_tp2_generation_and_scoring_equal_tp1(hf_dir, tmp_path):
     results = run_distributed(_tp_worker, 2, args=(str(hf_dir), str(tmp_path / "tp2.jsonl")))
     model, tok, _ = load_model(str(hf_dir))
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
-    rows, logits = generate(model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod,
-                            return_logits=True)
+    rows, logits = generate(
+        model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod, return_logits=True
+    )
     nll, n = stream_nll(model, tok.encode("the cat sat on the mat " * 8), window=16, stride=8)
     for r_rows, r_logits, r_nll, r_n in results:
         assert r_rows == rows and r_n == n
         assert (r_logits - logits).abs().max().item() < 1e-5
         assert abs(r_nll - nll) <= 1e-6 * abs(nll)
-    assert generate_tool.main(["--load", str(hf_dir), "--prompt", "Hi", "--top-k", "9", "--max-new-tokens", "5",
-                               "--output", str(tmp_path / "tp1.jsonl")]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                str(hf_dir),
+                "--prompt",
+                "Hi",
+                "--top-k",
+                "9",
+                "--max-new-tokens",
+                "5",
+                "--output",
+                str(tmp_path / "tp1.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert _tool_lines(tmp_path / "tp2.jsonl") == _tool_lines(tmp_path / "tp1.jsonl")

@@ -19,8 +19,15 @@ def test_folder_is_complete(trained):
 
     hf = Path(trained["hf"])
     names = {p.name for p in hf.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "vocab.json", "merges.txt"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+    } <= names
     eod = trained["tok"].eod
     assert json.loads((hf / "generation_config.json").read_text())["eos_token_id"] == eod
     assert json.loads((hf / "config.json").read_text())["eos_token_id"] == eod
@@ -44,8 +51,23 @@ def test_transformers_generate_equals_tools_generate(trained, tmp_path):
     prompts = ["Q: what is the apple?\nA:", "apple river stone = pomme", "The music"]
     out = tmp_path / "gen.jsonl"
     flags = [x for p in prompts for x in ("--prompt", p)]
-    assert generate_tool.main(["--load", trained["ckpt"], "--greedy", "--max-new-tokens", "12", "--batch-size", "2",
-                               "--output", str(out), *flags]) == 0
+    assert (
+        generate_tool.main(
+            [
+                "--load",
+                trained["ckpt"],
+                "--greedy",
+                "--max-new-tokens",
+                "12",
+                "--batch-size",
+                "2",
+                "--output",
+                str(out),
+                *flags,
+            ]
+        )
+        == 0
+    )
     ours = [json.loads(x)["tokens"] for x in out.read_text().splitlines()]
     tok = AutoTokenizer.from_pretrained(trained["hf"])
     model = AutoModelForCausalLM.from_pretrained(trained["hf"]).eval()
@@ -53,7 +75,7 @@ def test_transformers_generate_equals_tools_generate(trained, tmp_path):
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
             got = model.generate(**ids, do_sample=False, max_new_tokens=12)  # stops at generation_config's eos
-        assert got[0, ids["input_ids"].shape[1]:].tolist() == want
+        assert got[0, ids["input_ids"].shape[1] :].tolist() == want
     assert len({tuple(t) for t in ours}) == 3 and any(len(set(t)) > 2 for t in ours)  # not one token repeated
     assert any(t[-1] == trained["tok"].eod and len(t) < 12 for t in ours)  # both stopped at the end of document
 
@@ -69,8 +91,9 @@ def _wordpiece_json(path) -> str:
     trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
     texts = ["the apple river, stone music!", "中文 的 句子 。", "garden window silver"] * 20
     tk.train_from_iterator(texts, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2),
-                                                                                            ("[SEP]", 3)])
+    tk.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tk.save(str(path))
     return str(path)
 
@@ -112,8 +135,21 @@ def test_hf_tokenizer_json_export_adds_no_cls_sep(tiny_bert_ckpt, capsys):
 
 def test_export_refuses_a_tokenizer_of_another_vocabulary(tiny_bert_ckpt, tmp_path, capsys):
     tmp, _ = tiny_bert_ckpt
-    assert convert_checkpoint.main(["--input", str(tmp / "ckpt"), "--output", str(tmp_path / "x"), "--to", "hf",
-                                    "--tokenizer-type", "GPT2BPETokenizer"]) == 2
+    assert (
+        convert_checkpoint.main(
+            [
+                "--input",
+                str(tmp / "ckpt"),
+                "--output",
+                str(tmp_path / "x"),
+                "--to",
+                "hf",
+                "--tokenizer-type",
+                "GPT2BPETokenizer",
+            ]
+        )
+        == 2
+    )
     assert "tokenizer does not match" in capsys.readouterr().err
 
 
@@ -130,11 +166,19 @@ def test_sentencepiece_export_encodes_as_megagpt2(tmp_path):
     from tests.eval_fixtures import WORDS
 
     rng = random.Random(0)
-    (tmp_path / "c.txt").write_text("".join(" ".join(rng.choice(WORDS) for _ in range(8)) + "  and\tthen.\n"
-                                            for _ in range(2000)))
-    sentencepiece.SentencePieceTrainer.Train(input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "sp"),
-                                             vocab_size=290, model_type="bpe", byte_fallback=True, minloglevel=2,
-                                             normalization_rule_name="identity", remove_extra_whitespaces=False)
+    (tmp_path / "c.txt").write_text(
+        "".join(" ".join(rng.choice(WORDS) for _ in range(8)) + "  and\tthen.\n" for _ in range(2000))
+    )
+    sentencepiece.SentencePieceTrainer.Train(
+        input=str(tmp_path / "c.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=290,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(tmp_path / "sp.model"))
     save_hf_tokenizer(tok, str(tmp_path / "hf"), 64)
     assert (tmp_path / "hf" / "tokenizer.model").is_file()

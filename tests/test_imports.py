@@ -73,8 +73,13 @@ def _matches(node: str, pattern: str) -> bool:
 
 
 def forbidden_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    return [(a, b) for a, targets in graph.items() for b in targets
-            for src, dst in FORBIDDEN if _matches(a, src) and _matches(b, dst)]
+    return [
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
+        for src, dst in FORBIDDEN
+        if _matches(a, src) and _matches(b, dst)
+    ]
 
 
 def test_no_forbidden_arrows():
@@ -91,7 +96,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt, path + [nxt])
                 if found:
@@ -113,10 +118,14 @@ def test_no_cycles_between_packages():
 
 
 def test_the_reader_sees_an_upward_import_inside_a_function(tmp_path):
-    for rel, text in (("megagpt2/__init__.py", ""), ("megagpt2/training/__init__.py", ""),
-                      ("megagpt2/training/trainer.py", "from ..pipeline import stage\n"),
-                      ("megagpt2/pipeline/__init__.py", ""), ("megagpt2/pipeline/stage.py", ""),
-                      ("megagpt2/pipeline/probe.py", "def f():\n    from ..training.trainer import Trainer\n")):
+    for rel, text in (
+        ("megagpt2/__init__.py", ""),
+        ("megagpt2/training/__init__.py", ""),
+        ("megagpt2/training/trainer.py", "from ..pipeline import stage\n"),
+        ("megagpt2/pipeline/__init__.py", ""),
+        ("megagpt2/pipeline/stage.py", ""),
+        ("megagpt2/pipeline/probe.py", "def f():\n    from ..training.trainer import Trainer\n"),
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(text)
     graph = package_graph(tmp_path)
@@ -126,9 +135,11 @@ def test_the_reader_sees_an_upward_import_inside_a_function(tmp_path):
 
 def test_the_checks_before_launch_import_no_torch():
     """The entry, the plan and the package fronts load without torch (fast errors and --help)."""
-    code = ("import sys; import megagpt2.training, megagpt2.training.plan, megagpt2.config, megagpt2.parallel, "
-            "megagpt2.pipeline, megagpt2.data, megagpt2.distributed, megagpt2.tokenizer; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'deepspeed'))))")
+    code = (
+        "import sys; import megagpt2.training, megagpt2.training.plan, megagpt2.config, megagpt2.parallel, "
+        "megagpt2.pipeline, megagpt2.data, megagpt2.distributed, megagpt2.tokenizer; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'deepspeed'))))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

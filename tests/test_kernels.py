@@ -6,6 +6,7 @@ megagpt2.kernels executes its kernel file on first use, once per interpreter mod
 (`runtime.kernel_module`); `test_interpreter_really_ran` checks the kernels were interpreted and
 `test_import_order_does_not_matter` checks a process that imported triton beforehand.
 """
+
 from __future__ import annotations
 
 import json
@@ -105,7 +106,8 @@ def test_layer_norm_partial_sum_kernel(dtype):
     parts = torch.randn(2, p, n, generator=torch.Generator().manual_seed(3))
     dw, db = torch.full((2, n), float("nan"), dtype=dtype)  # poisoned: every column written
     runtime.kernel_module().ln_dwdb_kernel[(2,)](
-        parts[0], parts[1], dw, db, p, n, BLOCK_P=DWDB_BLOCK_P, BLOCK_C=DWDB_BLOCK_C)
+        parts[0], parts[1], dw, db, p, n, BLOCK_P=DWDB_BLOCK_P, BLOCK_C=DWDB_BLOCK_C
+    )
     want = parts.double().sum(dim=1)
     assert rel_err(dw.double(), want[0]) < TOL[dtype] and rel_err(db.double(), want[1]) < TOL[dtype]
 
@@ -161,13 +163,19 @@ def test_causal_softmax_rows_sum_to_one_and_respect_mask():
     p, _ = check_softmax((1, 2, 5, 8), torch.float32, causal=True)
     offset = 8 - 5
     for i in range(5):
-        assert torch.equal(p[..., i, i + offset + 1:], torch.zeros_like(p[..., i, i + offset + 1:]))
+        assert torch.equal(p[..., i, i + offset + 1 :], torch.zeros_like(p[..., i, i + offset + 1 :]))
     assert torch.allclose(p.sum(-1), torch.ones(1, 2, 5), atol=1e-6)
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)
-@given(b=st.integers(1, 2), h=st.integers(1, 3), tq=st.integers(1, 9), extra=st.integers(0, 7),
-       causal=st.booleans(), bf16=st.booleans())
+@given(
+    b=st.integers(1, 2),
+    h=st.integers(1, 3),
+    tq=st.integers(1, 9),
+    extra=st.integers(0, 7),
+    causal=st.booleans(),
+    bf16=st.booleans(),
+)
 def test_softmax_random_shapes(b, h, tq, extra, causal, bf16):
     check_softmax((b, h, tq, tq + extra), torch.bfloat16 if bf16 else torch.float32, causal)
 
@@ -176,8 +184,7 @@ def test_interpreter_really_ran():
     x, w, b, _ = ln_case((3, 8), torch.float32)
     layer_norm(x, w, b, impl="triton")  # CPU tensors: only the interpreter can run this
     k = runtime.kernel_module()
-    for fn in (k.ln_fwd_kernel, k.ln_bwd_kernel, k.ln_dwdb_kernel, k.softmax_fwd_kernel,
-               k.softmax_bwd_kernel):
+    for fn in (k.ln_fwd_kernel, k.ln_bwd_kernel, k.ln_dwdb_kernel, k.softmax_fwd_kernel, k.softmax_bwd_kernel):
         assert runtime.is_interpreted(fn), fn
 
 
@@ -221,23 +228,58 @@ def _load_bench():
 def test_bench_kernels_runs(tmp_path: Path):
     bench = _load_bench()
     out = tmp_path / "figures.json"
-    rc = bench.main(["--device", "cpu", "--dtype", "fp32", "--tokens", "8", "--hidden", "24",
-                     "--batch", "1", "--heads", "2", "--seq", "8", "--compile", "none",
-                     "--warmup", "0", "--iters", "1", "--sweep", "--out", str(out)])
+    rc = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--tokens",
+            "8",
+            "--hidden",
+            "24",
+            "--batch",
+            "1",
+            "--heads",
+            "2",
+            "--seq",
+            "8",
+            "--compile",
+            "none",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--sweep",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     figures = json.loads(out.read_text())
     rows, sweep = figures["rows"], figures["sweep"]
     assert {(r["kernel"], r["impl"]) for r in rows} == {
-        ("layernorm", "triton"), ("layernorm", "torch eager"),
-        ("softmax", "triton"), ("softmax", "torch eager"),
+        ("layernorm", "triton"),
+        ("layernorm", "torch eager"),
+        ("softmax", "triton"),
+        ("softmax", "torch eager"),
     }
     assert all(r["fwd_bwd_ms"] > 0 and r["fwd_bwd_gbps"] > 0 and r["host_ms"] > 0 for r in rows)
     assert {r["impl"] for r in sweep if r["kernel"] == "layernorm"} == {
-        "triton w2", "triton w4", "triton w8", "triton w16",
-        "triton bwd 1/SM", "triton bwd 2/SM", "triton bwd 8/SM",
+        "triton w2",
+        "triton w4",
+        "triton w8",
+        "triton w16",
+        "triton bwd 1/SM",
+        "triton bwd 2/SM",
+        "triton bwd 8/SM",
     }
     assert {r["impl"] for r in sweep if r["kernel"] == "softmax"} == {
-        "triton w1", "triton w2", "triton w4", "triton w8"}
+        "triton w1",
+        "triton w2",
+        "triton w4",
+        "triton w8",
+    }
     assert all(r["speedup_vs_eager"] > 0 for r in sweep)
 
 
@@ -249,26 +291,50 @@ def test_gpu_report_judges_the_targets():
     gpu_report = _load_report()
 
     def row(kernel, shape, impl, speedup, frac):
-        return {"kernel": kernel, "shape": shape, "impl": impl, "speedup_vs_eager": speedup,
-                "frac_copy_bw": frac}
+        return {"kernel": kernel, "shape": shape, "impl": impl, "speedup_vs_eager": speedup, "frac_copy_bw": frac}
 
-    verdicts = gpu_report.judge([
-        row("layernorm", "(8192, 1600)", "triton", 1.31, 0.76),
-        row("layernorm", "(8192, 768)", "triton", 1.0, 0.5),  # not a target shape
-        row("layernorm", "(8192, 1600)", "torch eager", 1.0, 0.5),  # baselines are not judged
-        row("softmax", "(8x12, 1024, 1024)", "triton", 2.5, 0.74),  # bandwidth short
-        row("softmax", "(8x25, 1024, 1024)", "triton", 1.9, 0.9),  # speed-up short
-    ])
+    verdicts = gpu_report.judge(
+        [
+            row("layernorm", "(8192, 1600)", "triton", 1.31, 0.76),
+            row("layernorm", "(8192, 768)", "triton", 1.0, 0.5),  # not a target shape
+            row("layernorm", "(8192, 1600)", "torch eager", 1.0, 0.5),  # baselines are not judged
+            row("softmax", "(8x12, 1024, 1024)", "triton", 2.5, 0.74),  # bandwidth short
+            row("softmax", "(8x25, 1024, 1024)", "triton", 1.9, 0.9),  # speed-up short
+        ]
+    )
     assert [met for _, met, _ in verdicts] == [True, False, False]
     assert "1.31x, 76.0%" in verdicts[0][2]
 
 
 def test_gpu_report_from_benchmark_figures(tmp_path: Path):
     bench = _load_bench()
-    rc = bench.main(["--device", "cpu", "--dtype", "bf16", "--tokens", "4", "--hidden", "1600",
-                     "--batch", "1", "--heads", "2", "--seq", "8", "--compile", "none",
-                     "--warmup", "0", "--iters", "1", "--sweep",
-                     "--out", str(tmp_path / "bench_kernels_bf16.json")])
+    rc = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "bf16",
+            "--tokens",
+            "4",
+            "--hidden",
+            "1600",
+            "--batch",
+            "1",
+            "--heads",
+            "2",
+            "--seq",
+            "8",
+            "--compile",
+            "none",
+            "--warmup",
+            "0",
+            "--iters",
+            "1",
+            "--sweep",
+            "--out",
+            str(tmp_path / "bench_kernels_bf16.json"),
+        ]
+    )
     assert rc == 0
     (tmp_path / "summary.txt").write_text("bench_bf16: rc=0\n")
     assert _load_report().main([str(tmp_path)]) == 0
@@ -286,18 +352,25 @@ def test_bench_failure_becomes_an_error_row(capsys):
         raise RuntimeError("PTX compile failed\nlong traceback")
 
     bad = bench.measure("layernorm", "(8192, 1600)", "triton", {}, 1, 1, 1.0, broken)
-    good = bench.measure("layernorm", "(8192, 1600)", "torch eager", {}, 1, 1, 1.0,
-                         lambda: (1.0, 2.0, 0.5))
-    assert bad == {"kernel": "layernorm", "shape": "(8192, 1600)", "impl": "triton",
-                   "error": "RuntimeError: PTX compile failed"}
+    good = bench.measure("layernorm", "(8192, 1600)", "torch eager", {}, 1, 1, 1.0, lambda: (1.0, 2.0, 0.5))
+    assert bad == {
+        "kernel": "layernorm",
+        "shape": "(8192, 1600)",
+        "impl": "triton",
+        "error": "RuntimeError: PTX compile failed",
+    }
     assert "FAILED: RuntimeError: PTX compile failed" in capsys.readouterr().err
     bench.add_speedups([bad, good], [bad, good])
     assert good["speedup_vs_eager"] == 1.0 and "speedup_vs_eager" not in bad
     assert "FAILED: RuntimeError" in bench.format_table([bad, good])
     assert "failed: RuntimeError" in "\n".join(gpu_report.kernel_table([bad, good]))
-    assert gpu_report.judge([bad]) == [(
-        "layernorm (8192, 1600): >= 1.3x eager, >= 75% of copy bandwidth", False,
-        "failed: RuntimeError: PTX compile failed")]
+    assert gpu_report.judge([bad]) == [
+        (
+            "layernorm (8192, 1600): >= 1.3x eager, >= 75% of copy bandwidth",
+            False,
+            "failed: RuntimeError: PTX compile failed",
+        )
+    ]
 
 
 def test_bench_sweep_overrides_are_scoped():
@@ -334,22 +407,48 @@ def test_kernels_compile_for_sm90_with_vector_loads(monkeypatch):
 
     def ptx(fn, sig, constexprs, warps):
         # The launcher marks 16-byte aligned pointers and ints divisible by 16 the same way.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, (name, ty) in enumerate(sig.items())
-                   if ty.startswith("*") or name in ("stride_x", "stride_y", "stride_dy", "stride_dx",
-                                                     "N", "Tk")}
+        aligned = {
+            (i,): [["tt.divisibility", 16]]
+            for i, (name, ty) in enumerate(sig.items())
+            if ty.startswith("*") or name in ("stride_x", "stride_y", "stride_dy", "stride_dx", "N", "Tk")
+        }
         sig = {**sig, **{k: "constexpr" for k in constexprs}}
         src = ASTSource(fn, sig, constexprs, aligned)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
 
     t = "*bf16"
-    ln_fwd = dict(X=t, Y=t, W=t, B=t, Mean="*fp32", Rstd="*fp32", stride_x="i32", stride_y="i32",
-                  N="i32", eps="fp32")
-    ln_bwd = dict(DY=t, X=t, W=t, Mean="*fp32", Rstd="*fp32", DX=t, DW_part="*fp32",
-                  DB_part="*fp32", stride_dy="i32", stride_x="i32", stride_dx="i32", M="i32",
-                  N="i32", rows_per_prog="i32")
+    ln_fwd = dict(X=t, Y=t, W=t, B=t, Mean="*fp32", Rstd="*fp32", stride_x="i32", stride_y="i32", N="i32", eps="fp32")
+    ln_bwd = dict(
+        DY=t,
+        X=t,
+        W=t,
+        Mean="*fp32",
+        Rstd="*fp32",
+        DX=t,
+        DW_part="*fp32",
+        DB_part="*fp32",
+        stride_dy="i32",
+        stride_x="i32",
+        stride_dx="i32",
+        M="i32",
+        N="i32",
+        rows_per_prog="i32",
+    )
     ln_dwdb = dict(DW_part="*fp32", DB_part="*fp32", DW=t, DB=t, P="i32", N="i32")
-    sm_fwd = dict(S=t, P=t, Mask="*u8", scale="fp32", Tq="i32", Tk="i32", H="i32",
-                  causal_offset="i32", sm_b="i32", sm_h="i32", sm_q="i32", sm_k="i32")
+    sm_fwd = dict(
+        S=t,
+        P=t,
+        Mask="*u8",
+        scale="fp32",
+        Tq="i32",
+        Tk="i32",
+        H="i32",
+        causal_offset="i32",
+        sm_b="i32",
+        sm_h="i32",
+        sm_q="i32",
+        sm_k="i32",
+    )
     sm_bwd = dict(DY=t, P=t, DX=t, scale="fp32", Tq="i32", Tk="i32", causal_offset="i32")
     cases = [
         (k.ln_fwd_kernel, ln_fwd, {"BLOCK_N": 2048}, 8),
@@ -392,8 +491,12 @@ print("ORDER-OK")
 
 def test_import_order_does_not_matter(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(ORDER_SCRIPT)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env.update(
+        TRITON_CACHE_DIR=str(tmp_path / "triton-cache"),
+        TRITON_DEFAULT_FP_FUSION="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(ORDER_SCRIPT)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert "ORDER-OK" in proc.stdout, proc.stderr[-3000:]

@@ -3,6 +3,7 @@
 Skipped without a GPU. The autouse fixture removes TRITON_INTERPRET so these tests exercise the
 compiled kernels even when the environment enables the interpreter.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -71,8 +71,9 @@ def scripts(tmp_path) -> dict[str, Path]:
 
 
 def start(cmd: list, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=launcher_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def stopped(out: str, reason: str) -> int:
@@ -90,23 +91,29 @@ def wait_ready(proc: subprocess.Popen, ranks: int) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("argv, name", [
-    (["/venv/bin/python", "/venv/bin/deepspeed", "--num_gpus", "8", "train.py"], "deepspeed"),
-    (["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=x", "train.py"], "deepspeed.launcher.launch"),
-    (["/usr/bin/python3.11", "-m", "deepspeed.launcher.runner", "--launcher", "slurm"], "deepspeed"),
-    (["python", "/venv/bin/torchrun", "--standalone", "train.py"], "torchrun"),
-    (["python3", "-X", "dev", "-m", "torch.distributed.run", "train.py"], "torchrun"),
-    (["/opt/openmpi/bin/prterun", "-np", "2", "python"], "mpirun"),
-    (["srun", "-n", "2", "python"], "srun"),
-    (["python", "launch/graceful.py", "deepspeed"], "launch/graceful.py"),
-    (["/bin/bash", "launch/mpirun.sh", "-np", "2"], "launch/mpirun.sh"),
-    (["python", "launch/pretrain_gpt2.py", "--config", "x"], None),
-    (["python", "-m", "pytest", "-q"], None),
-    (["python", "-c", "import deepspeed"], None),
-    (["/bin/bash"], None),
-    (["slurmstepd: [7.0]"], None),
-    ([], None),
-])
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["/venv/bin/python", "/venv/bin/deepspeed", "--num_gpus", "8", "train.py"], "deepspeed"),
+        (
+            ["python", "-u", "-m", "deepspeed.launcher.launch", "--world_info=x", "train.py"],
+            "deepspeed.launcher.launch",
+        ),
+        (["/usr/bin/python3.11", "-m", "deepspeed.launcher.runner", "--launcher", "slurm"], "deepspeed"),
+        (["python", "/venv/bin/torchrun", "--standalone", "train.py"], "torchrun"),
+        (["python3", "-X", "dev", "-m", "torch.distributed.run", "train.py"], "torchrun"),
+        (["/opt/openmpi/bin/prterun", "-np", "2", "python"], "mpirun"),
+        (["srun", "-n", "2", "python"], "srun"),
+        (["python", "launch/graceful.py", "deepspeed"], "launch/graceful.py"),
+        (["/bin/bash", "launch/mpirun.sh", "-np", "2"], "launch/mpirun.sh"),
+        (["python", "launch/pretrain_gpt2.py", "--config", "x"], None),
+        (["python", "-m", "pytest", "-q"], None),
+        (["python", "-c", "import deepspeed"], None),
+        (["/bin/bash"], None),
+        (["slurmstepd: [7.0]"], None),
+        ([], None),
+    ],
+)
 def test_launcher_name(argv, name):
     assert launcher_name(argv) == name
 
@@ -132,17 +139,30 @@ def test_the_watch_sees_a_launcher_exit_become_a_zombie_or_its_pid_reused():
 def test_a_rank_finds_the_launchers_above_it(tmp_path):
     # Named like the console script: `python <venv>/bin/torchrun ...` is what a launcher looks like.
     (tmp_path / "torchrun").write_text("import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n")
-    probe = ("from megagpt2.launchers import LauncherWatch; "
-             "print([(x.name, x.pid) for x in LauncherWatch.of_this_process().launchers])")
-    out = subprocess.run([sys.executable, str(tmp_path / "torchrun"), sys.executable, "-c", probe], cwd=REPO,
-                         env=launcher_env(), capture_output=True, text=True, timeout=60)
+    probe = (
+        "from megagpt2.launchers import LauncherWatch; "
+        "print([(x.name, x.pid) for x in LauncherWatch.of_this_process().launchers])"
+    )
+    out = subprocess.run(
+        [sys.executable, str(tmp_path / "torchrun"), sys.executable, "-c", probe],
+        cwd=REPO,
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.startswith("[('torchrun', ") and out.stdout.count("(") == 1, out  # pytest is no launcher
 
 
-@pytest.mark.parametrize("signals, code, reason", [
-    ([signal.SIGTERM], 0, "SIGTERM"), ([signal.SIGUSR1], 0, "SIGUSR1"), ([signal.SIGINT], 130, "SIGINT"),
-    ([signal.SIGTERM, signal.SIGTERM], 0, "SIGTERM"),  # Slurm and our batch script both send it
-])
+@pytest.mark.parametrize(
+    "signals, code, reason",
+    [
+        ([signal.SIGTERM], 0, "SIGTERM"),
+        ([signal.SIGUSR1], 0, "SIGUSR1"),
+        ([signal.SIGINT], 130, "SIGINT"),
+        ([signal.SIGTERM, signal.SIGTERM], 0, "SIGTERM"),  # Slurm and our batch script both send it
+    ],
+)
 def test_a_rank_stops_on_each_signal_with_its_exit_code(scripts, signals, code, reason):
     proc = start([sys.executable, str(scripts["rank.py"])])
     wait_ready(proc, 1)
@@ -175,8 +195,16 @@ def test_a_rank_stops_when_its_launcher_dies(scripts, tmp_path):
 def test_graceful_sends_each_signal_to_the_ranks_never_to_the_launcher(scripts):
     for sig, code in ((signal.SIGTERM, 0), (signal.SIGINT, 130), (signal.SIGUSR1, 0)):
         name = signal.Signals(sig).name
-        proc = start([sys.executable, "launch/graceful.py", sys.executable, str(scripts["launcher.py"]),
-                      str(scripts["rank.py"]), "2"])
+        proc = start(
+            [
+                sys.executable,
+                "launch/graceful.py",
+                sys.executable,
+                str(scripts["launcher.py"]),
+                str(scripts["rank.py"]),
+                "2",
+            ]
+        )
         wait_ready(proc, 2)
         proc.send_signal(sig)
         out = proc.communicate(timeout=60)[0]
@@ -186,8 +214,16 @@ def test_graceful_sends_each_signal_to_the_ranks_never_to_the_launcher(scripts):
 
 
 def test_graceful_delivers_a_signal_to_ranks_that_register_after_it(scripts):
-    proc = start([sys.executable, "launch/graceful.py", sys.executable, str(scripts["launcher.py"]),
-                  str(scripts["rank.py"]), "2"])
+    proc = start(
+        [
+            sys.executable,
+            "launch/graceful.py",
+            sys.executable,
+            str(scripts["launcher.py"]),
+            str(scripts["rank.py"]),
+            "2",
+        ]
+    )
     time.sleep(0.3)  # the wrapper is up (its handlers come first), the ranks are still starting
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=60)[0]

@@ -66,13 +66,13 @@ def _docs(task: str, rng: random.Random) -> list[dict]:
     if task == "tiny_lambada":
         return [{"text": f"The {words(3, 9)} was {rng.choice(WORDS)}"} for _ in range(10)]
     if task == "tiny_hellaswag":
-        return [{"ctx": f"It was {words(2, 6)}.", "endings": [words(1, 4) for _ in range(4)],
-                 "label": rng.randrange(4)} for _ in range(8)]
+        return [
+            {"ctx": f"It was {words(2, 6)}.", "endings": [words(1, 4) for _ in range(4)], "label": rng.randrange(4)}
+            for _ in range(8)
+        ]
     if task == "tiny_wikitext":  # the long pages need several 128-token windows
-        return [{"page": " ".join(f"The {words(3, 8)} was {rng.choice(WORDS)}." for _ in range(n))}
-                for n in (2, 9, 30)]
-    return [{"question": f"what is the {rng.choice(WORDS)}?", "answer": f"the {rng.choice(WORDS)}"}
-            for _ in range(8)]
+        return [{"page": " ".join(f"The {words(3, 8)} was {rng.choice(WORDS)}." for _ in range(n))} for n in (2, 9, 30)]
+    return [{"question": f"what is the {rng.choice(WORDS)}?", "answer": f"the {rng.choice(WORDS)}"} for _ in range(8)]
 
 
 def write_tasks(folder, seed: int = 0) -> None:
@@ -82,8 +82,7 @@ def write_tasks(folder, seed: int = 0) -> None:
     for task in TASKS:
         data = folder / f"{task}.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in _docs(task, rng)))
-        head = (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-                f"test_split: test\n")
+        head = f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
         (folder / f"{task}.yaml").write_text(head + YAML[task])
 
 
@@ -98,12 +97,30 @@ def runs(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lm_eval")
     write_tasks(tmp / "tasks")
     out = tmp / "ours.json"
-    argv = ["lm_eval", "--load", trained["ckpt"], "--tasks", ",".join(TASKS), "--include-path", str(tmp / "tasks"),
-            "--batch-size", "3", "--log-samples", "--no-progress", "--output", str(out)]
+    argv = [
+        "lm_eval",
+        "--load",
+        trained["ckpt"],
+        "--tasks",
+        ",".join(TASKS),
+        "--include-path",
+        str(tmp / "tasks"),
+        "--batch-size",
+        "3",
+        "--log-samples",
+        "--no-progress",
+        "--output",
+        str(out),
+    ]
     assert evaluate_tool.main(argv) == 0
     hf = HFLM(pretrained=trained["hf"], device="cpu", dtype="float32", batch_size=3)
-    theirs = lm_eval.simple_evaluate(model=hf, tasks=list(TASKS), task_manager=task_manager(str(tmp / "tasks"), TASKS),
-                                     log_samples=True, bootstrap_iters=0)
+    theirs = lm_eval.simple_evaluate(
+        model=hf,
+        tasks=list(TASKS),
+        task_manager=task_manager(str(tmp / "tasks"), TASKS),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     return {"ours": json.loads(out.read_text()), "theirs": theirs, "tmp": tmp, "argv": argv}
 
 
@@ -167,8 +184,16 @@ def test_tp2_equals_tp1(runs, tmp_path):
 
 
 def test_unknown_task_lists_the_known_ones(runs, trained, capsys):
-    argv = ["lm_eval", "--load", trained["hf"], "--tasks", "tiny_lambda", "--include-path", str(runs["tmp"] / "tasks"),
-            "--no-default-tasks"]
+    argv = [
+        "lm_eval",
+        "--load",
+        trained["hf"],
+        "--tasks",
+        "tiny_lambda",
+        "--include-path",
+        str(runs["tmp"] / "tasks"),
+        "--no-default-tasks",
+    ]
     assert evaluate_tool.main(argv) == 2
     err = capsys.readouterr().err
     assert "unknown lm-eval task(s) tiny_lambda" in err and "tiny_hellaswag" in err and "tiny_lambada" in err

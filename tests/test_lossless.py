@@ -20,8 +20,10 @@ from tests.test_preprocess import make_doc, near_copy, write_jsonl
 from tests.tokenizer_files import byte_level_tokenizer_json
 from tools import preprocess_data, train_tokenizer
 
-CODE = ('def mean(xs):\n    """Average of xs."""\n    if not xs:\n\t\treturn 0.0   \n'
-        "    return sum(xs) / len(xs)\n\n\n\n# trailing spaces   \n")
+CODE = (
+    'def mean(xs):\n    """Average of xs."""\n    if not xs:\n\t\treturn 0.0   \n'
+    "    return sum(xs) / len(xs)\n\n\n\n# trailing spaces   \n"
+)
 CJK = "中文标点，问号？冒号：（括号）“引号”。全角空格　结束\r\n第二行\r\n"
 MIXED = "curly \u2018quotes\u2019 \u2014 dash, \ufb01 ligature, caf\u00c3\u00a9 &amp; <b>x</b>\r\n\r\n\r\n  end  "
 PROSE = " ".join(["The quick brown fox jumps over the lazy dog near the river bank"] * 5)
@@ -46,8 +48,9 @@ def test_default_round_trip_is_byte_for_byte(tmp_path, hf_json, kind):
     write_jsonl(str(tmp_path / "more.jsonl"), [MIXED, CODE + CJK])
     flags = [] if kind == "gpt2" else ["--tokenizer-type", "HFTokenizer", "--tokenizer-model", hf_json]
     tok = build_tokenizer(*(("HFTokenizer", None, None, hf_json) if flags else ()))
-    report, ds = preprocess(tmp_path, [tmp_path / "code.txt", tmp_path / "cjk.txt", tmp_path / "more.jsonl"],
-                            "--append-eod", *flags)
+    report, ds = preprocess(
+        tmp_path, [tmp_path / "code.txt", tmp_path / "cjk.txt", tmp_path / "more.jsonl"], "--append-eod", *flags
+    )
     want = [CODE, CJK, MIXED, CODE + CJK]
     assert ds.num_documents == len(want)
     for d, text in enumerate(want):
@@ -60,30 +63,53 @@ def test_default_round_trip_is_byte_for_byte(tmp_path, hf_json, kind):
 
 
 def test_nul_and_invalid_utf8_are_repaired_and_counted(tmp_path):
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "nul\u0000 in json\u0000"}) + "\n"
-                                      + json.dumps({"text": "  \n\t"}) + "\n")
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "nul\u0000 in json\u0000"}) + "\n" + json.dumps({"text": "  \n\t"}) + "\n"
+    )
     (tmp_path / "b.txt").write_bytes(b"latin-1 caf\xe9, stray \xff\xfe and a NUL\x00.")
     report, ds = preprocess(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.txt"])
     tok = build_tokenizer()
     assert [tok.decode(ds.document(d).tolist()) for d in range(ds.num_documents)] == [
-        "nul in json", "latin-1 caf\ufffd, stray \ufffd\ufffd and a NUL."]
-    assert report["repairs"] == {"invalid_utf8_documents": 1, "invalid_utf8_sequences": 3,
-                                 "nul_documents": 2, "nul_characters": 3}
+        "nul in json",
+        "latin-1 caf\ufffd, stray \ufffd\ufffd and a NUL.",
+    ]
+    assert report["repairs"] == {
+        "invalid_utf8_documents": 1,
+        "invalid_utf8_sequences": 3,
+        "nul_documents": 2,
+        "nul_characters": 3,
+    }
     assert report["dropped"]["empty"] == 1 and report["documents_kept"] == 2
 
 
 def web_documents() -> tuple[list[str], list[str | None]]:
     """Inputs aimed at each documented stage of --clean web, with what web must make of them
     (None = dropped)."""
-    mojibake = ("Mojibake caf\u00c3\u00a9 &amp; bell\x07 \u201ccurly\u201d \u4e2d\u6587\uff0c\uff1f\uff1a\uff08\uff09\n"
-                + PROSE)
+    mojibake = (
+        "Mojibake caf\u00c3\u00a9 &amp; bell\x07 \u201ccurly\u201d \u4e2d\u6587\uff0c\uff1f\uff1a\uff08\uff09\n" + PROSE
+    )
     spaces = "Lines:\r\n    indented   code\t\tand tabs\u3000ideographic\r\n\r\n\r\n\r\nnext\x00 para   \n" + PROSE
     long = make_doc(7)
-    docs = [mojibake, spaces, "Too short, under 200 characters.", "1234 5678 %%% ### !!! 42 " * 12,
-            "   \n\t ", long, "  " + long.upper().replace(" ", "   ") + "\n", near_copy(long)]
-    want = ["Mojibake caf\u00e9 & bell \u201ccurly\u201d \u4e2d\u6587\uff0c\uff1f\uff1a\uff08\uff09\n" + PROSE,
-            "Lines:\nindented code and tabs ideographic\n\nnext para\n" + PROSE,
-            None, None, None, long, None, None]
+    docs = [
+        mojibake,
+        spaces,
+        "Too short, under 200 characters.",
+        "1234 5678 %%% ### !!! 42 " * 12,
+        "   \n\t ",
+        long,
+        "  " + long.upper().replace(" ", "   ") + "\n",
+        near_copy(long),
+    ]
+    want = [
+        "Mojibake caf\u00e9 & bell \u201ccurly\u201d \u4e2d\u6587\uff0c\uff1f\uff1a\uff08\uff09\n" + PROSE,
+        "Lines:\nindented code and tabs ideographic\n\nnext para\n" + PROSE,
+        None,
+        None,
+        None,
+        long,
+        None,
+        None,
+    ]
     return docs, want
 
 
@@ -93,13 +119,20 @@ def test_web_preset_does_what_its_docs_say(tmp_path):
     report, ds = preprocess(tmp_path, [tmp_path / "web.jsonl"], "--clean", "web")
     tok = build_tokenizer()
     assert [tok.decode(ds.document(d).tolist()) for d in range(ds.num_documents)] == [w for w in want if w]
-    assert report["dropped"] == {"malformed": 0, "empty": 1, "too_short": 1, "non_alpha": 1,
-                                 "duplicate": 1, "near_duplicate": 1}
+    assert report["dropped"] == {
+        "malformed": 0,
+        "empty": 1,
+        "too_short": 1,
+        "non_alpha": 1,
+        "duplicate": 1,
+        "near_duplicate": 1,
+    }
     assert report["repairs"]["nul_characters"] == 1
     # --clean none on the same input: only the NUL goes, and the whitespace-only document.
     report, ds = preprocess(tmp_path, [tmp_path / "web.jsonl"], name="none")
     assert [tok.decode(ds.document(d).tolist()) for d in range(ds.num_documents)] == [
-        d.replace("\x00", "") for d in docs if d.strip()]
+        d.replace("\x00", "") for d in docs if d.strip()
+    ]
 
 
 def test_docs_and_help_list_exactly_what_each_preset_does(capsys):
@@ -111,7 +144,6 @@ def test_docs_and_help_list_exactly_what_each_preset_does(capsys):
         for line in describe_cleaning(config):
             assert line in docs, f"docs/data.md lacks the {name} stage {line!r}"
             assert line in shown, f"--help lacks the {name} stage {line!r}"
-
 
 
 def test_fine_tuning_config_names_the_same_presets():
@@ -131,8 +163,9 @@ def test_tokenizer_pretraining_and_chat_data_see_the_same_text(tmp_path):
     path = tmp_path / "web.jsonl"
     write_jsonl(str(path), docs)
     flags = ["--clean", "web", "--no-near-dedup", "--min-chars", "10"]
-    pre = preprocess_data.cleaning_from_args(preprocess_data.build_parser().parse_args(
-        ["--input", str(path), "--output-prefix", "x", *flags]))
+    pre = preprocess_data.cleaning_from_args(
+        preprocess_data.build_parser().parse_args(["--input", str(path), "--output-prefix", "x", *flags])
+    )
     args = train_tokenizer.parse_args(["--input", str(path), "--output-prefix", str(tmp_path / "spm"), *flags])
     assert args.cleaning == pre  # one set of flags, one meaning
     expected = list(clean_documents(docs, pre))
@@ -150,17 +183,22 @@ def test_tokenizer_pretraining_and_chat_data_see_the_same_text(tmp_path):
 def test_progress_bar_shows_elapsed_eta_and_counts(tmp_path, capsys, caplog, monkeypatch):
     write_jsonl(str(tmp_path / "in.jsonl"), [make_doc(i) for i in range(30)])
     prefix = str(tmp_path / "p")
-    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", prefix,
-                                 "--progress"]) == 0
+    assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", prefix, "--progress"]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"preprocess 100%\|.*\| [\d.]+kB/[\d.]+kB \[\d\d:\d\d<\d\d:\d\d, [\d.]+kB/s, "
-                     r"30 docs, 30 kept, [\d.]+k tokens\]", err), err
+    assert re.search(
+        r"preprocess 100%\|.*\| [\d.]+kB/[\d.]+kB \[\d\d:\d\d<\d\d:\d\d, [\d.]+kB/s, "
+        r"30 docs, 30 kept, [\d.]+k tokens\]",
+        err,
+    ), err
     # Without a terminal: a log line with the same figures (every LOG_SECONDS; 0 here).
     monkeypatch.setattr(progress_mod, "LOG_SECONDS", 0.0)
     with caplog.at_level(logging.INFO, logger="preprocess_data"):
         assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", prefix]) == 0
-    assert re.search(r"read [\d.]+ of [\d.]+ MB \(100%\), 30 docs, 30 kept, [\d.]+k tokens, "
-                     r"elapsed \d\d:\d\d, ETA 00:00, [\d.]+ MB/s", caplog.text), caplog.text
+    assert re.search(
+        r"read [\d.]+ of [\d.]+ MB \(100%\), 30 docs, 30 kept, [\d.]+k tokens, "
+        r"elapsed \d\d:\d\d, ETA 00:00, [\d.]+ MB/s",
+        caplog.text,
+    ), caplog.text
 
 
 def test_input_position_follows_compressed_bytes(tmp_path):

@@ -24,10 +24,20 @@ BUCKET = 100_000  # ZeRO reduction buffers of the size of the model, so that the
 MODEL = {"vocab_size": 256, "n_embd": 64, "n_positions": 64, "make_vocab_size_divisible_by": 64}
 LAYOUTS = {  # name: (world, layout, ZeRO stage, gradient accumulation, model overrides)
     "1 rank, ZeRO-2, flash": (1, {}, 2, 1, {"attention": "flash"}),
-    "tp 2 + sequence parallel, ZeRO-1, torch attention": (2, {"tp": 2, "sequence_parallel": True}, 1, 1,
-                                                          {"attention": "torch"}),
-    "pp 2 (1F1B, 2 micro-batches), ZeRO-2, activation checkpointing": (2, {"pp": 2}, 2, 2,
-                                                                      {"activation_checkpointing": True}),
+    "tp 2 + sequence parallel, ZeRO-1, torch attention": (
+        2,
+        {"tp": 2, "sequence_parallel": True},
+        1,
+        1,
+        {"attention": "torch"},
+    ),
+    "pp 2 (1F1B, 2 micro-batches), ZeRO-2, activation checkpointing": (
+        2,
+        {"pp": 2},
+        2,
+        2,
+        {"activation_checkpointing": True},
+    ),
 }
 
 
@@ -44,26 +54,53 @@ def small_vocab(tmp_path_factory) -> tuple[str, str]:
 
 
 def _ds(stage: int, accum: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": accum, "gradient_clipping": 1.0,
-            "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                                  "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET},
-            "steps_per_print": 10**9}
+    return {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "reduce_bucket_size": BUCKET,
+            "allgather_bucket_size": BUCKET,
+        },
+        "steps_per_print": 10**9,
+    }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_estimate_within_10_percent_of_measured(small_vocab, name):
     world, layout, stage, accum, model = LAYOUTS[name]
     prefix, tok = small_vocab
-    cfg = tiny_config(prefix, None, steps=2, model={**MODEL, **model}, data={"seq_length": 64},
-                      tokenizer={"tokenizer_type": "HFTokenizer", "tokenizer_model": tok})
-    results = run_distributed(train_worker, world, args=(cfg.to_dict(), _ds(stage, accum), layout, False,
-                                                         measure_second_step))
+    cfg = tiny_config(
+        prefix,
+        None,
+        steps=2,
+        model={**MODEL, **model},
+        data={"seq_length": 64},
+        tokenizer={"tokenizer_type": "HFTokenizer", "tokenizer_model": tok},
+    )
+    results = run_distributed(
+        train_worker, world, args=(cfg.to_dict(), _ds(stage, accum), layout, False, measure_second_step)
+    )
     tp, pp = layout.get("tp", 1), layout.get("pp", 1)
     for res in results:
         got = next(r for r in res["records"] if "static" in r)
-        est = estimate(cfg.model, 64, 4, tp=tp, pp=pp, dp=world // (tp * pp), zero_stage=stage, precision="fp32",
-                       sequence_parallel=layout.get("sequence_parallel", False), grad_accum=accum,
-                       stage=res["ps"][1], reduce_bucket_size=BUCKET)
+        est = estimate(
+            cfg.model,
+            64,
+            4,
+            tp=tp,
+            pp=pp,
+            dp=world // (tp * pp),
+            zero_stage=stage,
+            precision="fp32",
+            sequence_parallel=layout.get("sequence_parallel", False),
+            grad_accum=accum,
+            stage=res["ps"][1],
+            reduce_bucket_size=BUCKET,
+        )
         for what, want in (("static", est.static), ("activations", est.activations), ("peak", est.peak)):
             assert abs(want / got[what] - 1) <= 0.10, (name, res["ps"], what, want, got[what])
 
@@ -90,8 +127,24 @@ def test_zero_shards_optimizer_state_and_gradients():
 def test_estimate_memory_tool(capsys):
     from tools.estimate_memory import main
 
-    assert main(["--config", "configs/gpt2/1.5b.yaml", "--tp", "1", "--pp", "4", "--dp", "2",
-                 "--micro-batch", "4", "--activation-checkpointing"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                "configs/gpt2/1.5b.yaml",
+                "--tp",
+                "1",
+                "--pp",
+                "4",
+                "--dp",
+                "2",
+                "--micro-batch",
+                "4",
+                "--activation-checkpointing",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "stage 3" in out and "peak" in out and "GiB" in out
     with pytest.raises(SystemExit):
@@ -107,9 +160,16 @@ def test_training_log_line_puts_the_estimate_next_to_the_measured_peak():
     from megagpt2.parallel import ParallelLayout
     from megagpt2.training.metrics import memory_report
 
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 2},
-          "bf16": {"enabled": False}}
+    ds = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 2},
+        "bf16": {"enabled": False},
+    }
     line = memory_report(Config(), ds, ParallelLayout(), torch.device("cpu"))
-    m = re.fullmatch(r"memory after step 1: peak ([\d.]+) GiB resident \(process\) \| "
-                     r"estimate ([\d.]+) GiB peak .*", line)
+    m = re.fullmatch(
+        r"memory after step 1: peak ([\d.]+) GiB resident \(process\) \| "
+        r"estimate ([\d.]+) GiB peak .*",
+        line,
+    )
     assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, line

@@ -11,7 +11,8 @@ from megagpt2.training.metrics import Scalars
 def test_restore_reads_the_curves_up_to_the_resumed_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 0, "valid_loss": 9.0}] + [
-        {"step": s, "loss": 10.0 - s, "lr": 1e-3, "grad_norm": 1.0, "consumed_samples": 8 * s} for s in (1, 2, 3)]
+        {"step": s, "loss": 10.0 - s, "lr": 1e-3, "grad_norm": 1.0, "consumed_samples": 8 * s} for s in (1, 2, 3)
+    ]
     records += [{"step": 4, "loss": 6.5}, {"step": 3, "loss": 6.9}]  # a crash after step 4, resumed from 3
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n" + '{"step": 5, "lo')  # torn last line
     s = Scalars(None, enabled=True)
@@ -33,9 +34,15 @@ def test_a_resume_truncates_what_its_checkpoint_does_not_cover(tmp_path):
     from megagpt2.training.metrics import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "valid_loss": 9.0}, {"step": 1, "loss": 8.0}, {"step": 2, "loss": 7.0},
-            {"step": 2, "valid_loss": 7.5}, {"step": 3, "loss": 6.0}, {"step": 4, "loss": 5.0},
-            {"step": 3, "loss": 6.1}]  # an older resume from step 2 that kept steps 3-4 of the crashed run
+    rows = [
+        {"step": 0, "valid_loss": 9.0},
+        {"step": 1, "loss": 8.0},
+        {"step": 2, "loss": 7.0},
+        {"step": 2, "valid_loss": 7.5},
+        {"step": 3, "loss": 6.0},
+        {"step": 4, "loss": 5.0},
+        {"step": 3, "loss": 6.1},
+    ]  # an older resume from step 2 that kept steps 3-4 of the crashed run
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
     assert truncate_metrics(path, up_to_step=3) == 3  # step 4, the torn line, the first step 3
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:4] + [rows[6]]

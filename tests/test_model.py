@@ -14,8 +14,17 @@ from megagpt2.parallel import ProcessGroups
 
 ONE = ProcessGroups.single()  # the layout of one process: no groups
 
-TINY = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=1000, dropout=0.0, attn_dropout=0.0,
-            attention="torch", kernels="torch")
+TINY = dict(
+    n_layer=2,
+    n_embd=64,
+    n_head=4,
+    n_positions=64,
+    vocab_size=1000,
+    dropout=0.0,
+    attn_dropout=0.0,
+    attention="torch",
+    kernels="torch",
+)
 
 
 def _hf_twin(model: GPT2, cfg: ModelConfig):
@@ -28,8 +37,9 @@ def _hf_twin(model: GPT2, cfg: ModelConfig):
     return hf
 
 
-@pytest.mark.parametrize("shape,T", [(TINY, 32), (dict(TINY, n_layer=12, n_embd=768, n_head=12,
-                                                       n_positions=1024, vocab_size=50257), 8)])
+@pytest.mark.parametrize(
+    "shape,T", [(TINY, 32), (dict(TINY, n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257), 8)]
+)
 def test_logits_match_transformers(shape, T):
     cfg = ModelConfig(**shape)
     ours = GPT2(cfg, ONE).eval()
@@ -75,7 +85,7 @@ def test_initialisation_follows_the_paper():
             assert torch.all(p == 0), name
     wte = m.wte.weight
     assert abs(wte[: cfg.vocab_size].std().item() / 0.02 - 1) < 0.05
-    assert torch.all(wte[cfg.vocab_size:] == 0)  # padding rows
+    assert torch.all(wte[cfg.vocab_size :] == 0)  # padding rows
     assert m.output_weight is m.wte.weight  # tied output projection
 
 
@@ -84,7 +94,7 @@ def test_padded_vocabulary_never_wins_nor_counts():
     assert cfg.padded_vocab_size == 1024
     m = GPT2(cfg, ONE).eval()
     with torch.no_grad():
-        m.wte.weight[cfg.vocab_size:] = 10.0  # make the padded rows as attractive as possible
+        m.wte.weight[cfg.vocab_size :] = 10.0  # make the padded rows as attractive as possible
         idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(2))
         logits = m(idx)
         assert logits.shape[-1] == cfg.vocab_size

@@ -13,8 +13,16 @@ from megagpt2.model import GPT2
 from megagpt2.parallel import ProcessGroups
 from tests.kernel_checks import load_benchmark
 
-CFG = dict(n_layer=2, n_embd=48, n_head=3, n_positions=32, vocab_size=300, make_vocab_size_divisible_by=64,
-           dropout=0.0, attn_dropout=0.0)
+CFG = dict(
+    n_layer=2,
+    n_embd=48,
+    n_head=3,
+    n_positions=32,
+    vocab_size=300,
+    make_vocab_size_divisible_by=64,
+    dropout=0.0,
+    attn_dropout=0.0,
+)
 
 
 @pytest.mark.parametrize("attention", ["fused_softmax", "flash"])
@@ -43,7 +51,8 @@ def test_bench_model_paths_agree(monkeypatch, tmp_path):
     assert bench.main(TINY_BENCH_ARGS + ["--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["kernels"], r["attention"]) for r in rows} == {
-        (k, a) for k in ("torch", "triton") for a in ("torch", "fused_softmax", "flash")}
+        (k, a) for k in ("torch", "triton") for a in ("torch", "fused_softmax", "flash")
+    }
     losses = [r["loss"] for r in rows]
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0])
     assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
@@ -68,9 +77,21 @@ def test_bench_model_failure_costs_only_its_row(tmp_path, capsys):
 
 
 TINY_BENCH_ARGS = [
-    "--device", "cpu", "--config", str(Path(__file__).resolve().parents[1] / "configs/gpt2/tiny.yaml"),
-    "--dtype", "fp32", "--micro-batch", "1", "--seq", "16", "--no-dropout", "--warmup", "0",
-    "--iters", "1",
+    "--device",
+    "cpu",
+    "--config",
+    str(Path(__file__).resolve().parents[1] / "configs/gpt2/tiny.yaml"),
+    "--dtype",
+    "fp32",
+    "--micro-batch",
+    "1",
+    "--seq",
+    "16",
+    "--no-dropout",
+    "--warmup",
+    "0",
+    "--iters",
+    "1",
 ]
 
 

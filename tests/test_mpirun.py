@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_mpirun_script_needs_the_separator():
-    out = subprocess.run([str(REPO / "launch" / "mpirun.sh"), "-np", "2"], env=launcher_env(), capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [str(REPO / "launch" / "mpirun.sh"), "-np", "2"], env=launcher_env(), capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 2 and "put -- between" in out.stderr

@@ -73,11 +73,12 @@ def test_cbt_equals_transformers_on_whole_texts(trained, hf_model, tmp_path):
 def test_bits_per_byte_and_char_are_the_summed_nll(trained, hf_model, tmp_path):
     text = "Le café naïve. " + " ".join(random.Random(1).choice(WORDS) for _ in range(120)) + "\n"
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    got = _run("ppl", tmp_path, "--load", trained["hf"], "--input", str(tmp_path / "t.txt"), "--window", "64",
-               "--stride", "64")
+    got = _run(
+        "ppl", tmp_path, "--load", trained["hf"], "--input", str(tmp_path / "t.txt"), "--window", "64", "--stride", "64"
+    )
     tok = trained["tok"]
     stream = [tok.eod] + tok.encode(text)
-    nll = -sum(_hf_text_logprob(hf_model, stream[b:b + 65]) for b in range(0, len(stream) - 1, 64))
+    nll = -sum(_hf_text_logprob(hf_model, stream[b : b + 65]) for b in range(0, len(stream) - 1, 64))
     assert got["bytes"] == len(text.encode("utf-8")) > got["chars"] == len(text)
     assert abs(got["nll"] - nll) <= REL * nll
     assert abs(got["bits_per_byte"] - nll / math.log(2) / len(text.encode("utf-8"))) <= REL * got["bits_per_byte"]
@@ -95,12 +96,18 @@ def test_lm1b_and_cbt_detokenizers():
 # -- generation tasks ---------------------------------------------------------------------------
 def _gen_files(folder) -> None:
     rng = random.Random(2)
-    coqa = [{"story": "The apple was by the river. The stone was quiet.",
-             "questions": [{"input_text": "what was by the river?"}, "what was quiet?"],
-             "answers": [{"input_text": "the apple"}, "the stone"]}]
+    coqa = [
+        {
+            "story": "The apple was by the river. The stone was quiet.",
+            "questions": [{"input_text": "what was by the river?"}, "what was quiet?"],
+            "answers": [{"input_text": "the apple"}, "the stone"],
+        }
+    ]
     (folder / "coqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in coqa))
-    summ = [{"article": f"The {w} was bright. It was {rng.choice(WORDS)}. Then it was quiet.",
-             "highlights": f"The {w}."} for w in WORDS[:3]]
+    summ = [
+        {"article": f"The {w} was bright. It was {rng.choice(WORDS)}. Then it was quiet.", "highlights": f"The {w}."}
+        for w in WORDS[:3]
+    ]
     (folder / "summ.jsonl").write_text("".join(json.dumps(r) + "\n" for r in summ))
     pairs = [(rng.sample(range(len(WORDS)), 3)) for _ in range(4)]
     tr = [{"en": " ".join(WORDS[j] for j in p), "fr": " ".join(FRENCH[j] for j in p)} for p in pairs]
@@ -114,20 +121,25 @@ def gen_runs(trained, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gen")
     _gen_files(tmp)
     load = ["--load", trained["ckpt"]]
-    return {"tmp": tmp,
-            "coqa": _run("coqa", tmp, *load, "--input", str(tmp / "coqa.jsonl")),
-            "summarize": _run("summarize", tmp, *load, "--input", str(tmp / "summ.jsonl"), "--seed", "3"),
-            "translate": _run("translate", tmp, *load, "--input", str(tmp / "tr.jsonl"), "--num-fewshot", "2",
-                              "--fewshot-seed", "5"),
-            "qa": _run("qa", tmp, *load, "--input", str(tmp / "qa.jsonl"), "--num-fewshot", "1")}
+    return {
+        "tmp": tmp,
+        "coqa": _run("coqa", tmp, *load, "--input", str(tmp / "coqa.jsonl")),
+        "summarize": _run("summarize", tmp, *load, "--input", str(tmp / "summ.jsonl"), "--seed", "3"),
+        "translate": _run(
+            "translate", tmp, *load, "--input", str(tmp / "tr.jsonl"), "--num-fewshot", "2", "--fewshot-seed", "5"
+        ),
+        "qa": _run("qa", tmp, *load, "--input", str(tmp / "qa.jsonl"), "--num-fewshot", "1"),
+    }
 
 
 def test_coqa_prompt_and_f1(gen_runs):
     from megagpt2.eval.gen_tasks import f1_score
 
     ex = gen_runs["coqa"]["examples"]
-    assert ex[1]["prompt"] == ("The apple was by the river. The stone was quiet.\n\n"
-                               "Q: what was by the river?\nA: the apple\nQ: what was quiet?\nA:")
+    assert ex[1]["prompt"] == (
+        "The apple was by the river. The stone was quiet.\n\n"
+        "Q: what was by the river?\nA: the apple\nQ: what was quiet?\nA:"
+    )
     assert all("\n" not in e["output"] for e in ex)
     f1 = [f1_score(e["answer"], e["references"][0]) for e in ex]
     assert abs(gen_runs["coqa"]["f1"] - 100 * sum(f1) / 2) < 1e-9
@@ -146,8 +158,9 @@ def test_summarize_prompt_first_three_sentences_and_rouge_from_the_library(gen_r
     assert first_sentences("One. Two? Three! Four. Five") == "One. Two? Three!"
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     for key in ("rouge1", "rouge2", "rougeL"):
-        want = sum(scorer.score(e["references"][0], first_sentences(e["output"]))[key].fmeasure
-                   for e in res["examples"]) / len(res["examples"])
+        want = sum(
+            scorer.score(e["references"][0], first_sentences(e["output"]))[key].fmeasure for e in res["examples"]
+        ) / len(res["examples"])
         assert abs(res[key] - 100 * want) < 1e-9
     assert [e["answer"] for e in res["examples"]] == [first_sentences(e["output"]) for e in res["examples"]]
 
@@ -184,11 +197,27 @@ def test_paper_runs_what_is_present_and_prints_table3(trained, tmp_path, capsys)
     data.mkdir()
     cbt_file(data / "cbt_cn.txt", n=2)
     (data / "text8.txt").write_text(" ".join(random.Random(4).choice(WORDS) for _ in range(60)))
-    (data / "natural_questions.jsonl").write_text("".join(
-        json.dumps({"question": f"what is the {w}?", "answers": [w]}) + "\n" for w in WORDS[:3]))
+    (data / "natural_questions.jsonl").write_text(
+        "".join(json.dumps({"question": f"what is the {w}?", "answers": [w]}) + "\n" for w in WORDS[:3])
+    )
     out = tmp_path / "paper.json"
-    assert evaluate_tool.main(["paper", "--load", trained["ckpt"], "--data-dir", str(data), "--no-progress",
-                               "--output", str(out), "--num-fewshot", "1"]) == 0
+    assert (
+        evaluate_tool.main(
+            [
+                "paper",
+                "--load",
+                trained["ckpt"],
+                "--data-dir",
+                str(data),
+                "--no-progress",
+                "--output",
+                str(out),
+                "--num-fewshot",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "CBT-CN (ACC)" in printed and "GPT-2 1542M" in printed and "NQ (EM %)" in printed
     report = json.loads(out.read_text())["metrics"]
@@ -219,6 +248,10 @@ def test_bad_task_files_name_file_line_and_field(trained, tmp_path, capsys):
     cbt = tmp_path / "cbt.txt"
     cbt.write_text("1 a sentence .\n2 The XXXXX sat .\tcat\n")
     fails(["cbt", *load, "--input", str(cbt)], f"{cbt}:2:", "candidates")
-    fails(["paper", *load, "--data-dir", str(tmp_path), "--tasks", "cbt_cn,squad"],
-          "unknown paper task(s) squad", "lambada", "wikitext103")
+    fails(
+        ["paper", *load, "--data-dir", str(tmp_path), "--tasks", "cbt_cn,squad"],
+        "unknown paper task(s) squad",
+        "lambada",
+        "wikitext103",
+    )
     fails(["paper", *load, "--data-dir", str(tmp_path / "empty_dir_missing")], "is not a directory")

@@ -16,8 +16,12 @@ from megagpt2.parallel import ParallelLayout, ParallelLayoutError, ProcessGroups
 from tests.dist_utils import run_distributed
 
 SIZES = (1, 2, 3, 4, 8)
-GRIDS = [(tp, pp, dp, v) for tp, pp, dp in itertools.product(SIZES, SIZES, SIZES) if tp * pp * dp <= 64
-         for v in ((1, 2) if pp > 1 else (1,))]
+GRIDS = [
+    (tp, pp, dp, v)
+    for tp, pp, dp in itertools.product(SIZES, SIZES, SIZES)
+    if tp * pp * dp <= 64
+    for v in ((1, 2) if pp > 1 else (1,))
+]
 GLOO_WORLD = 8
 GLOO_LAYOUTS = [(tp, pp) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8) if GLOO_WORLD % (tp * pp) == 0]
 

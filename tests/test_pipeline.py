@@ -44,10 +44,18 @@ def _worker_job(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, p
     if patch is not None:
         patch(trainer)
     trainer.train()
-    params = {n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
-              for n, p in model.named_parameters()}
-    return {"records": records, "ps": (lay.tp_rank, lay.pp_rank, lay.dp_rank), "params": params, "tied": tied,
-            "evals": evals, "stats": dict(trainer.executor.stats)}
+    params = {
+        n: (p.detach().float().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
+        for n, p in model.named_parameters()
+    }
+    return {
+        "records": records,
+        "ps": (lay.tp_rank, lay.pp_rank, lay.dp_rank),
+        "params": params,
+        "tied": tied,
+        "evals": evals,
+        "stats": dict(trainer.executor.stats),
+    }
 
 
 def jobs_worker(rank: int, world: int, jobs: list) -> list:
@@ -76,8 +84,11 @@ def assert_matches(results: list[dict], reference: dict, rtol: float = RTOL, whe
         assert len(got) == len(ref), where
         for a, b in zip(got, ref):
             assert abs(a["loss"] - b["loss"]) <= rtol * abs(b["loss"]), (where, got, ref)
-            assert a["grad_norm"] is not None and abs(a["grad_norm"] - b["grad_norm"]) <= rtol * b["grad_norm"], \
-                (where, [r["grad_norm"] for r in got], [r["grad_norm"] for r in ref])
+            assert a["grad_norm"] is not None and abs(a["grad_norm"] - b["grad_norm"]) <= rtol * b["grad_norm"], (
+                where,
+                [r["grad_norm"] for r in got],
+                [r["grad_norm"] for r in ref],
+            )
     for res in results:
         assert len(res["evals"]) == len(reference["evals"]) == 2, where
         for a, b in zip(res["evals"], reference["evals"]):
@@ -108,8 +119,9 @@ def data_prefix(tmp_path_factory):
 
 def _cfg(data_prefix, n_layer: int, **model) -> dict:
     """3 steps; validation loss before the first and after the last step (through the schedule)."""
-    return tiny_config(data_prefix, None, steps=3, model={"n_layer": n_layer, **model},
-                       train={"eval_interval": 3, "eval_steps": 1}).to_dict()
+    return tiny_config(
+        data_prefix, None, steps=3, model={"n_layer": n_layer, **model}, train={"eval_interval": 3, "eval_steps": 1}
+    ).to_dict()
 
 
 def _ds(stage: int, micro: int, accum: int, overlap: bool = None) -> dict:
@@ -142,17 +154,28 @@ def test_pp2_every_schedule_zero2_matches_single_process(data_prefix, references
 @pytest.mark.parametrize("stage", [0, 1])
 def test_pp2_zero0_zero1_match_single_process(data_prefix, references, stage):
     """1f1b and interleaved; ZeRO-1 also with overlap_comm (reduction at the boundary only)."""
-    jobs = [(_cfg(data_prefix, 2), _ds(stage, 2, 4), {"pp": 2, "schedule": "1f1b"}),
-            (_cfg(data_prefix, 4), _ds(stage, 2, 4, overlap=stage == 1),
-             {"pp": 2, "schedule": "interleaved", "virtual_stages": 2})]
+    jobs = [
+        (_cfg(data_prefix, 2), _ds(stage, 2, 4), {"pp": 2, "schedule": "1f1b"}),
+        (
+            _cfg(data_prefix, 4),
+            _ds(stage, 2, 4, overlap=stage == 1),
+            {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
+        ),
+    ]
     for (_, _, lay), n, results in zip(jobs, (2, 4), run_jobs(2, jobs)):
         assert_matches(results, references[(n, stage)], where=f"ZeRO-{stage} {lay}")
         assert_tied_identical(results)
 
 
 def test_activation_checkpointing_gives_the_same_numbers(data_prefix):
-    jobs = [(_cfg(data_prefix, 4, activation_checkpointing=ac), _ds(2, 2, 4),
-             {"pp": 2, "schedule": "interleaved", "virtual_stages": 2}) for ac in (False, True)]
+    jobs = [
+        (
+            _cfg(data_prefix, 4, activation_checkpointing=ac),
+            _ds(2, 2, 4),
+            {"pp": 2, "schedule": "interleaved", "virtual_stages": 2},
+        )
+        for ac in (False, True)
+    ]
     off, on = run_jobs(2, jobs)
     for a, b in zip(off, on):
         assert [r["loss"] for r in a["records"]] == [r["loss"] for r in b["records"]]
@@ -178,9 +201,11 @@ def test_tp2_pp2_dp2_on_8_ranks_matches_single_process(data_prefix, references):
     """(tp, pp, dp) = (2, 2, 2): ZeRO-2 with 1f1b, ZeRO-0 and ZeRO-1 with interleaving (and
     sequence parallelism: activations travel as (B, T/tp, C) sequence shards)."""
     inter = {"tp": 2, "pp": 2, "schedule": "interleaved", "virtual_stages": 2}
-    jobs = [(_cfg(data_prefix, 4), _ds(2, 2, 2), {"tp": 2, "pp": 2, "schedule": "1f1b"}),
-            (_cfg(data_prefix, 4), _ds(0, 2, 2), inter),
-            (_cfg(data_prefix, 4), _ds(1, 2, 2), {**inter, "sequence_parallel": True})]
+    jobs = [
+        (_cfg(data_prefix, 4), _ds(2, 2, 2), {"tp": 2, "pp": 2, "schedule": "1f1b"}),
+        (_cfg(data_prefix, 4), _ds(0, 2, 2), inter),
+        (_cfg(data_prefix, 4), _ds(1, 2, 2), {**inter, "sequence_parallel": True}),
+    ]
     for (_, ds, lay), results in zip(jobs, run_jobs(8, jobs)):
         stage = ds["zero_optimization"]["stage"]
         assert_matches(results, references[(4, stage)], where=f"ZeRO-{stage} {lay}")
@@ -205,8 +230,10 @@ def test_bf16_pipeline_matches_one_process_bf16_within_bf16_noise(data_prefix, r
     small fraction of what bf16 itself changes against fp32."""
     ref_jobs = [(_cfg(data_prefix, 4), _bf16_ds(s, 2, 4), {}) for s in (2, 1)]
     refs = [r[0] for r in run_jobs(1, ref_jobs)]
-    jobs = [(_cfg(data_prefix, 4), _bf16_ds(2, 2, 4), {"pp": 2, "schedule": "1f1b"}),
-            (_cfg(data_prefix, 4), _bf16_ds(1, 2, 4), {"pp": 2, "schedule": "interleaved", "virtual_stages": 2})]
+    jobs = [
+        (_cfg(data_prefix, 4), _bf16_ds(2, 2, 4), {"pp": 2, "schedule": "1f1b"}),
+        (_cfg(data_prefix, 4), _bf16_ds(1, 2, 4), {"pp": 2, "schedule": "interleaved", "virtual_stages": 2}),
+    ]
     fp32 = gathered_params([references[(4, 2)]])
     for ref, results in zip(refs, run_jobs(2, jobs)):
         ref_params = gathered_params([ref])
@@ -254,8 +281,7 @@ def _fail_at_step_2(trainer, here: bool, action) -> None:
 def test_a_failing_stage_ends_every_rank_within_the_timeout(data_prefix, patch, pp):
     import time
 
-    cfg = tiny_config(data_prefix, None, steps=3, model={"n_layer": 4},
-                      parallel={"timeout_seconds": 20}).to_dict()
+    cfg = tiny_config(data_prefix, None, steps=3, model={"n_layer": 4}, parallel={"timeout_seconds": 20}).to_dict()
     t0 = time.time()
     with pytest.raises(RuntimeError) as info:
         run_jobs(pp, [(cfg, _ds(2, 2, 4), {"pp": pp, "schedule": "1f1b"}, patch)])
@@ -276,14 +302,12 @@ def stall_stage_1(trainer) -> None:
     """Pipeline rank 1 stays alive but silent for 20 s in step 2 (then gives up)."""
     import time
 
-    _fail_at_step_2(trainer, trainer.layout.pp_rank == 1,
-                    lambda: (time.sleep(20), _raise("stalled stage gives up")))
+    _fail_at_step_2(trainer, trainer.layout.pp_rank == 1, lambda: (time.sleep(20), _raise("stalled stage gives up")))
 
 
 @pytest.mark.slow
 def test_a_silent_stage_fails_its_neighbours_after_the_timeout(data_prefix):
-    cfg = tiny_config(data_prefix, None, steps=3, model={"n_layer": 4},
-                      parallel={"timeout_seconds": 8}).to_dict()
+    cfg = tiny_config(data_prefix, None, steps=3, model={"n_layer": 4}, parallel={"timeout_seconds": 8}).to_dict()
     with pytest.raises(RuntimeError) as info:
         run_jobs(2, [(cfg, _ds(2, 2, 4), {"pp": 2, "schedule": "1f1b"}, stall_stage_1)])
     msg = str(info.value)
@@ -296,7 +320,8 @@ def poison_step_2(trainer) -> None:
     """The last stage's forward pass of step 2 produces NaN (after its final LayerNorm)."""
     if trainer.model.post_process:
         trainer.model.ln_f.register_forward_hook(
-            lambda module, inputs, output: output * float("nan") if trainer.step == 1 else output)
+            lambda module, inputs, output: output * float("nan") if trainer.step == 1 else output
+        )
 
 
 def test_nonfinite_loss_skips_the_step_on_every_stage(data_prefix):

@@ -93,14 +93,20 @@ def test_convert_222_to_111_and_241_gives_the_same_next_step_loss(run_222):
     tmp, cfg, results = run_222
     expected = results[0]["records"][3]["loss"]  # step 4: computed with the weights after step 3
     out = tmp / "tp1"
-    assert convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out),
-                                    "--tp", "1"]) == 0
+    assert (
+        convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out), "--tp", "1"])
+        == 0
+    )
     consumed = 3 * 8  # global batch 8 = micro 2 x accum 2 x dp 2
     one = run_distributed(_full_next_loss_worker, 1, args=(cfg, str(out), consumed, 8), timeout=300)[0]
     assert abs(one - expected) <= 1e-5 * expected, (one, expected)
     sources = [str(out), str(tmp / "ckpt" / "step_00000003")]
-    got = run_distributed(_pipeline_next_loss_worker, 8,
-                          args=(cfg, {"tp": 2, "pp": 4, "schedule": "1f1b"}, sources, consumed, 2, 4), timeout=300)
+    got = run_distributed(
+        _pipeline_next_loss_worker,
+        8,
+        args=(cfg, {"tp": 2, "pp": 4, "schedule": "1f1b"}, sources, consumed, 2, 4),
+        timeout=300,
+    )
     for losses in got:
         assert len(losses) == 2
         for loss in losses:

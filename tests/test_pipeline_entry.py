@@ -20,17 +20,28 @@ ZERO2 = REPO / "configs" / "ds" / "zero2.json"
 
 def _deepspeed(tmp: Path, cfg_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "8", str(REPO / "launch" / "pretrain_gpt2.py"),
-           "--deepspeed_config", str(ZERO2), "--config", str(cfg_path), "--parallel.pp=2", "--parallel.tp=2",
-           *overrides]
+    cmd = [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "8",
+        str(REPO / "launch" / "pretrain_gpt2.py"),
+        "--deepspeed_config",
+        str(ZERO2),
+        "--config",
+        str(cfg_path),
+        "--parallel.pp=2",
+        "--parallel.tp=2",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=400)
 
 
 @pytest.mark.slow
 def test_deepspeed_launcher_tp2_pp2_dp2_with_zero2_json(tmp_path):
     prefix = make_dataset(tmp_path / "data")
-    cfg = tiny_config(prefix, tmp_path / "ckpt", steps=3, model={"n_layer": 4},
-                      train={"eval_interval": 2, "eval_steps": 1})
+    cfg = tiny_config(
+        prefix, tmp_path / "ckpt", steps=3, model={"n_layer": 4}, train={"eval_interval": 2, "eval_steps": 1}
+    )
     cfg_path, _ = write_run_files(tmp_path, cfg, {})
     accum = json.loads(ZERO2.read_text()).get("gradient_accumulation_steps", 1)
     # 1F1B needs at least pp micro-batches per step; GPipe runs any number.

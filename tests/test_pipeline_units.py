@@ -34,8 +34,9 @@ def test_parameter_partition_balances_embedding_and_head():
     # ... and no contiguous split does better (brute force over all cut points).
     import itertools
 
-    best = min(max(sum(x) for x in _loads(cuts, b, first, last, 12))
-               for cuts in itertools.combinations(range(1, 12), 3))
+    best = min(
+        max(sum(x) for x in _loads(cuts, b, first, last, 12)) for cuts in itertools.combinations(range(1, 12), 3)
+    )
     assert max(loads) == best
 
 
@@ -66,10 +67,16 @@ def test_layout_errors_name_the_fix():
 
 def test_1f1b_order():
     assert build_schedule("1f1b", m=4, p=2, rank=0) == [
-        Op("F", 0, 0), Op("F", 1, 0), Op("B", 0, 0), Op("F", 2, 0), Op("B", 1, 0), Op("F", 3, 0),
-        Op("B", 2, 0), Op("B", 3, 0)]
-    assert build_schedule("1f1b", m=4, p=2, rank=1)[:4] == [Op("F", 0, 0), Op("B", 0, 0), Op("F", 1, 0),
-                                                          Op("B", 1, 0)]
+        Op("F", 0, 0),
+        Op("F", 1, 0),
+        Op("B", 0, 0),
+        Op("F", 2, 0),
+        Op("B", 1, 0),
+        Op("F", 3, 0),
+        Op("B", 2, 0),
+        Op("B", 3, 0),
+    ]
+    assert build_schedule("1f1b", m=4, p=2, rank=1)[:4] == [Op("F", 0, 0), Op("B", 0, 0), Op("F", 1, 0), Op("B", 1, 0)]
 
 
 def test_interleaved_runs_every_chunk_of_every_micro_batch_once():
@@ -88,7 +95,7 @@ def test_schedules_never_deadlock_and_bubbles_match_theory(schedule):
     """Simulated with forward 1, backward 2 time units per chunk; FIFO order of messages checked too."""
     for p in (2, 3, 4):
         for m in (p, 2 * p, 3 * p):
-            for v in ((1, 2, 3) if schedule == "interleaved" else (1,)):
+            for v in (1, 2, 3) if schedule == "interleaved" else (1,):
                 makespan = simulate(schedule, m, p, v)
                 busy = 3.0 * m * v  # per rank: m micro-batches x v chunks x (1 + 2)
                 bubble = 1 - busy / makespan
@@ -118,8 +125,27 @@ def test_bench_pipeline_prints_every_schedule(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_pipeline  # the spawned ranks import it by this name too
 
-    assert bench_pipeline.main(["--n-layer", "4", "--n-embd", "32", "--seq", "16", "--micro", "2",
-                                "--micro-batches", "2", "--steps", "1", "--warmup", "0"]) == 0
+    assert (
+        bench_pipeline.main(
+            [
+                "--n-layer",
+                "4",
+                "--n-embd",
+                "32",
+                "--seq",
+                "16",
+                "--micro",
+                "2",
+                "--micro-batches",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+            ]
+        )
+        == 0
+    )
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     table = {r[0]: r[1:] for r in rows if r and r[0] in ("none", "gpipe", "1f1b", "interleaved")}
     assert sorted(table) == ["1f1b", "gpipe", "interleaved", "none"]

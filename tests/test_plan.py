@@ -43,23 +43,50 @@ def test_a_good_run_plans_its_layout_batch_split_and_tokenizer(prefix):
     assert plan.split.pieces == ((0, 1), (2, 3)) and plan.tokenizer.vocab_size == 50257
 
 
-@pytest.mark.parametrize("overrides,world,ds,needle", [
-    (["parallel.tp=2", "parallel.pp=2"], 6, DS, "world size 6 is not divisible by parallel.tp x parallel.pp = 2 x 2"),
-    ([], 2, {**DS, "train_batch_size": 12}, "train_batch_size=12 but train_micro_batch_size_per_gpu x "
-                                             "gradient_accumulation_steps x data-parallel size = 4 x 2 x 2 = 16"),
-    (["parallel.pp=2", "model.n_layer=3"], 2, DS, "model.n_layer=3 is not divisible by parallel.pp x "
-                                                 "parallel.virtual_stages = 2; change one of them or use "
-                                                 "parallel.partition=parameters"),
-    (["parallel.pp=4", "model.n_layer=4"], 4, DS, "parallel.schedule=1f1b needs at least parallel.pp=4 "
-                                                 "micro-batches per step, got gradient_accumulation_steps=2"),
-    (["parallel.pp=2", "model.n_layer=4"], 2, ds_config(stage=3, accum=2), "supports ZeRO stages 0-2"),
-    (["parallel.virtual_stages=2", "parallel.schedule=interleaved"], 1, DS, "it needs parallel.pp > 1"),
-    (["model.vocab_size=1000"], 1, DS, "has 50,257 ids but model.vocab_size=1,000: if model.vocab_size is "
-                                       "right, the tokenizer is the wrong one"),
-    (["data.split=1,x"], 1, DS, "data.split: split '1,x' must be comma-separated numbers"),
-    ([], 1, {**DS, "optimizer": {"type": "Adam"}}, "must not define optimizer/scheduler"),
-    ([], 1, {**DS, "bf16": {"enabled": "yes"}}, "bf16.enabled must be true, false or \"auto\""),
-])
+@pytest.mark.parametrize(
+    "overrides,world,ds,needle",
+    [
+        (
+            ["parallel.tp=2", "parallel.pp=2"],
+            6,
+            DS,
+            "world size 6 is not divisible by parallel.tp x parallel.pp = 2 x 2",
+        ),
+        (
+            [],
+            2,
+            {**DS, "train_batch_size": 12},
+            "train_batch_size=12 but train_micro_batch_size_per_gpu x "
+            "gradient_accumulation_steps x data-parallel size = 4 x 2 x 2 = 16",
+        ),
+        (
+            ["parallel.pp=2", "model.n_layer=3"],
+            2,
+            DS,
+            "model.n_layer=3 is not divisible by parallel.pp x "
+            "parallel.virtual_stages = 2; change one of them or use "
+            "parallel.partition=parameters",
+        ),
+        (
+            ["parallel.pp=4", "model.n_layer=4"],
+            4,
+            DS,
+            "parallel.schedule=1f1b needs at least parallel.pp=4 "
+            "micro-batches per step, got gradient_accumulation_steps=2",
+        ),
+        (["parallel.pp=2", "model.n_layer=4"], 2, ds_config(stage=3, accum=2), "supports ZeRO stages 0-2"),
+        (["parallel.virtual_stages=2", "parallel.schedule=interleaved"], 1, DS, "it needs parallel.pp > 1"),
+        (
+            ["model.vocab_size=1000"],
+            1,
+            DS,
+            "has 50,257 ids but model.vocab_size=1,000: if model.vocab_size is right, the tokenizer is the wrong one",
+        ),
+        (["data.split=1,x"], 1, DS, "data.split: split '1,x' must be comma-separated numbers"),
+        ([], 1, {**DS, "optimizer": {"type": "Adam"}}, "must not define optimizer/scheduler"),
+        ([], 1, {**DS, "bf16": {"enabled": "yes"}}, 'bf16.enabled must be true, false or "auto"'),
+    ],
+)
 def test_each_mistake_is_one_message_naming_the_fix(prefix, overrides, world, ds, needle):
     with pytest.raises(PlanError) as e:
         plan_run(_cfg(prefix, *overrides), ds, world_size=world)
@@ -68,8 +95,11 @@ def test_each_mistake_is_one_message_naming_the_fix(prefix, overrides, world, ds
 
 def test_the_pipeline_split_has_one_rule(prefix):
     """What partition() builds, the plan accepts (6 layers over 4 stages balance by parameters)."""
-    plan = plan_run(_cfg(prefix, "parallel.pp=4", "model.n_layer=6", "parallel.partition=parameters"),
-                    ds_config(accum=4), world_size=4)
+    plan = plan_run(
+        _cfg(prefix, "parallel.pp=4", "model.n_layer=6", "parallel.partition=parameters"),
+        ds_config(accum=4),
+        world_size=4,
+    )
     assert sum(len(p) for p in plan.split.pieces) == 6 and min(len(p) for p in plan.split.pieces) >= 1
 
 
@@ -98,21 +128,24 @@ def test_a_broken_index_is_refused_by_name(prefix, tmp_path):
         plan_run(_cfg(prefix, f"data.path=0.5 {prefix} 0.5 {bad}"), DS, world_size=1)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--data-path", "data/owt"], "--data-path is Megatron-LM's flag; here it is --data.path=data/owt"),
-    (["--micro-batch-size=4"], "train_micro_batch_size_per_gpu is set in the DeepSpeed JSON"),
-    (["--global-batch-size", "512"], "train_batch_size is set in the DeepSpeed JSON"),
-    (["--tensor-model-parallel-size", "2"], "here it is --parallel.tp=2"),
-    (["--pipeline-model-parallel-size=4"], "here it is --parallel.pp=4"),
-    (["--lr", "6e-4"], "here it is --optim.lr=6e-4"),
-    (["--train-iters", "100"], "here it is --train.steps=100"),
-    (["--save", "ck"], "here it is --checkpoint.dir=ck"),
-    (["--load", "ck"], "--checkpoint.dir=ck (resuming from it is automatic"),
-    (["--max_iters=100"], "--max_iters is nanoGPT's flag; here it is --train.steps=100"),
-    (["--n_layer=4"], "config keys take their section: --model.n_layer=4"),
-    (["--train.stepz=3"], "unknown key train.stepz (did you mean train.steps?)"),
-    (["--bogus"], "unrecognised argument '--bogus'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--data-path", "data/owt"], "--data-path is Megatron-LM's flag; here it is --data.path=data/owt"),
+        (["--micro-batch-size=4"], "train_micro_batch_size_per_gpu is set in the DeepSpeed JSON"),
+        (["--global-batch-size", "512"], "train_batch_size is set in the DeepSpeed JSON"),
+        (["--tensor-model-parallel-size", "2"], "here it is --parallel.tp=2"),
+        (["--pipeline-model-parallel-size=4"], "here it is --parallel.pp=4"),
+        (["--lr", "6e-4"], "here it is --optim.lr=6e-4"),
+        (["--train-iters", "100"], "here it is --train.steps=100"),
+        (["--save", "ck"], "here it is --checkpoint.dir=ck"),
+        (["--load", "ck"], "--checkpoint.dir=ck (resuming from it is automatic"),
+        (["--max_iters=100"], "--max_iters is nanoGPT's flag; here it is --train.steps=100"),
+        (["--n_layer=4"], "config keys take their section: --model.n_layer=4"),
+        (["--train.stepz=3"], "unknown key train.stepz (did you mean train.steps?)"),
+        (["--bogus"], "unrecognised argument '--bogus'"),
+    ],
+)
 def test_flags_typed_by_habit_name_our_equivalent(argv, needle):
     with pytest.raises(ConfigError) as e:
         load_config(None, parse_args(argv)[1])
@@ -126,8 +159,10 @@ def test_overrides_take_both_spellings():
 
 
 # -- the entry, as users start it ----------------------------------------------------------------
-_PROBE = ("import sys; from megagpt2.training import main; rc = main(sys.argv[1:]); "
-          "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+_PROBE = (
+    "import sys; from megagpt2.training import main; rc = main(sys.argv[1:]); "
+    "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)"
+)
 
 
 def timed_run(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float, float]:
@@ -150,16 +185,19 @@ def _entry(args: list[str], cwd: Path, **env: str) -> tuple[subprocess.Completed
     return r, cpu
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--data.path=nowhere/owt"], "no dataset at nowhere/owt ("),
-    (["--model.vocab_size=1000"], "has 50,257 ids but model.vocab_size=1,000"),
-    (["@world:2", "--parallel.pp=2", "--model.n_layer=3"], "model.n_layer=3 is not divisible by parallel.pp"),
-    (["--parallel.pp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 1 x 2"),
-    (["@ds:train_batch_size=12"], "train_batch_size=12 but train_micro_batch_size_per_gpu"),
-    (["@ds:wall_clock_breakdwn=0"], "unknown DeepSpeed key 'wall_clock_breakdwn'"),
-    (["--train.stepz=3"], "unknown key train.stepz"),
-    (["--data-path", "data/owt"], "here it is --data.path=data/owt"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--data.path=nowhere/owt"], "no dataset at nowhere/owt ("),
+        (["--model.vocab_size=1000"], "has 50,257 ids but model.vocab_size=1,000"),
+        (["@world:2", "--parallel.pp=2", "--model.n_layer=3"], "model.n_layer=3 is not divisible by parallel.pp"),
+        (["--parallel.pp=2"], "world size 1 is not divisible by parallel.tp x parallel.pp = 1 x 2"),
+        (["@ds:train_batch_size=12"], "train_batch_size=12 but train_micro_batch_size_per_gpu"),
+        (["@ds:wall_clock_breakdwn=0"], "unknown DeepSpeed key 'wall_clock_breakdwn'"),
+        (["--train.stepz=3"], "unknown key train.stepz"),
+        (["--data-path", "data/owt"], "here it is --data.path=data/owt"),
+    ],
+)
 def test_entry_mistakes_exit_2_within_5_s_before_any_process_group(prefix, tmp_path, args, needle):
     import json
 
@@ -170,8 +208,13 @@ def test_entry_mistakes_exit_2_within_5_s_before_any_process_group(prefix, tmp_p
         key, value = args.pop(0)[4:].split("=")
         ds[key] = int(value)
     if args and args[0].startswith("@world:"):  # rank 0 of a launcher's world (it fails before meeting the others)
-        env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": args.pop(0)[7:], "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": "29999"}
+        env = {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": args.pop(0)[7:],
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29999",
+        }
     cfg_path, ds_path = write_run_files(tmp_path, tiny_config(prefix, None), ds)
     assert json.loads(ds_path.read_text())["train_micro_batch_size_per_gpu"] == 4
     r, seconds = _entry(["--config", str(cfg_path), "--deepspeed_config", str(ds_path), *args], tmp_path, **env)
@@ -203,8 +246,10 @@ def test_help_lists_every_key_with_type_and_default_quickly(tmp_path):
     out = " ".join(r.stdout.split())  # help text wraps descriptions
     assert "--data.path=str " in out and "(default: '')" in out
     assert "--parallel.tp=int tensor-parallel size (default: 1)" in out
-    assert "--checkpoint.dir=str|none checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: " \
-           "no saving (default: auto)" in out
+    assert (
+        "--checkpoint.dir=str|none checkpoints, metrics.jsonl, loss.png; auto: runs/<YAML file stem>...; none: "
+        "no saving (default: auto)" in out
+    )
     assert "--model.attention=flash|fused_softmax|torch" in out
     rows = describe_fields()
     assert len(rows) > 50 and all(doc for _, _, _, doc in rows), [k for k, _, _, doc in rows if not doc]
@@ -213,8 +258,17 @@ def test_help_lists_every_key_with_type_and_default_quickly(tmp_path):
     assert cpu < 2.0, (cpu, wall)
 
 
-@pytest.mark.parametrize("tool", ["convert_checkpoint", "inspect_dataset", "make_demo_corpus", "merge_datasets",
-                                  "preprocess_data", "train_tokenizer"])
+@pytest.mark.parametrize(
+    "tool",
+    [
+        "convert_checkpoint",
+        "inspect_dataset",
+        "make_demo_corpus",
+        "merge_datasets",
+        "preprocess_data",
+        "train_tokenizer",
+    ],
+)
 def test_tool_help_is_quick(tool, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r, cpu, wall = timed_run([sys.executable, str(REPO / "tools" / f"{tool}.py"), "--help"], tmp_path, env)

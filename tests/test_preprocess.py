@@ -25,8 +25,7 @@ def make_doc(seed: int, words: int = 120) -> str:
     rng = np.random.default_rng(seed)
     tokens = ["".join(rng.choice(SYLLABLES, size=rng.integers(1, 4))) for _ in range(words)]
     half = words // 2
-    return (" ".join(tokens[:half]).capitalize() + ".\n\n"
-            + " ".join(tokens[half:]).capitalize() + ".")
+    return " ".join(tokens[:half]).capitalize() + ".\n\n" + " ".join(tokens[half:]).capitalize() + "."
 
 
 def near_copy(text: str) -> str:
@@ -82,8 +81,13 @@ def decoded(ds, tokenizer):
     return [tokenizer.decode(ds.document(d).tolist()) for d in range(ds.num_documents)]
 
 
-COMPRESSORS = {"jsonl": open, "jsonl.gz": gzip.open, "jsonl.zst": zstandard.open,
-               "jsonl.xz": lzma.open, "jsonl.bz2": bz2.open}
+COMPRESSORS = {
+    "jsonl": open,
+    "jsonl.gz": gzip.open,
+    "jsonl.zst": zstandard.open,
+    "jsonl.xz": lzma.open,
+    "jsonl.bz2": bz2.open,
+}
 
 
 @pytest.mark.parametrize("ext", list(COMPRESSORS))
@@ -105,11 +109,14 @@ def test_txt_directory_and_owt_tar(tmp_path, tokenizer):
     (docs / "notes.md").write_text("not a document")  # unsupported names in a directory: skipped
     (docs / "bad.txt").write_bytes(b"caf\xe9 \xff broken")  # bad UTF-8: repaired, counted
     tar = tmp_path / "owt.tar"
-    write_owt_tar(str(tar), {
-        "openwebtext/urlsf_00-1_data.xz": xz_tar({"0001.txt": make_doc(2), "0002.txt": make_doc(3)}),
-        "openwebtext/urlsf_00-2_data.xz": b"\xfd7zXZ\x00garbage",  # unreadable member
-        "openwebtext/urlsf_00-3_data.xz": xz_tar({"0003.txt": make_doc(4)}),
-    })
+    write_owt_tar(
+        str(tar),
+        {
+            "openwebtext/urlsf_00-1_data.xz": xz_tar({"0001.txt": make_doc(2), "0002.txt": make_doc(3)}),
+            "openwebtext/urlsf_00-2_data.xz": b"\xfd7zXZ\x00garbage",  # unreadable member
+            "openwebtext/urlsf_00-3_data.xz": xz_tar({"0003.txt": make_doc(4)}),
+        },
+    )
     report, ds = run(tmp_path, [tmp_path / "pages", tar])
     # Directory in sorted path order (a, b, bad), then the archive members in order.
     docs = [make_doc(i) for i in range(5)]
@@ -135,13 +142,27 @@ def test_every_drop_reason_counted(tmp_path, tokenizer, caplog):
     gz_docs = [make_doc(10 + i) for i in range(40)]
     truncated = gzip.compress(jsonl_bytes(gz_docs))
     (tmp_path / "b.jsonl.gz").write_bytes(truncated[: len(truncated) // 2])
-    report, ds = run(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"],
-                     "--min-chars", "20", "--max-non-alpha", "0.5", "--dedup", "--near-dedup")
+    report, ds = run(
+        tmp_path,
+        [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"],
+        "--min-chars",
+        "20",
+        "--max-non-alpha",
+        "0.5",
+        "--dedup",
+        "--near-dedup",
+    )
     gz_lines = report["documents_read"] - 16 - 1  # a.jsonl has 16 records, then one gz error
     assert gz_lines >= 2
     # The bad UTF-8 line is repaired ("bad \ufffd\ufffd utf8 here", 19 characters), then too short.
-    assert report["dropped"] == {"malformed": 4, "empty": 2, "too_short": 2, "non_alpha": 1,
-                                 "duplicate": 1, "near_duplicate": 1}
+    assert report["dropped"] == {
+        "malformed": 4,
+        "empty": 2,
+        "too_short": 2,
+        "non_alpha": 1,
+        "duplicate": 1,
+        "near_duplicate": 1,
+    }
     assert report["repairs"]["invalid_utf8_documents"] == 1
     assert report["documents_kept"] == 6 + gz_lines
     assert decoded(ds, tokenizer) == keep + gz_docs[:gz_lines]
@@ -156,31 +177,49 @@ def test_same_output_for_any_worker_count(tmp_path):
     write_jsonl(str(tmp_path / "in.jsonl"), texts)
     outputs = []
     for workers in (1, 3):
-        run(tmp_path, [tmp_path / "in.jsonl"], "--workers", str(workers), "--chunk-bytes", "2000",
-            "--append-eod", "--dedup", name=f"w{workers}")
-        outputs.append([open(tmp_path / f"w{workers}_text_document{ext}", "rb").read()
-                        for ext in (".bin", ".idx")])
+        run(
+            tmp_path,
+            [tmp_path / "in.jsonl"],
+            "--workers",
+            str(workers),
+            "--chunk-bytes",
+            "2000",
+            "--append-eod",
+            "--dedup",
+            name=f"w{workers}",
+        )
+        outputs.append([open(tmp_path / f"w{workers}_text_document{ext}", "rb").read() for ext in (".bin", ".idx")])
     assert outputs[0] == outputs[1]
     ds = IndexedDataset(str(tmp_path / "w3_text_document"))
     assert ds.num_documents == 120 and all(ds[i][-1] == 50256 for i in range(120))
 
 
 def test_cleaning_switches(tmp_path, tokenizer):
-    texts = ["The caf\u00c3\u00a9 is open   today.\r\n\r\n\r\n\r\nCome in.", "Repeat me please.",
-             "repeat   ME please."]
+    texts = ["The caf\u00c3\u00a9 is open   today.\r\n\r\n\r\n\r\nCome in.", "Repeat me please.", "repeat   ME please."]
     write_jsonl(str(tmp_path / "in.jsonl"), texts)
-    report, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--clean", "web", "--min-chars", "0",
-                     "--max-non-alpha", "1", name="clean")
-    assert decoded(ds, tokenizer) == ["The caf\u00e9 is open today.\n\nCome in.",
-                                      "Repeat me please."]
+    report, ds = run(
+        tmp_path, [tmp_path / "in.jsonl"], "--clean", "web", "--min-chars", "0", "--max-non-alpha", "1", name="clean"
+    )
+    assert decoded(ds, tokenizer) == ["The caf\u00e9 is open today.\n\nCome in.", "Repeat me please."]
     assert report["dropped"]["duplicate"] == 1 and report["clean"] == "web"
-    assert {"read", "nul", "fix_unicode", "whitespace", "filters", "dedup_key", "tokenize", "dedup",
-            "write"} <= set(report["stage_cpu_seconds"])
+    assert {"read", "nul", "fix_unicode", "whitespace", "filters", "dedup_key", "tokenize", "dedup", "write"} <= set(
+        report["stage_cpu_seconds"]
+    )
     for flags in ((), ("--no-clean",), ("--clean", "web", "--no-clean")):
         report, ds = run(tmp_path, [tmp_path / "in.jsonl"], *flags, name="raw")
         assert decoded(ds, tokenizer) == texts and report["documents_kept"] == 3
-    _, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--clean", "web", "--no-dedup", "--no-near-dedup",
-                "--no-fix-unicode", "--min-chars", "0", name="nd")
+    _, ds = run(
+        tmp_path,
+        [tmp_path / "in.jsonl"],
+        "--clean",
+        "web",
+        "--no-dedup",
+        "--no-near-dedup",
+        "--no-fix-unicode",
+        "--min-chars",
+        "0",
+        name="nd",
+    )
     assert decoded(ds, tokenizer)[0] == "The caf\u00c3\u00a9 is open today.\n\nCome in."
     assert ds.num_documents == 3
     _, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--dedup", name="dedup_only")
@@ -192,15 +231,22 @@ def test_near_dedup_removes_planted_and_keeps_distinct(tmp_path):
     planted = [near_copy(distinct[i]) for i in range(0, 40, 4)]
     write_jsonl(str(tmp_path / "in.jsonl"), distinct + planted)
     for shingle, size in (("word", "5"), ("char", "8")):
-        report, ds = run(tmp_path, [tmp_path / "in.jsonl"], "--near-dedup", "--shingle", shingle,
-                         "--shingle-size", size, name=shingle)
+        report, ds = run(
+            tmp_path,
+            [tmp_path / "in.jsonl"],
+            "--near-dedup",
+            "--shingle",
+            shingle,
+            "--shingle-size",
+            size,
+            name=shingle,
+        )
         assert report["dropped"]["near_duplicate"] == 10
         assert ds.num_documents == 40
 
 
 def test_multiple_json_keys(tmp_path, tokenizer):
-    rows = [{"text": make_doc(1), "title": "First"}, {"text": make_doc(2)},
-            {"text": make_doc(1), "title": "Dup"}]
+    rows = [{"text": make_doc(1), "title": "First"}, {"text": make_doc(2)}, {"text": make_doc(1), "title": "Dup"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run(tmp_path, [tmp_path / "in.jsonl"], "--json-keys", "text", "title", "--dedup")
     titles = IndexedDataset(str(tmp_path / "out_title_document"))
@@ -221,19 +267,28 @@ def test_interrupted_run_keeps_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "process_chunk", dying)
     with pytest.raises(KeyboardInterrupt):
-        preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix",
-                              str(tmp_path / "out"), "--chunk-bytes", "100", "--no-dedup"])
+        preprocess_data.main(
+            [
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output-prefix",
+                str(tmp_path / "out"),
+                "--chunk-bytes",
+                "100",
+                "--no-dedup",
+            ]
+        )
     assert len(calls) == 2
     assert open(tmp_path / "out_text_document.bin", "rb").read() == before
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
 
 
 def test_bad_arguments_fail_with_a_message(tmp_path, caplog):
-    assert preprocess_data.main(["--input", str(tmp_path / "missing*.jsonl"), "--output-prefix",
-                                 str(tmp_path / "o")]) == 1
+    assert (
+        preprocess_data.main(["--input", str(tmp_path / "missing*.jsonl"), "--output-prefix", str(tmp_path / "o")]) == 1
+    )
     assert "matches no file" in caplog.text
     (tmp_path / "x.csv").write_text("a,b")
-    assert preprocess_data.main(["--input", str(tmp_path / "x.csv"), "--output-prefix",
-                                 str(tmp_path / "o")]) == 1
+    assert preprocess_data.main(["--input", str(tmp_path / "x.csv"), "--output-prefix", str(tmp_path / "o")]) == 1
     assert "unsupported file type" in caplog.text
     assert not list(tmp_path.glob("o_*"))

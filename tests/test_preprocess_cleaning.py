@@ -52,13 +52,15 @@ def test_normalize_whitespace():
     assert normalize_whitespace("x\u00a0\u00a0y") == "x y"  # non-breaking spaces too
 
 
-@pytest.mark.parametrize("text,expected", [("abc 123 !!", 5 / 8), ("", 0.0), ("   ", 0.0),
-                                           ("only letters", 0.0), ("12 34", 1.0)])
+@pytest.mark.parametrize(
+    "text,expected", [("abc 123 !!", 5 / 8), ("", 0.0), ("   ", 0.0), ("only letters", 0.0), ("12 34", 1.0)]
+)
 def test_non_alpha_fraction(text, expected):
     assert non_alpha_fraction(text) == pytest.approx(expected)
     # The non-ASCII path (regex) agrees with the ASCII fast path.
     assert non_alpha_fraction(text + " é") == pytest.approx(
-        1 - (len([c for c in text if c.isalpha()]) + 1) / (len(text.replace(" ", "")) + 1))
+        1 - (len([c for c in text if c.isalpha()]) + 1) / (len(text.replace(" ", "")) + 1)
+    )
 
 
 def test_dedup_key_ignores_case_and_whitespace():
@@ -76,8 +78,7 @@ def test_stages_and_index_drop_reasons():
     for text in docs:
         done = stages.process({"text": text})
         reasons.append(done.reason or index.check(done))
-    assert reasons == ["empty", "too_short", "non_alpha", None, "duplicate", "near_duplicate",
-                       "near_duplicate"]
+    assert reasons == ["empty", "too_short", "non_alpha", None, "duplicate", "near_duplicate", "near_duplicate"]
     assert all(v >= 0 for v in stages.seconds.values()) and stages.seconds["minhash"] > 0
 
 
@@ -88,10 +89,15 @@ def test_minhash_estimates_jaccard(shingle, size):
     words = list(rng.choice(vocab, size=400))
     hasher = MinHasher(256, shingle, size)
     other = words[:300] + list(rng.choice(vocab, size=100))
+
     def grams(ws):
         text = " ".join(ws)
-        return ({tuple(ws[i:i + size]) for i in range(len(ws) - size + 1)} if shingle == "word"
-                else {text[i:i + size] for i in range(len(text) - size + 1)})
+        return (
+            {tuple(ws[i : i + size]) for i in range(len(ws) - size + 1)}
+            if shingle == "word"
+            else {text[i : i + size] for i in range(len(text) - size + 1)}
+        )
+
     a, b = grams(words), grams(other)
     true = len(a & b) / len(a | b)
     estimate = np.mean(hasher.signature(" ".join(words)) == hasher.signature(" ".join(other)))

@@ -44,8 +44,10 @@ def test_converted_checkpoint_gives_same_next_step_loss(tp2_run, tp):
     tmp, cfg, result = tp2_run
     expected = losses(result)[STEPS - 1]  # step 4's loss: computed with the weights after step 3
     out = tmp / f"tp{tp}"
-    assert convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out),
-                                    "--tp", str(tp)]) == 0
+    assert (
+        convert_checkpoint.main(["--input", str(tmp / "ckpt" / "step_00000003"), "--output", str(out), "--tp", str(tp)])
+        == 0
+    )
     assert len(list(out.glob("model_tp*.safetensors"))) == tp
     got = run_distributed(_next_loss_worker, tp, args=(cfg.to_dict(), str(out), 3 * 8, 8))
     for loss in got:
@@ -72,8 +74,10 @@ def test_hf_export_from_tp2_matches_transformers(tp2_run):
 
 
 def test_default_sharding_matches_layer_marks():
-    m = GPT2(ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=100,
-                         make_vocab_size_divisible_by=64), ProcessGroups.single())
+    m = GPT2(
+        ModelConfig(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=100, make_vocab_size_divisible_by=64),
+        ProcessGroups.single(),
+    )
     marks = {n: [getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1)] for n, p in m.named_parameters()}
     assert default_sharding(marks) == marks
 

@@ -27,9 +27,22 @@ def prefix(tmp_path_factory):
 def _train(cwd, *args: str) -> subprocess.CompletedProcess:
     """The entry as one process started in `cwd`."""
     env = {**os.environ, **dist_env(0, 1, free_port()), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "pretrain_gpt2.py"), "--config", "exp.yaml",
-                        "--deepspeed_config", "ds.json", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "pretrain_gpt2.py"),
+            "--config",
+            "exp.yaml",
+            "--deepspeed_config",
+            "ds.json",
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 

@@ -55,10 +55,13 @@ def test_a_live_holder_on_this_machine_is_refused_with_its_name(tmp_path):
         lock.release()
 
 
-@pytest.mark.parametrize("fields, why", [
-    (lambda: {"pid": dead_pid()}, "on this machine is gone"),
-    (lambda: {"started": 12345.0}, "on this machine is gone"),  # our pid, but another process's start time
-])
+@pytest.mark.parametrize(
+    "fields, why",
+    [
+        (lambda: {"pid": dead_pid()}, "on this machine is gone"),
+        (lambda: {"started": 12345.0}, "on this machine is gone"),  # our pid, but another process's start time
+    ],
+)
 def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path, fields, why):
     write_lock(tmp_path, **fields())
     lock = RunLock.acquire(str(tmp_path))

@@ -25,8 +25,20 @@ TEXTS = [CHINESE[i % len(CHINESE)] + "\n" + make_doc(i, words=20) for i in range
 def preprocess(directory: Path, name: str, *flags: str) -> str:
     write_jsonl(str(directory / f"{name}.jsonl"), TEXTS)
     prefix = str(directory / name)
-    assert preprocess_data.main(["--input", str(directory / f"{name}.jsonl"), "--output-prefix", prefix,
-                                 "--append-eod", "--no-progress", *flags]) == 0
+    assert (
+        preprocess_data.main(
+            [
+                "--input",
+                str(directory / f"{name}.jsonl"),
+                "--output-prefix",
+                prefix,
+                "--append-eod",
+                "--no-progress",
+                *flags,
+            ]
+        )
+        == 0
+    )
     return prefix + "_text_document"
 
 
@@ -34,9 +46,12 @@ def preprocess(directory: Path, name: str, *flags: str) -> str:
 def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sidecar")
     tok_json = byte_level_tokenizer_json(root / "tok" / "tokenizer.json")
-    return {"root": root, "tokenizer.json": tok_json,
-            "hf": preprocess(root, "zh", "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tok_json),
-            "gpt2": preprocess(root, "en")}
+    return {
+        "root": root,
+        "tokenizer.json": tok_json,
+        "hf": preprocess(root, "zh", "--tokenizer-type", "HFTokenizer", "--tokenizer-model", tok_json),
+        "gpt2": preprocess(root, "en"),
+    }
 
 
 def hf_tokenizer(data) -> object:
@@ -72,8 +87,13 @@ def test_sidecar_is_self_contained(data, tmp_path):
 
 def test_gpt2_sidecar_records_the_default_without_paths(data):
     sidecar = read_dataset_tokenizer(data["gpt2"])
-    assert sidecar.config() == {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": None, "merge_file": None,
-                                "tokenizer_model": None, "eod_token": None}
+    assert sidecar.config() == {
+        "tokenizer_type": "GPT2BPETokenizer",
+        "vocab_file": None,
+        "merge_file": None,
+        "tokenizer_model": None,
+        "eod_token": None,
+    }
     assert sorted(p.name for p in Path(sidecar.directory).iterdir()) == sorted([INFO_FILE, "encoder.json", "vocab.bpe"])
 
 
@@ -82,8 +102,9 @@ def test_resolve_uses_the_dataset_tokenizer_and_refuses_another(data):
     r = resolve_tokenizer(TokenizerConfig(), DataConfig(path=data["hf"]))
     assert r.tokenizer.identity() == hf_id and r.config.tokenizer_type == "HFTokenizer"
     assert f"dataset {data['hf']}" in r.summary() and not r.notes
-    same = resolve_tokenizer(TokenizerConfig("HFTokenizer", tokenizer_model=data["tokenizer.json"]),
-                             DataConfig(path=data["hf"]))
+    same = resolve_tokenizer(
+        TokenizerConfig("HFTokenizer", tokenizer_model=data["tokenizer.json"]), DataConfig(path=data["hf"])
+    )
     assert same.tokenizer.identity() == hf_id
     with pytest.raises(TokenizerError) as err:
         resolve_tokenizer(TokenizerConfig("GPT2BPETokenizer"), DataConfig(path=data["hf"]))
@@ -102,8 +123,9 @@ def test_dataset_without_sidecar_keeps_working_with_a_note(data, tmp_path):
     assert f"{bare} has no tokenizer sidecar" in r.notes[0]
     blend = resolve_tokenizer(TokenizerConfig(), DataConfig(path=f"1 {data['hf']} 1 {bare}"))
     assert blend.config.tokenizer_type == "HFTokenizer" and "assuming HFTokenizer" in blend.notes[0]
-    explicit = resolve_tokenizer(TokenizerConfig("HFTokenizer", tokenizer_model=data["tokenizer.json"]),
-                                 DataConfig(path=str(bare)))
+    explicit = resolve_tokenizer(
+        TokenizerConfig("HFTokenizer", tokenizer_model=data["tokenizer.json"]), DataConfig(path=str(bare))
+    )
     assert explicit.config.tokenizer_model == data["tokenizer.json"]
 
 
@@ -121,8 +143,7 @@ def test_inspect_dataset_decodes_with_the_sidecar(data, capsys):
     assert "tokenizer   HFTokenizer, 400 ids" in out and TEXTS[0] + "\n" in out and "<|endoftext|>" not in out
     assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0", "--show-special"]) == 0
     assert TEXTS[0] + "<|endoftext|>" in capsys.readouterr().out
-    assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0", "--tokenizer-type",
-                                 "GPT2BPETokenizer"]) == 1
+    assert inspect_dataset.main(["--prefix", data["hf"], "--doc", "0", "--tokenizer-type", "GPT2BPETokenizer"]) == 1
     err = capsys.readouterr().err
     assert "the tokenizer from the --tokenizer-* flags is GPT2BPETokenizer" in err and "built with HFTokenizer" in err
 

@@ -45,11 +45,29 @@ def files(stop_files) -> dict[str, Path]:
     return stop_files
 
 
-def submit(cluster: SlurmCluster, files: dict, script: str, ckpt: Path, steps: int, layout=PER_RANK,
-           env: dict | None = None, extra: tuple | list = ()) -> int:
-    args = [*CPU_JOB, *layout, f"--output={files['dir']}/%x-%j.out", f"launch/slurm/{script}",
-            "--config", str(files["config"]), "--deepspeed_config", str(files["ds"]), f"--train.steps={steps}",
-            f"--checkpoint.dir={ckpt}", *extra]
+def submit(
+    cluster: SlurmCluster,
+    files: dict,
+    script: str,
+    ckpt: Path,
+    steps: int,
+    layout=PER_RANK,
+    env: dict | None = None,
+    extra: tuple | list = (),
+) -> int:
+    args = [
+        *CPU_JOB,
+        *layout,
+        f"--output={files['dir']}/%x-%j.out",
+        f"launch/slurm/{script}",
+        "--config",
+        str(files["config"]),
+        "--deepspeed_config",
+        str(files["ds"]),
+        f"--train.steps={steps}",
+        f"--checkpoint.dir={ckpt}",
+        *extra,
+    ]
     return cluster.sbatch(args, cwd=REPO, env={"PYTHON": sys.executable, **(env or {})})
 
 
@@ -63,8 +81,9 @@ def finish(cluster: SlurmCluster, job: int, state: str = "COMPLETED") -> str:
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
     log = job_log(cluster, job)
     want_code = "0:0" if state == "COMPLETED" else None
-    assert info["JobState"] == state and (want_code is None or info["ExitCode"] == want_code), \
+    assert info["JobState"] == state and (want_code is None or info["ExitCode"] == want_code), (
         f"job {job}: {info['JobState']} exit {info['ExitCode']}\n{log[-4000:]}\n{cluster.logs(10)}"
+    )
     return log
 
 
@@ -116,9 +135,11 @@ def check_segment(name: str, log: str, ckpt: Path, stop: int, reason: str, refer
 
 
 # (script, task layout, environment, what its log shows of the launcher it used)
-VARIANTS = [("pretrain_gpt2.sbatch", PER_RANK, {}, "megagpt2: srun --kill-on-bad-exit=1"),
-            ("pretrain_gpt2_deepspeed.sbatch", PER_RANK, {}, "--launcher slurm"),
-            ("pretrain_gpt2_torchrun.sbatch", PER_NODE, {"NPROC_PER_NODE": "2"}, "torch.distributed.run")]
+VARIANTS = [
+    ("pretrain_gpt2.sbatch", PER_RANK, {}, "megagpt2: srun --kill-on-bad-exit=1"),
+    ("pretrain_gpt2_deepspeed.sbatch", PER_RANK, {}, "--launcher slurm"),
+    ("pretrain_gpt2_torchrun.sbatch", PER_NODE, {"NPROC_PER_NODE": "2"}, "torch.distributed.run"),
+]
 
 
 def test_each_variant_stops_on_sigterm_and_the_next_resumes_exactly(cluster, files, reference, tmp_path):
@@ -135,11 +156,27 @@ def test_each_variant_stops_on_sigterm_and_the_next_resumes_exactly(cluster, fil
 
     # srun run by hand (inside salloc, say): srun turns a SIGTERM into SIGKILL for its tasks, so it runs
     # under launch/graceful.py, which sends srun SIGUSR1 (forwarded to every task) instead.
-    cmd = [sys.executable, "launch/graceful.py", "srun", "-n", "2", "--gpus-per-node=0", "--kill-on-bad-exit=1",
-           sys.executable, "-u", "launch/pretrain_gpt2.py", "--config", str(files["config"]), "--deepspeed_config",
-           str(files["ds"]), f"--train.steps={ENDLESS}", f"--checkpoint.dir={ckpt}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**cluster.env, **slow}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "launch/graceful.py",
+        "srun",
+        "-n",
+        "2",
+        "--gpus-per-node=0",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-u",
+        "launch/pretrain_gpt2.py",
+        "--config",
+        str(files["config"]),
+        "--deepspeed_config",
+        str(files["ds"]),
+        f"--train.steps={ENDLESS}",
+        f"--checkpoint.dir={ckpt}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env={**cluster.env, **slow}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + JOB_TIMEOUT
         while len(steps_recorded(ckpt)) < stop + 2 and proc.poll() is None and time.time() < deadline:
@@ -152,8 +189,10 @@ def test_each_variant_stops_on_sigterm_and_the_next_resumes_exactly(cluster, fil
     assert proc.returncode == 0 and "got SIGTERM: sending SIGUSR1" in out, out[-4000:]
     stop = check_segment("graceful.py srun", out, ckpt, stop, "SIGUSR1", reference)
 
-    assert wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
-                                log_dir=tmp_path), timeout=JOB_TIMEOUT) == [0, 0]
+    assert wait_all(
+        start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",), log_dir=tmp_path),
+        timeout=JOB_TIMEOUT,
+    ) == [0, 0]
     rest = segment_losses(ckpt, stop)
     assert sorted(rest) == list(range(stop + 1, STEPS + 1))
     assert all(loss == reference[step] for step, loss in rest.items()), (rest, reference)
@@ -182,7 +221,7 @@ def test_signals_checkpoint_then_requeue_resumes(cluster, files, tmp_path):
     cluster.run(["scontrol", "requeue", str(job)])
     wait_for_restarts(cluster, job, 1)
     wait_for_steps(cluster, job, ckpt, at_least=first_stop + 3)
-    assert steps_recorded(ckpt)[:first_stop + 1] == list(range(1, first_stop + 2)), "did not resume at latest + 1"
+    assert steps_recorded(ckpt)[: first_stop + 1] == list(range(1, first_stop + 2)), "did not resume at latest + 1"
 
     # The time-limit warning (--signal=B:USR1@600 sends USR1 to the batch script): checkpoint, then the
     # script requeues the job itself.
@@ -207,21 +246,32 @@ def test_a_failing_rank_fails_the_job(cluster, files, tmp_path):
     assert "error: invalid config" in log and "model.n_head=5 must divide" in log
 
 
-DETECT = "from megagpt2.distributed import detect_env; e = detect_env(); print('ENV', e.rank, e.world_size, " \
-         "e.local_rank, e.master_addr, e.master_port, e.source)"
+DETECT = (
+    "from megagpt2.distributed import detect_env; e = detect_env(); print('ENV', e.rank, e.world_size, "
+    "e.local_rank, e.master_addr, e.master_port, e.source)"
+)
 
 
 def test_detect_env_under_real_srun_and_batch_script(cluster, files):
-    out = cluster.run(["srun", "-n", "2", "--gpus-per-node=0", sys.executable, "-c", DETECT], cwd=REPO,
-                      timeout=JOB_TIMEOUT).stdout
+    out = cluster.run(
+        ["srun", "-n", "2", "--gpus-per-node=0", sys.executable, "-c", DETECT], cwd=REPO, timeout=JOB_TIMEOUT
+    ).stdout
     rows = sorted(line.split()[1:] for line in out.splitlines() if line.startswith("ENV"))
     assert [r[:3] for r in rows] == [["0", "2", "0"], ["1", "2", "1"]], out
     assert {r[3] for r in rows} == {cluster.node} and len({r[4] for r in rows}) == 1  # same rendezvous
     assert {r[5] for r in rows} == {"slurm"}
 
     # The batch script itself (no srun) with 2 tasks: a clear error instead of a rank waiting forever.
-    job = cluster.sbatch(["-n", "2", "--gpus-per-node=0", f"--output={files['dir']}/nosrun-%j.out",
-                          f"--wrap={sys.executable} -c \"{DETECT}\""], cwd=REPO)
+    job = cluster.sbatch(
+        [
+            "-n",
+            "2",
+            "--gpus-per-node=0",
+            f"--output={files['dir']}/nosrun-%j.out",
+            f'--wrap={sys.executable} -c "{DETECT}"',
+        ],
+        cwd=REPO,
+    )
     info = cluster.wait(job, timeout=JOB_TIMEOUT)
     log = job_log(cluster, job)
     assert info["JobState"] == "FAILED" and "not started by srun" in log, log[-3000:]

@@ -60,13 +60,26 @@ def reference(stop_reference) -> dict[int, float]:
 
 
 def train_args(files: dict, ckpt: Path, steps: int = ENDLESS) -> list[str]:
-    return ["--config", str(files["config"]), "--deepspeed_config", str(files["ds"]), f"--checkpoint.dir={ckpt}",
-            f"--train.steps={steps}"]
+    return [
+        "--config",
+        str(files["config"]),
+        "--deepspeed_config",
+        str(files["ds"]),
+        f"--checkpoint.dir={ckpt}",
+        f"--train.steps={steps}",
+    ]
 
 
 def deepspeed(files, ckpt):
-    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            "launch/pretrain_gpt2.py", *train_args(files, ckpt)]
+    return [
+        str(BIN / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "launch/pretrain_gpt2.py",
+        *train_args(files, ckpt),
+    ]
 
 
 def graceful_deepspeed(files, ckpt):
@@ -74,8 +87,16 @@ def graceful_deepspeed(files, ckpt):
 
 
 def graceful_torchrun(files, ckpt):
-    return [sys.executable, "launch/graceful.py", str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
-            "launch/pretrain_gpt2.py", *train_args(files, ckpt)]
+    return [
+        sys.executable,
+        "launch/graceful.py",
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "launch/pretrain_gpt2.py",
+        *train_args(files, ckpt),
+    ]
 
 
 def mpirun_script(files, ckpt):
@@ -107,8 +128,9 @@ def wait_for_step(proc: subprocess.Popen, ckpt: Path, step: int, name: str) -> N
     while max(train_losses(ckpt), default=0) < step:
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"{name}: ended or stalled before step {step} (rc {proc.poll()}):\n"
-                        f"{proc.communicate()[0][-4000:]}")
+            pytest.fail(
+                f"{name}: ended or stalled before step {step} (rc {proc.poll()}):\n{proc.communicate()[0][-4000:]}"
+            )
         time.sleep(0.2)
 
 
@@ -122,8 +144,14 @@ def assert_same(losses: dict[int, float], reference: dict[int, float], name: str
 def test_each_launcher_stops_with_a_checkpoint_and_the_next_run_resumes_exactly(files, reference, tmp_path):
     ckpt, stop = tmp_path / "ckpt", 0
     for name, command, sig, want_rc, reason in CHAIN:
-        proc = subprocess.Popen(command(files, ckpt), cwd=REPO, env=launcher_env(SLOW), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            command(files, ckpt),
+            cwd=REPO,
+            env=launcher_env(SLOW),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         wait_for_step(proc, ckpt, stop + 2, name)
         proc.send_signal(sig)
         out = proc.communicate(timeout=TIMEOUT)[0]  # bare deepspeed: until the ranks close the runner's pipe
@@ -137,8 +165,10 @@ def test_each_launcher_stops_with_a_checkpoint_and_the_next_run_resumes_exactly(
         assert sorted(segment) == list(range(stop + 1, new_stop + 1)), f"{name}: steps {sorted(segment)}"
         assert_same(segment, reference, name)
         stop = new_stop
-    assert wait_all(start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",),
-                                log_dir=tmp_path), timeout=TIMEOUT) == [0, 0]
+    assert wait_all(
+        start_ranks(2, files["config"], files["ds"], args=(f"--checkpoint.dir={ckpt}",), log_dir=tmp_path),
+        timeout=TIMEOUT,
+    ) == [0, 0]
     rest = losses_after(ckpt, stop)
     assert sorted(rest) == list(range(stop + 1, STEPS + 1))
     assert_same(rest, reference, "the run after launch/mpirun.sh")
@@ -146,8 +176,14 @@ def test_each_launcher_stops_with_a_checkpoint_and_the_next_run_resumes_exactly(
 
 def test_a_second_run_on_the_directory_exits_2_naming_the_first_which_goes_on_untouched(files, reference, tmp_path):
     ckpt = tmp_path / "ckpt"
-    first = start_ranks(2, files["config"], files["ds"], extra_env=slow_steps(2.0), log_dir=tmp_path,
-                        args=(f"--checkpoint.dir={ckpt}", f"--train.steps={ENDLESS}"))
+    first = start_ranks(
+        2,
+        files["config"],
+        files["ds"],
+        extra_env=slow_steps(2.0),
+        log_dir=tmp_path,
+        args=(f"--checkpoint.dir={ckpt}", f"--train.steps={ENDLESS}"),
+    )
     try:
         deadline = time.time() + TIMEOUT
         while not train_losses(ckpt) and time.time() < deadline and all(p.poll() is None for p in first):
@@ -155,8 +191,9 @@ def test_a_second_run_on_the_directory_exits_2_naming_the_first_which_goes_on_un
         assert train_losses(ckpt), (tmp_path / "rank0.log").read_text()[-3000:]
         second_dir = tmp_path / "second"
         second_dir.mkdir()
-        second = start_ranks(2, files["config"], files["ds"], log_dir=second_dir,
-                             args=(f"--checkpoint.dir={ckpt}", "--train.seed=7"))
+        second = start_ranks(
+            2, files["config"], files["ds"], log_dir=second_dir, args=(f"--checkpoint.dir={ckpt}", "--train.seed=7")
+        )
         assert wait_all(second, timeout=TIMEOUT) == [2, 2]
         log0, log1 = (second_dir / "rank0.log").read_text(), (second_dir / "rank1.log").read_text()
         assert f"checkpoint.dir {ckpt} is in use by another run: pid {first[0].pid} on this machine" in log0, log0
@@ -177,8 +214,14 @@ def test_a_second_run_on_the_directory_exits_2_naming_the_first_which_goes_on_un
 
 def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(files, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = subprocess.Popen([sys.executable, "launch/pretrain_gpt2.py", *train_args(files, ckpt)], cwd=REPO,
-                            env=launcher_env(5.0), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "launch/pretrain_gpt2.py", *train_args(files, ckpt)],
+        cwd=REPO,
+        env=launcher_env(5.0),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_step(proc, ckpt, 1, "python")  # steps of 5 s: the second Ctrl-C must not wait for one to end
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)

@@ -13,8 +13,18 @@ from megagpt2.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megagpt2.parallel.layers import shard, unshard
 from tests.dist_utils import run_distributed, world_groups
 
-CFG = dict(n_layer=2, n_embd=32, n_head=4, n_positions=16, vocab_size=250, make_vocab_size_divisible_by=64,
-           dropout=0.0, attn_dropout=0.0, attention="torch", kernels="torch")
+CFG = dict(
+    n_layer=2,
+    n_embd=32,
+    n_head=4,
+    n_positions=16,
+    vocab_size=250,
+    make_vocab_size_divisible_by=64,
+    dropout=0.0,
+    attn_dropout=0.0,
+    attention="torch",
+    kernels="torch",
+)
 
 
 def _batch(seed: int = 0, B: int = 2, T: int = 16, V: int = 250):
@@ -65,8 +75,8 @@ def test_tp_matches_single_device(tp, sp):
     for r in results:
         assert _rel(r["logits"], ref_logits) < 1e-5
         assert abs(r["loss"].item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
-    ref_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in ref.parameters()))
-    norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    ref_norm = torch.sqrt(sum((p.grad**2).sum() for p in ref.parameters()))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
     assert abs(norm - ref_norm) <= 1e-5 * ref_norm
     for name, p in ref.named_parameters():
         assert _rel(grads[name], p.grad) < 1e-5, f"gradient of {name} differs"
@@ -113,7 +123,6 @@ def test_shard_unshard_stride_roundtrip():
     pieces = [shard(full, 0, r, 2, stride=3) for r in range(2)]
     assert pieces[0][:2].tolist() == full[:2].tolist() and pieces[0][2:4].tolist() == full[4:6].tolist()
     assert torch.equal(unshard(pieces, 0, stride=3), full)
-
 
 
 def _dropout_worker(rank, world, sp, idx):

@@ -164,10 +164,22 @@ def write_corpus(tmp_path) -> str:
 def test_sentencepiece_train_load_round_trip(tmp_path, capsys, model_type):
     corpus = write_corpus(tmp_path)
     prefix = str(tmp_path / "out" / "spm")
-    rc = train_tokenizer.main([
-        "--input", str(tmp_path / "*.jsonl"), "--json-key", "body", "--vocab-size", "320",
-        "--model-type", model_type, "--output-prefix", prefix, "--num-threads", "1",
-    ])
+    rc = train_tokenizer.main(
+        [
+            "--input",
+            str(tmp_path / "*.jsonl"),
+            "--json-key",
+            "body",
+            "--vocab-size",
+            "320",
+            "--model-type",
+            model_type,
+            "--output-prefix",
+            prefix,
+            "--num-threads",
+            "1",
+        ]
+    )
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=prefix + ".model")
@@ -193,12 +205,15 @@ def make_wordpiece_json(tmp_path) -> tuple[str, HFLibTokenizer]:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    sentences = ["The quick brown fox jumps over the lazy dog.", "A lazy dog sleeps all day.",
-                 "Quick thinking wins the day, said the fox!"] * 5
-    tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=120,
-                                                                 special_tokens=specials))
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "A lazy dog sleeps all day.",
+        "Quick thinking wins the day, said the fox!",
+    ] * 5
+    tok.train_from_iterator(sentences, trainers.WordPieceTrainer(vocab_size=120, special_tokens=specials))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     path = str(tmp_path / "tokenizer.json")
     tok.save(path)
     return path, tok
@@ -310,5 +325,6 @@ def test_train_tokenizer_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"corpus\.jsonl:1: no field 'text'.*--json-key"):
         train_tokenizer.main(["--input", corpus, "--output-prefix", prefix, "--quiet"])
     with pytest.raises(SystemExit, match=r"(?s)Vocabulary size too high.*--vocab-size"):
-        train_tokenizer.main(["--input", corpus, "--json-key", "body", "--vocab-size", "5000",
-                              "--output-prefix", prefix, "--quiet"])
+        train_tokenizer.main(
+            ["--input", corpus, "--json-key", "body", "--vocab-size", "5000", "--output-prefix", prefix, "--quiet"]
+        )

@@ -84,8 +84,8 @@ def assert_params_match(full: dict, ref: dict, steps: int, lr: float) -> None:
         got = full[name]
         if name.endswith("attn.c_attn.bias"):
             C = p.numel() // 3
-            assert got[C:2 * C].abs().max() <= steps * lr * 1.01  # key bias: a rounding-noise walk
-            got, p = torch.cat([got[:C], got[2 * C:]]), torch.cat([p[:C], p[2 * C:]])
+            assert got[C : 2 * C].abs().max() <= steps * lr * 1.01  # key bias: a rounding-noise walk
+            got, p = torch.cat([got[:C], got[2 * C :]]), torch.cat([p[:C], p[2 * C :]])
         rel = ((got - p).norm() / p.norm().clamp(min=1e-12)).item()
         assert rel < 1e-4, (name, rel)
         num += (got - p).norm().item() ** 2
@@ -106,6 +106,7 @@ def test_tp2_dp2_zero0_grad_norm_counts_each_parameter_once(data_prefix):
 
 def poison_step_3(trainer):
     """Make the forward pass of step 3 produce NaN (module-level so ranks can import it)."""
+
     def hook(module, inputs, output):
         return output * float("nan") if trainer.step == 2 else output
 
@@ -118,8 +119,7 @@ def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
 
     from megagpt2.checkpoint.store import find_latest
 
-    cfg = tiny_config(data_prefix, tmp_path / "ck", steps=5, train={"on_nonfinite": mode},
-                      checkpoint={"interval": 1})
+    cfg = tiny_config(data_prefix, tmp_path / "ck", steps=5, train={"on_nonfinite": mode}, checkpoint={"interval": 1})
     args = (cfg.to_dict(), ds_config(stage=2, micro=8), {}, True, poison_step_3)
     if mode == "stop":
         with pytest.raises(RuntimeError, match=r"step 3: loss nan"):
@@ -138,6 +138,7 @@ def test_nonfinite_loss_stops_or_skips(data_prefix, tmp_path, mode):
 
 def poison_from_step_2(trainer):
     """Every forward pass from step 2 on produces NaN: a run that has diverged for good."""
+
     def hook(module, inputs, output):
         return output * float("nan") if trainer.step >= 1 else output
 
@@ -147,10 +148,18 @@ def poison_from_step_2(trainer):
 def test_skipping_stops_after_max_skipped_steps_in_a_row(data_prefix, tmp_path):
     from megagpt2.checkpoint.store import find_latest
 
-    cfg = tiny_config(data_prefix, tmp_path / "ck", steps=8, train={"on_nonfinite": "skip", "max_skipped_steps": 3},
-                      checkpoint={"interval": 1})
+    cfg = tiny_config(
+        data_prefix,
+        tmp_path / "ck",
+        steps=8,
+        train={"on_nonfinite": "skip", "max_skipped_steps": 3},
+        checkpoint={"interval": 1},
+    )
     args = (cfg.to_dict(), ds_config(stage=2, micro=8), {}, False, poison_from_step_2)
-    with pytest.raises(RuntimeError, match=r"step 4: loss nan .* 3 non-finite steps in a row \(steps 2-4\) reached "
-                                           r"train.max_skipped_steps=3; stopping without a checkpoint"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"step 4: loss nan .* 3 non-finite steps in a row \(steps 2-4\) reached "
+        r"train.max_skipped_steps=3; stopping without a checkpoint",
+    ):
         run_distributed(train_worker, 1, args=args)
     assert find_latest(str(tmp_path / "ck")) == "step_00000003"  # the step that stopped it is not saved

@@ -58,10 +58,14 @@ def tiny_config(data_prefix: str, ckpt_dir: Optional[Path], steps: int = 5, **se
 
 
 def ds_config(stage: int = 2, micro: int = 4, accum: int = 1, clip: float = 1.0, bf16: bool = False) -> dict:
-    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "gradient_clipping": clip, "zero_optimization": {"stage": stage, "overlap_comm": stage == 2,
-                                                             "contiguous_gradients": stage == 2},
-            "bf16": {"enabled": bf16}, "steps_per_print": 10**9}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": stage, "overlap_comm": stage == 2, "contiguous_gradients": stage == 2},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+    }
 
 
 def make_trainer(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, timeout: float = 60.0):
@@ -85,12 +89,22 @@ def data_state(cfg: Config, layout, micro: int, global_batch: int):
     """The trainer's data for `cfg` on `layout` (as Trainer builds it), for workers without a Trainer."""
     from megagpt2.training.data import build_data
 
-    return build_data(cfg.data, layout, micro, global_batch, None, seed=cfg.train.seed,
-                      train_samples=cfg.train.steps * global_batch, valid_samples=0, eval_steps=cfg.train.eval_steps)
+    return build_data(
+        cfg.data,
+        layout,
+        micro,
+        global_batch,
+        None,
+        seed=cfg.train.seed,
+        train_samples=cfg.train.steps * global_batch,
+        valid_samples=0,
+        eval_steps=cfg.train.eval_steps,
+    )
 
 
-def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
-                 return_params: bool = True, patch=None) -> dict[str, Any]:
+def train_worker(
+    rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict, return_params: bool = True, patch=None
+) -> dict[str, Any]:
     """Run Trainer.train() on this rank; return records and (gathered by the caller) params.
 
     `patch(trainer)`, a module-level function, may alter the trainer before it runs."""
@@ -109,8 +123,10 @@ def train_worker(rank: int, world: int, cfg_dict: dict, ds: dict, layout: dict,
     lay = trainer.layout
     out: dict[str, Any] = {"records": records, "ps": (lay.tp_rank, lay.pp_rank, lay.dp_rank)}
     if return_params:
-        out["params"] = {n: (p.detach().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
-                         for n, p in trainer.model.named_parameters()}
+        out["params"] = {
+            n: (p.detach().clone(), getattr(p, "tp_dim", None), getattr(p, "tp_stride", 1))
+            for n, p in trainer.model.named_parameters()
+        }
         out["engine_optimizer_bytes"] = optimizer_state_bytes(trainer.engine)
     return out
 
@@ -153,5 +169,3 @@ def gathered_params(results: list[dict]) -> dict:
         ordered = [pieces[k] for k in sorted(pieces)]
         out[name] = ordered[0] if dim is None else unshard(ordered, dim, stride)
     return out
-
-

@@ -54,8 +54,11 @@ def export_hf(args, meta: dict, full: dict, cfg) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     p.add_argument("--input", required=True, help="checkpoint dir, step_* tag, converted dir or HF dir")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--to", choices=("megagpt2", "hf"), default="megagpt2", help="output format")
@@ -92,12 +95,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         sharding = meta.get("sharding") or default_sharding(full)
         for name, (dim, stride) in sharding.items():
             if dim is not None and full[name].shape[dim] % (args.tp * stride):
-                print(f"error: {name} of shape {tuple(full[name].shape)} cannot be split over tp={args.tp}",
-                      file=sys.stderr)
+                print(
+                    f"error: {name} of shape {tuple(full[name].shape)} cannot be split over tp={args.tp}",
+                    file=sys.stderr,
+                )
                 return 2
         write_converted(full, sharding, meta, args.output, args.tp, dtype)
-    print(f"wrote {args.output} ({args.to}{'' if args.to == 'hf' else f', tp={args.tp}'}) "
-          f"in {time.time() - t0:.1f} s")
+    print(f"wrote {args.output} ({args.to}{'' if args.to == 'hf' else f', tp={args.tp}'}) in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -42,8 +42,13 @@ def table(per_stage: list[MemoryEstimate]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="model preset (configs/gpt2/<preset>.yaml)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default="configs/ds/zero2.json", help="batch sizes, ZeRO stage, buckets, precision")
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        default="configs/ds/zero2.json",
+        help="batch sizes, ZeRO stage, buckets, precision",
+    )
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
@@ -51,12 +56,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=None, help="default: the DeepSpeed JSON's")
     p.add_argument("--seq", type=int, default=None, help="default: the config's data.seq_length")
     p.add_argument("--zero", type=int, choices=(0, 1, 2), default=None, help="default: the DeepSpeed JSON's")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="default: bf16 when the JSON enables it or says auto with ZeRO >= 1 (as on a GPU), else fp32")
+    p.add_argument(
+        "--precision",
+        choices=("bf16", "fp16", "fp32"),
+        default=None,
+        help="default: bf16 when the JSON enables it or says auto with ZeRO >= 1 (as on a GPU), else fp32",
+    )
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--activation-checkpointing", action="store_true")
-    p.add_argument("--schedule", choices=("none", "gpipe", "1f1b", "interleaved"), default=None,
-                   help="pipeline schedule (default: the config's)")
+    p.add_argument(
+        "--schedule",
+        choices=("none", "gpipe", "1f1b", "interleaved"),
+        default=None,
+        help="pipeline schedule (default: the config's)",
+    )
     return p.parse_args(argv)
 
 
@@ -105,15 +118,26 @@ def main(argv=None) -> int:
     zero = ds.get("zero_optimization", {})
     stage = args.zero if args.zero is not None else int(zero.get("stage", 0))
     bf16 = ds.get("bf16", {}).get("enabled")
-    precision = args.precision or ("bf16" if bf16 is True or (bf16 == "auto" and stage >= 1)
-                                   else "fp16" if ds.get("fp16", {}).get("enabled") is True else "fp32")
-    ds = {**ds, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-          "zero_optimization": {**zero, "stage": stage}}
+    precision = args.precision or (
+        "bf16"
+        if bf16 is True or (bf16 == "auto" and stage >= 1)
+        else "fp16"
+        if ds.get("fp16", {}).get("enabled") is True
+        else "fp32"
+    )
+    ds = {
+        **ds,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "zero_optimization": {**zero, "stage": stage},
+    }
     per_stage = [estimate_run(cfg, ds, args.dp, stage=s, precision=precision) for s in range(args.pp)]
-    print(f"{args.config}: tp {args.tp} x pp {args.pp} x dp {args.dp}, ZeRO-{stage}, {precision}, micro batch "
-          f"{micro} x {cfg.data.seq_length} tokens, {accum} micro-batches per step, activation checkpointing "
-          f"{'on' if cfg.model.activation_checkpointing else 'off'}, sequence parallel "
-          f"{'on' if cfg.parallel.sequence_parallel else 'off'}")
+    print(
+        f"{args.config}: tp {args.tp} x pp {args.pp} x dp {args.dp}, ZeRO-{stage}, {precision}, micro batch "
+        f"{micro} x {cfg.data.seq_length} tokens, {accum} micro-batches per step, activation checkpointing "
+        f"{'on' if cfg.model.activation_checkpointing else 'off'}, sequence parallel "
+        f"{'on' if cfg.parallel.sequence_parallel else 'off'}"
+    )
     print(table(per_stage))
     return 0
 

@@ -67,13 +67,18 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     c.add_argument("--limit", type=int, default=None, help="only the first N examples (lambada, multiple_choice)")
     c.add_argument("--output", default=None, help="write the results here as JSON")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    c.add_argument("--num-fewshot", type=int, default=None,
-                   help="k solved examples prepended to each prompt (default 0; lm_eval: the task's own)")
+    c.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        help="k solved examples prepended to each prompt (default 0; lm_eval: the task's own)",
+    )
     c.add_argument("--fewshot-pool", default=None, help="file of solved examples (default: the evaluated file)")
     c.add_argument("--fewshot-seed", type=int, default=1234)
     c.add_argument("--fewshot-delimiter", default="\n\n", help="text after each few-shot example")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="task", required=True)
     ppl = sub.add_parser("ppl", parents=[common], help="sliding-window perplexity of a text file or dataset")
     src = ppl.add_mutually_exclusive_group(required=True)
@@ -81,14 +86,23 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     src.add_argument("--data-path", help="indexed dataset prefix (.bin/.idx), documents concatenated")
     ppl.add_argument("--window", type=int, default=None, help="tokens per window (default: the model's context)")
     ppl.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window/2)")
-    ppl.add_argument("--detokenize", choices=DETOKENIZERS, default="none",
-                     help="undo WikiText / PTB / One Billion Word tokenisation before tokenizing "
-                          "(words are counted on the original)")
-    ppl.add_argument("--no-eod-prefix", action="store_true",
-                     help="do not start the stream with the end-of-document token (the first token is not scored)")
+    ppl.add_argument(
+        "--detokenize",
+        choices=DETOKENIZERS,
+        default="none",
+        help="undo WikiText / PTB / One Billion Word tokenisation before tokenizing "
+        "(words are counted on the original)",
+    )
+    ppl.add_argument(
+        "--no-eod-prefix",
+        action="store_true",
+        help="do not start the stream with the end-of-document token (the first token is not scored)",
+    )
     ppl.add_argument("--max-tokens", type=int, default=None, help="only the first N tokens of the stream")
-    for task, what in (("lambada", "last-word prediction on LAMBADA-format jsonl ({\"text\": ...})"),
-                       ("multiple_choice", "jsonl of context + choices + label (HellaSwag-style)")):
+    for task, what in (
+        ("lambada", 'last-word prediction on LAMBADA-format jsonl ({"text": ...})'),
+        ("multiple_choice", "jsonl of context + choices + label (HellaSwag-style)"),
+    ):
         t = sub.add_parser(task, parents=[common], help=what)
         t.add_argument("--input", required=True, help="jsonl file")
     add_lm_eval_parser(sub, common)
@@ -99,8 +113,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     if args.batch_size < 1 or (args.num_fewshot or 0) < 0 or (args.limit is not None and args.limit < 1):
         p.error("--batch-size and --limit must be >= 1, --num-fewshot >= 0")
     if args.task == "ppl" and args.num_fewshot:
-        p.error("ppl scores a running text: the preceding window already is its context, so there is no "
-                "prompt to prepend examples to (--num-fewshot applies to lambada and multiple_choice)")
+        p.error(
+            "ppl scores a running text: the preceding window already is its context, so there is no "
+            "prompt to prepend examples to (--num-fewshot applies to lambada and multiple_choice)"
+        )
     return args
 
 
@@ -113,10 +129,17 @@ def add_lm_eval_parser(sub, common: argparse.ArgumentParser) -> None:
     le.add_argument("--max-gen-toks", type=int, default=256, help="generation budget when a task sets none")
     le.add_argument("--seed", type=int, default=1234, help="lm-eval's seeds (few-shot sampling) and ours (sampling)")
     le.add_argument("--log-samples", action="store_true", help="also write every request and response")
-    le.add_argument("--bootstrap-iters", type=int, default=0,
-                    help="bootstrap resamples for standard errors (lm-eval's CLI uses 100000; 0 = none, fast)")
-    le.add_argument("--no-default-tasks", action="store_true",
-                    help="only the tasks of --include-path (never index lm-eval's built-in tasks)")
+    le.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=0,
+        help="bootstrap resamples for standard errors (lm-eval's CLI uses 100000; 0 = none, fast)",
+    )
+    le.add_argument(
+        "--no-default-tasks",
+        action="store_true",
+        help="only the tasks of --include-path (never index lm-eval's built-in tasks)",
+    )
 
 
 def add_paper_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -124,10 +147,12 @@ def add_paper_parsers(sub, common: argparse.ArgumentParser) -> None:
     cbt = sub.add_parser("cbt", parents=[common], help="Children's Book Test file (CBT-CN / CBT-NE)")
     cbt.add_argument("--input", required=True, help="CBT text file (cbtest_CN_test_2500ex.txt layout)")
     cbt.add_argument("--detokenize", choices=DETOKENIZERS, default="cbt", help="undo CBT's PTB-style tokenisation")
-    for task, what in (("coqa", "CoQA-style reading comprehension (F1)"),
-                       ("summarize", "TL;DR: summarization (ROUGE-1/2/L)"),
-                       ("translate", "'english = french' translation (BLEU)"),
-                       ("qa", "closed-book 'Q: ... A:' question answering (exact match)")):
+    for task, what in (
+        ("coqa", "CoQA-style reading comprehension (F1)"),
+        ("summarize", "TL;DR: summarization (ROUGE-1/2/L)"),
+        ("translate", "'english = french' translation (BLEU)"),
+        ("qa", "closed-book 'Q: ... A:' question answering (exact match)"),
+    ):
         t = sub.add_parser(task, parents=[common], help=what)
         t.add_argument("--input", required=True, help="jsonl file (formats: docs/evaluation.md)")
         t.add_argument("--seed", type=int, default=1234, help="sampling seed (summarize: top-k 2)")
@@ -143,27 +168,45 @@ def add_paper_parsers(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run_cbt(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
-    examples = read_cbt(args.input)[:args.limit]
+    examples = read_cbt(args.input)[: args.limit]
     with _bar(sum(len(e.candidates) for e in examples), args, rank0, "seq") as bar:
         metrics = evaluate_cbt(model, tokenizer, examples, args.detokenize, args.batch_size, bar.update)
     return metrics, {"detokenize": args.detokenize, "limit": args.limit}
 
 
 def run_generation(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
-    examples = task_examples(args.task, args.input, args.num_fewshot, args.fewshot_seed, args.fewshot_pool,
-                             getattr(args, "direction", "en-fr"))[:args.limit]
+    examples = task_examples(
+        args.task,
+        args.input,
+        args.num_fewshot,
+        args.fewshot_seed,
+        args.fewshot_pool,
+        getattr(args, "direction", "en-fr"),
+    )[: args.limit]
     with _bar(len(examples), args, rank0, "example") as bar:
-        metrics = evaluate_generation(args.task, model, tokenizer, examples, args.batch_size, args.seed,
-                                      args.max_new_tokens, bar.update)
-    settings = {"num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed, "seed": args.seed,
-                "limit": args.limit, "direction": getattr(args, "direction", None)}
+        metrics = evaluate_generation(
+            args.task, model, tokenizer, examples, args.batch_size, args.seed, args.max_new_tokens, bar.update
+        )
+    settings = {
+        "num_fewshot": args.num_fewshot,
+        "fewshot_seed": args.fewshot_seed,
+        "seed": args.seed,
+        "limit": args.limit,
+        "direction": getattr(args, "direction", None),
+    }
     return metrics, settings
 
 
 def run_paper_tasks(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    opts = {"batch_size": args.batch_size, "num_fewshot": args.num_fewshot, "seed": args.seed, "limit": args.limit,
-            "window": args.window, "stride": args.stride}
+    opts = {
+        "batch_size": args.batch_size,
+        "num_fewshot": args.num_fewshot,
+        "seed": args.seed,
+        "limit": args.limit,
+        "window": args.window,
+        "stride": args.stride,
+    }
     report = run_paper(model, tokenizer, args.data_dir, tasks, opts, log=print if rank0 else (lambda _: None))
     if rank0:
         print(format_tables(report, os.path.basename(os.path.normpath(args.load))))
@@ -188,29 +231,47 @@ def run_ppl(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
     else:
         stream = read_indexed(args.data_path, args.max_tokens).tolist()
     if args.max_tokens is not None:
-        stream = stream[:args.max_tokens]
+        stream = stream[: args.max_tokens]
         words = n_bytes = chars = None  # a cut stream no longer covers the whole text
     if not args.no_eod_prefix:
         stream = [tokenizer.eod] + list(stream)
     n_windows = len(sliding_windows(len(stream), window, stride))
     with _bar(n_windows, args, rank0, "window") as bar:
         nll, tokens = stream_nll(model, stream, window, stride, args.batch_size, tokenizer.eod, bar.update)
-    settings = {"window": window, "stride": stride, "windows": n_windows, "eod_prefix": not args.no_eod_prefix,
-                "detokenize": args.detokenize}
+    settings = {
+        "window": window,
+        "stride": stride,
+        "windows": n_windows,
+        "eod_prefix": not args.no_eod_prefix,
+        "detokenize": args.detokenize,
+    }
     return ppl_metrics(nll, tokens, words, n_bytes, chars), settings
 
 
 def run_choice_task(model, tokenizer, args, rank0: bool) -> tuple[dict, dict]:
     read = lambada_examples if args.task == "lambada" else mc_examples
-    examples = read(args.input)[:args.limit]
+    examples = read(args.input)[: args.limit]
     pool = pool_texts(args.task, args.fewshot_pool) if args.fewshot_pool else None
     total = len(examples) if args.task == "lambada" else sum(len(ch) for _, ch, _ in examples)
     fn = evaluate_lambada if args.task == "lambada" else evaluate_multiple_choice
     with _bar(total, args, rank0, "seq") as bar:
-        metrics = fn(model, tokenizer, examples, pool, args.num_fewshot, args.fewshot_seed,
-                     args.fewshot_delimiter, args.batch_size, bar.update)
-    settings = {"num_fewshot": args.num_fewshot, "fewshot_pool": args.fewshot_pool or args.input,
-                "fewshot_seed": args.fewshot_seed, "limit": args.limit}
+        metrics = fn(
+            model,
+            tokenizer,
+            examples,
+            pool,
+            args.num_fewshot,
+            args.fewshot_seed,
+            args.fewshot_delimiter,
+            args.batch_size,
+            bar.update,
+        )
+    settings = {
+        "num_fewshot": args.num_fewshot,
+        "fewshot_pool": args.fewshot_pool or args.input,
+        "fewshot_seed": args.fewshot_seed,
+        "limit": args.limit,
+    }
     return metrics, settings
 
 
@@ -232,8 +293,10 @@ def dataset_tokenizer(args, model, tokenizer, meta: dict):
     sidecar = read_dataset_tokenizer(args.data_path)
     if sidecar is None:
         return tokenizer
-    flags = any(getattr(args, k) is not None for k in ("tokenizer_type", "vocab_file", "merge_file",
-                                                        "tokenizer_model", "eod_token"))
+    flags = any(
+        getattr(args, k) is not None
+        for k in ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "eod_token")
+    )
     if not flags and not meta.get("tokenizer"):
         own = sidecar.build()
         check_tokenizer(meta, own, model.cfg.vocab_size, args.load)
@@ -261,10 +324,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     source = getattr(args, "input", None) or getattr(args, "data_path", None) or getattr(args, "data_dir", None)
-    result = {"task": args.task, "load": args.load, "input": source, "metrics": metrics,
-              "settings": {**settings, "batch_size": args.batch_size, "dtype": args.dtype, "tp": args.tp},
-              "tokenizer": tokenizer.identity()["type"], "step": meta.get("step"),
-              "seconds": round(time.time() - t0, 3)}
+    result = {
+        "task": args.task,
+        "load": args.load,
+        "input": source,
+        "metrics": metrics,
+        "settings": {**settings, "batch_size": args.batch_size, "dtype": args.dtype, "tp": args.tp},
+        "tokenizer": tokenizer.identity()["type"],
+        "step": meta.get("step"),
+        "seconds": round(time.time() - t0, 3),
+    }
     if rank0:
         if args.task != "paper":
             print(table(args.task, {k: v for k, v in metrics.items() if k not in ("examples", "chosen")}))

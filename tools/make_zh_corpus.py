@@ -69,8 +69,10 @@ def fetch(cache_dir: str, fortunes_dir: str | None = None) -> str:
     if _has_files(found):
         return found
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise RuntimeError(f"{PACKAGE} is not installed and apt-get/dpkg-deb are missing: install "
-                           f"{PACKAGE} or pass --fortunes-dir with its files {', '.join(FILES)}")
+        raise RuntimeError(
+            f"{PACKAGE} is not installed and apt-get/dpkg-deb are missing: install "
+            f"{PACKAGE} or pass --fortunes-dir with its files {', '.join(FILES)}"
+        )
     os.makedirs(cache_dir, exist_ok=True)
     result = _run(["apt-get", "download", PACKAGE], cache_dir)
     if result.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no package lists yet
@@ -78,8 +80,10 @@ def fetch(cache_dir: str, fortunes_dir: str | None = None) -> str:
         result = _run(["apt-get", "download", PACKAGE], cache_dir)
     debs = sorted(glob.glob(os.path.join(cache_dir, f"{PACKAGE}_*.deb")))
     if result.returncode != 0 or not debs:
-        raise RuntimeError(f"apt-get download {PACKAGE} failed ({result.stderr.strip()[-400:]}); "
-                           f"run `apt-get update` (as root) or install {PACKAGE}, then retry")
+        raise RuntimeError(
+            f"apt-get download {PACKAGE} failed ({result.stderr.strip()[-400:]}); "
+            f"run `apt-get update` (as root) or install {PACKAGE}, then retry"
+        )
     result = _run(["dpkg-deb", "-x", debs[-1], unpacked], cache_dir)
     if result.returncode != 0 or not _has_files(found):
         raise RuntimeError(f"dpkg-deb -x {debs[-1]} did not give {found}: {result.stderr.strip()[-400:]}")
@@ -116,8 +120,14 @@ def clauses(entry: str) -> list[str]:
     return out
 
 
-def make_zh_corpus(output_dir: str, cache_dir: str, fortunes_dir: str | None = None, seed: int = 0,
-                   min_han: float = 0.5, max_turns: int = 8) -> dict:
+def make_zh_corpus(
+    output_dir: str,
+    cache_dir: str,
+    fortunes_dir: str | None = None,
+    seed: int = 0,
+    min_han: float = 0.5,
+    max_turns: int = 8,
+) -> dict:
     """Write pretrain.jsonl and chat.txt (module docstring); returns their counts."""
     source = fetch(cache_dir, fortunes_dir)
     docs, dialogues = [], []
@@ -128,8 +138,8 @@ def make_zh_corpus(output_dir: str, cache_dir: str, fortunes_dir: str | None = N
             docs.append(json.dumps({"text": entry, "source": f"{PACKAGE}/{name}#{n}"}, ensure_ascii=False))
             turns = clauses(entry)
             for start in range(0, len(turns) - 1, max_turns):
-                if len(turns[start:start + max_turns]) >= 2:
-                    dialogues.append(turns[start:start + max_turns])
+                if len(turns[start : start + max_turns]) >= 2:
+                    dialogues.append(turns[start : start + max_turns])
     if not docs:
         raise RuntimeError(f"no mostly-Chinese entries in {source}")
     rng = np.random.default_rng(seed)
@@ -137,8 +147,14 @@ def make_zh_corpus(output_dir: str, cache_dir: str, fortunes_dir: str | None = N
     pretrain, chat = os.path.join(output_dir, "pretrain.jsonl"), os.path.join(output_dir, "chat.txt")
     _write(pretrain, "".join(docs[i] + "\n" for i in rng.permutation(len(docs))))
     _write(chat, "\n".join("".join(t + "\n" for t in dialogues[i]) for i in rng.permutation(len(dialogues))))
-    return {"source": source, "documents": len(docs), "characters": sum(len(json.loads(d)["text"]) for d in docs),
-            "dialogues": len(dialogues), "pretrain": pretrain, "chat": chat}
+    return {
+        "source": source,
+        "documents": len(docs),
+        "characters": sum(len(json.loads(d)["text"]) for d in docs),
+        "dialogues": len(dialogues),
+        "pretrain": pretrain,
+        "chat": chat,
+    }
 
 
 def _write(path: str, text: str) -> None:
@@ -154,20 +170,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", required=True, help="where the downloaded package is kept")
     p.add_argument("--fortunes-dir", default=None, help="use the fortunes-zh files in this directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles")
-    p.add_argument("--min-han", type=float, default=0.5,
-                   help="keep entries whose visible characters are at least this share CJK (default 0.5)")
+    p.add_argument(
+        "--min-han",
+        type=float,
+        default=0.5,
+        help="keep entries whose visible characters are at least this share CJK (default 0.5)",
+    )
     p.add_argument("--max-turns", type=int, default=8, help="turns per chat dialogue at most (default 8)")
     args = p.parse_args(argv)
     if args.max_turns < 2:
         p.error(f"--max-turns must be >= 2, got {args.max_turns}")
     try:
-        info = make_zh_corpus(args.output_dir, args.cache_dir, args.fortunes_dir, args.seed, args.min_han,
-                              args.max_turns)
+        info = make_zh_corpus(
+            args.output_dir, args.cache_dir, args.fortunes_dir, args.seed, args.min_han, args.max_turns
+        )
     except (RuntimeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"read {info['source']}: wrote {info['documents']:,} documents ({info['characters']:,} characters) "
-          f"to {info['pretrain']} and {info['dialogues']:,} dialogues to {info['chat']}")
+    print(
+        f"read {info['source']}: wrote {info['documents']:,} documents ({info['characters']:,} characters) "
+        f"to {info['pretrain']} and {info['dialogues']:,} dialogues to {info['chat']}"
+    )
     return 0
 
 

@@ -39,17 +39,27 @@ def _merged_sidecar(prefixes: list[str], output_prefix: str):
         return None
     for other in sidecars[1:]:
         if not same_identity(sidecars[0].identity, other.identity):
-            raise TokenizerError(f"{sidecars[0].prefix} was built with {sidecars[0].describe()} but "
-                                 f"{other.prefix} with {other.describe()}; datasets from different "
-                                 "tokenizers cannot be merged")
+            raise TokenizerError(
+                f"{sidecars[0].prefix} was built with {sidecars[0].describe()} but "
+                f"{other.prefix} with {other.describe()}; datasets from different "
+                "tokenizers cannot be merged"
+            )
     for prefix, sidecar in found:
         if sidecar is None:
-            print(f"note: {prefix} has no tokenizer sidecar; assuming it was built with "
-                  f"{sidecars[0].describe()} like {sidecars[0].prefix}", file=sys.stderr)
+            print(
+                f"note: {prefix} has no tokenizer sidecar; assuming it was built with "
+                f"{sidecars[0].describe()} like {sidecars[0].prefix}",
+                file=sys.stderr,
+            )
     first = sidecars[0]
-    return stage_sidecar(output_prefix, first.build(), first.info.get("eod_token"),
-                         {"merged_from": list(prefixes)}, first.info.get("bos_token"),
-                         first.info.get("newline_token"))
+    return stage_sidecar(
+        output_prefix,
+        first.build(),
+        first.info.get("eod_token"),
+        {"merged_from": list(prefixes)},
+        first.info.get("bos_token"),
+        first.info.get("newline_token"),
+    )
 
 
 def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
@@ -59,8 +69,9 @@ def merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
     dtypes = {p: IndexedDataset(p).dtype for p in prefixes}  # validates every input first
     if len(set(dtypes.values())) > 1:
         listing = ", ".join(f"{p}: {t.__name__}" for p, t in dtypes.items())
-        raise IndexedDatasetError(f"inputs have different token dtypes ({listing}); datasets "
-                                  "from different tokenizers cannot be merged")
+        raise IndexedDatasetError(
+            f"inputs have different token dtypes ({listing}); datasets from different tokenizers cannot be merged"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     staged = _merged_sidecar(prefixes, output_prefix)
     try:
@@ -84,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output_prefix}.bin/.idx: {merged.num_documents:,} documents, "
-          f"{merged.num_tokens:,} tokens from {len(args.input)} inputs")
+    print(
+        f"wrote {args.output_prefix}.bin/.idx: {merged.num_documents:,} documents, "
+        f"{merged.num_tokens:,} tokens from {len(args.input)} inputs"
+    )
     return 0
 
 

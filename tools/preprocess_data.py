@@ -35,28 +35,46 @@ log = logging.getLogger("preprocess_data")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     io = p.add_argument_group("input / output")
-    io.add_argument("--input", nargs="+", required=True,
-                    help="files, directories or globs (quote globs); any mix of formats")
-    io.add_argument("--json-keys", nargs="+", default=["text"],
-                    help="JSON fields to tokenize, one output per key; the first drives the filters")
-    io.add_argument("--output-prefix", required=True,
-                    help="outputs are {prefix}_{key}_document.bin/.idx and {prefix}_report.json")
-    io.add_argument("--append-eod", action="store_true",
-                    help="append the tokenizer's end-of-document id after every document")
-    io.add_argument("--prepend-bos", action="store_true",
-                    help="put the document-start token (--bos-token) before every document "
-                         "(GPT2-Chinese: --bos-token [MASK] --eod-token [CLS] --append-eod)")
-    io.add_argument("--workers", type=int, default=1,
-                    help="processes that clean and tokenize (1 = all in this process)")
-    io.add_argument("--chunk-bytes", type=int, default=1 << 19,
-                    help="text per work unit sent to a worker (default 512 KiB)")
-    io.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                    help="progress bar (default: when stderr is a terminal)")
-    io.add_argument("--log-errors", type=int, default=100,
-                    help="log at most this many bad records individually (all are counted)")
+    io.add_argument(
+        "--input", nargs="+", required=True, help="files, directories or globs (quote globs); any mix of formats"
+    )
+    io.add_argument(
+        "--json-keys",
+        nargs="+",
+        default=["text"],
+        help="JSON fields to tokenize, one output per key; the first drives the filters",
+    )
+    io.add_argument(
+        "--output-prefix", required=True, help="outputs are {prefix}_{key}_document.bin/.idx and {prefix}_report.json"
+    )
+    io.add_argument(
+        "--append-eod", action="store_true", help="append the tokenizer's end-of-document id after every document"
+    )
+    io.add_argument(
+        "--prepend-bos",
+        action="store_true",
+        help="put the document-start token (--bos-token) before every document "
+        "(GPT2-Chinese: --bos-token [MASK] --eod-token [CLS] --append-eod)",
+    )
+    io.add_argument(
+        "--workers", type=int, default=1, help="processes that clean and tokenize (1 = all in this process)"
+    )
+    io.add_argument(
+        "--chunk-bytes", type=int, default=1 << 19, help="text per work unit sent to a worker (default 512 KiB)"
+    )
+    io.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
+    io.add_argument(
+        "--log-errors", type=int, default=100, help="log at most this many bad records individually (all are counted)"
+    )
     add_tokenizer_args(p)
     add_cleaning_args(p)
     return p
@@ -70,12 +88,24 @@ def prepare(args: argparse.Namespace):
     tokenizer_kwargs = {flag: getattr(args, flag) for flag in TOKENIZER_FLAGS}
     tokenizer = build_tokenizer(**tokenizer_kwargs)
     if args.prepend_bos and tokenizer.bos is None:
-        raise ValueError("--prepend-bos needs a document-start token: pass --bos-token (for example "
-                         "[MASK] or [CLS] with a BERT vocabulary)")
+        raise ValueError(
+            "--prepend-bos needs a document-start token: pass --bos-token (for example "
+            "[MASK] or [CLS] with a BERT vocabulary)"
+        )
     expand_inputs(args.input)  # a missing or unsupported input fails here
-    opts = PipelineOptions(args.input, args.output_prefix, args.json_keys, args.append_eod,
-                           args.workers, args.chunk_bytes, args.progress, args.log_errors,
-                           tokenizer_kwargs, cleaning_from_args(args), args.prepend_bos)
+    opts = PipelineOptions(
+        args.input,
+        args.output_prefix,
+        args.json_keys,
+        args.append_eod,
+        args.workers,
+        args.chunk_bytes,
+        args.progress,
+        args.log_errors,
+        tokenizer_kwargs,
+        cleaning_from_args(args),
+        args.prepend_bos,
+    )
     return opts, tokenizer
 
 
@@ -86,9 +116,15 @@ def preprocess(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace, opts: PipelineOptions, tokenizer) -> dict:
     report = run_pipeline(opts, tokenizer)
-    report.update(inputs=list(args.input), workers=args.workers, append_eod=args.append_eod,
-                  prepend_bos=args.prepend_bos,
-                  clean=args.clean, cleaning=vars(opts.cleaning), tokenizer=tokenizer.identity())
+    report.update(
+        inputs=list(args.input),
+        workers=args.workers,
+        append_eod=args.append_eod,
+        prepend_bos=args.prepend_bos,
+        clean=args.clean,
+        cleaning=vars(opts.cleaning),
+        tokenizer=tokenizer.identity(),
+    )
     _write_json(f"{args.output_prefix}_report.json", report)
     return report
 
@@ -101,19 +137,24 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def format_report(report: dict) -> str:
-    rows = [("documents read", f"{report['documents_read']:,}"),
-            ("documents kept", f"{report['documents_kept']:,}")]
+    rows = [("documents read", f"{report['documents_read']:,}"), ("documents kept", f"{report['documents_kept']:,}")]
     rows += [(f"  dropped {reason}", f"{n:,}") for reason, n in report["dropped"].items()]
     rep = report["repairs"]
-    rows.append(("repaired invalid UTF-8", f"{rep['invalid_utf8_documents']:,}",
-                 f"  (documents; {rep['invalid_utf8_sequences']:,} sequences -> U+FFFD)"))
-    rows.append(("removed NUL", f"{rep['nul_documents']:,}",
-                 f"  (documents; {rep['nul_characters']:,} characters)"))
+    rows.append(
+        (
+            "repaired invalid UTF-8",
+            f"{rep['invalid_utf8_documents']:,}",
+            f"  (documents; {rep['invalid_utf8_sequences']:,} sequences -> U+FFFD)",
+        )
+    )
+    rows.append(("removed NUL", f"{rep['nul_documents']:,}", f"  (documents; {rep['nul_characters']:,} characters)"))
     rows += [(f"tokens written ({k})", f"{n:,}") for k, n in report["tokens_written"].items()]
     rows.append(("wall time", f"{report['wall_seconds']:.2f} s"))
     lines = [f"{label:<26}{value:>14}{note[0] if note else ''}" for label, value, *note in rows]
-    lines[-1] += (f"  ({report['mb_per_second']:.2f} MB/s, {report['tokens_per_second']:,.0f} "
-                  f"tokens/s, {report['workers']} workers)")
+    lines[-1] += (
+        f"  ({report['mb_per_second']:.2f} MB/s, {report['tokens_per_second']:,.0f} "
+        f"tokens/s, {report['workers']} workers)"
+    )
     stages = ", ".join(f"{k} {v:.2f}" for k, v in report["stage_cpu_seconds"].items() if v)
     lines.append(f"{'stage CPU seconds':<26}{stages}")
     return "\n".join(lines)

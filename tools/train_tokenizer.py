@@ -57,8 +57,16 @@ from megagpt2.corpus.readers import input_kind, open_compressed  # noqa: E402
 from megagpt2.tokenizer.wordpiece import SPECIAL_TOKENS, train_wordpiece  # noqa: E402
 
 # SentencePiece-only options and their defaults (refused with --type wordpiece when changed).
-SENTENCEPIECE_ONLY = ("model_type", "character_coverage", "byte_fallback", "normalization",
-                      "keep_whitespace", "split_digits", "user_defined_symbols", "max_sentence_length")
+SENTENCEPIECE_ONLY = (
+    "model_type",
+    "character_coverage",
+    "byte_fallback",
+    "normalization",
+    "keep_whitespace",
+    "split_digits",
+    "user_defined_symbols",
+    "max_sentence_length",
+)
 
 
 class InputError(Exception):
@@ -66,43 +74,75 @@ class InputError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--type", choices=("sentencepiece", "wordpiece"), default="sentencepiece",
-                        help="sentencepiece (.model) or BERT-style wordpiece (tokenizer.json + vocab.txt)")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="files or globs (quote them): text or jsonl, compressed or not")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--type",
+        choices=("sentencepiece", "wordpiece"),
+        default="sentencepiece",
+        help="sentencepiece (.model) or BERT-style wordpiece (tokenizer.json + vocab.txt)",
+    )
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="files or globs (quote them): text or jsonl, compressed or not"
+    )
     parser.add_argument("--json-key", default="text", help="field holding the text in jsonl")
-    parser.add_argument("--format", choices=("auto", "text", "jsonl"), default="auto",
-                        help="auto: jsonl for .jsonl/.json/.ndjson names, else text")
+    parser.add_argument(
+        "--format",
+        choices=("auto", "text", "jsonl"),
+        default="auto",
+        help="auto: jsonl for .jsonl/.json/.ndjson names, else text",
+    )
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--output-prefix", default=None,
-                        help="sentencepiece: writes PREFIX.model and PREFIX.vocab (directories are created)")
-    parser.add_argument("--output-dir", default=None,
-                        help="wordpiece: writes DIR/tokenizer.json and DIR/vocab.txt")
-    parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True,
-                        help="wordpiece: lower-case and strip accents, as BERT-Chinese (default on)")
-    parser.add_argument("--min-frequency", type=int, default=1,
-                        help="wordpiece: pieces seen fewer times are not added (default 1)")
-    parser.add_argument("--limit-alphabet", type=int, default=None,
-                        help="wordpiece: keep at most this many distinct characters, the most "
-                             "frequent (default: all)")
-    parser.add_argument("--character-coverage", type=float, default=0.9995,
-                        help="share of characters given their own piece; the rest use bytes")
-    parser.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
-                        help="encode unknown characters as UTF-8 byte pieces (needs vocab > ~260)")
-    parser.add_argument("--normalization", default="identity",
-                        choices=("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf"))
-    parser.add_argument("--keep-whitespace", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep runs of spaces (else SentencePiece collapses them)")
+    parser.add_argument(
+        "--output-prefix",
+        default=None,
+        help="sentencepiece: writes PREFIX.model and PREFIX.vocab (directories are created)",
+    )
+    parser.add_argument("--output-dir", default=None, help="wordpiece: writes DIR/tokenizer.json and DIR/vocab.txt")
+    parser.add_argument(
+        "--lowercase",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="wordpiece: lower-case and strip accents, as BERT-Chinese (default on)",
+    )
+    parser.add_argument(
+        "--min-frequency", type=int, default=1, help="wordpiece: pieces seen fewer times are not added (default 1)"
+    )
+    parser.add_argument(
+        "--limit-alphabet",
+        type=int,
+        default=None,
+        help="wordpiece: keep at most this many distinct characters, the most frequent (default: all)",
+    )
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters given their own piece; the rest use bytes",
+    )
+    parser.add_argument(
+        "--byte-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="encode unknown characters as UTF-8 byte pieces (needs vocab > ~260)",
+    )
+    parser.add_argument(
+        "--normalization", default="identity", choices=("identity", "nfkc", "nmt_nfkc", "nfkc_cf", "nmt_nfkc_cf")
+    )
+    parser.add_argument(
+        "--keep-whitespace",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep runs of spaces (else SentencePiece collapses them)",
+    )
     parser.add_argument("--split-digits", action="store_true", help="one piece per digit")
-    parser.add_argument("--user-defined-symbols", default="",
-                        help="comma-separated pieces that are never split")
-    parser.add_argument("--max-sentences", type=int, default=10_000_000,
-                        help="sample this many sentences for training (0 = use all)")
-    parser.add_argument("--max-sentence-length", type=int, default=16384,
-                        help="longer sentences (bytes) are skipped")
+    parser.add_argument("--user-defined-symbols", default="", help="comma-separated pieces that are never split")
+    parser.add_argument(
+        "--max-sentences", type=int, default=10_000_000, help="sample this many sentences for training (0 = use all)"
+    )
+    parser.add_argument("--max-sentence-length", type=int, default=16384, help="longer sentences (bytes) are skipped")
     parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
@@ -124,8 +164,9 @@ def check_outputs(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
             parser.error("--type sentencepiece writes PREFIX.model: give --output-prefix (not --output-dir)")
         return
     if args.output_dir is None or args.output_prefix is not None:
-        parser.error("--type wordpiece writes DIR/tokenizer.json and DIR/vocab.txt: give --output-dir "
-                     "(not --output-prefix)")
+        parser.error(
+            "--type wordpiece writes DIR/tokenizer.json and DIR/vocab.txt: give --output-dir (not --output-prefix)"
+        )
     changed = [name for name in SENTENCEPIECE_ONLY if getattr(args, name) != parser.get_default(name)]
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
@@ -169,9 +210,7 @@ def iter_documents(path: str, jsonl: bool, json_key: str) -> Iterator[str]:
                 raise InputError(f"{path}:{number}: not valid JSON ({e}); is it jsonl?") from e
             if not isinstance(record, dict) or json_key not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise InputError(
-                    f"{path}:{number}: no field {json_key!r} (keys: {keys}); set --json-key."
-                )
+                raise InputError(f"{path}:{number}: no field {json_key!r} (keys: {keys}); set --json-key.")
             if not isinstance(record[json_key], str):
                 raise InputError(
                     f"{path}:{number}: field {json_key!r} is "
@@ -187,8 +226,9 @@ class SentenceStream:
     so the original InputError is also kept in ``self.error`` for the caller to report.
     """
 
-    def __init__(self, files: list[str], fmt: str, json_key: str, quiet: bool,
-                 cleaning: CleaningConfig | None = None) -> None:
+    def __init__(
+        self, files: list[str], fmt: str, json_key: str, quiet: bool, cleaning: CleaningConfig | None = None
+    ) -> None:
         self.files, self.fmt, self.json_key, self.quiet = files, fmt, json_key, quiet
         self.cleaning = cleaning or CleaningConfig()
         self.sentences = 0
@@ -201,8 +241,7 @@ class SentenceStream:
             bar.set_postfix(sentences=self.sentences)
 
     def __iter__(self) -> Iterator[str]:
-        bar = tqdm(total=len(self.files), unit="file", desc="reading", disable=self.quiet,
-                   file=sys.stderr)
+        bar = tqdm(total=len(self.files), unit="file", desc="reading", disable=self.quiet, file=sys.stderr)
         try:
             for document in clean_documents(self._documents(bar), self.cleaning):
                 for line in document.split("\n"):
@@ -244,14 +283,20 @@ def train(args: argparse.Namespace, stream: SentenceStream) -> None:
 def write_wordpiece(args: argparse.Namespace, stream: SentenceStream) -> int:
     """Train WordPiece on ``stream``; write DIR/tokenizer.json and DIR/vocab.txt atomically."""
     try:
-        tok = train_wordpiece(stream, args.vocab_size, lowercase=args.lowercase,
-                              min_frequency=args.min_frequency, limit_alphabet=args.limit_alphabet,
-                              show_progress=False)
+        tok = train_wordpiece(
+            stream,
+            args.vocab_size,
+            lowercase=args.lowercase,
+            min_frequency=args.min_frequency,
+            limit_alphabet=args.limit_alphabet,
+            show_progress=False,
+        )
     except InputError as e:
         raise SystemExit(f"error: {e}") from None
     if stream.sentences == 0:
-        raise SystemExit(f"error: no text found in {len(args.files)} input file(s); check --input, "
-                         "--format and --json-key.")
+        raise SystemExit(
+            f"error: no text found in {len(args.files)} input file(s); check --input, --format and --json-key."
+        )
     os.makedirs(args.output_dir, exist_ok=True)
     vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
     assert [i for _, i in vocab] == list(range(len(vocab))), "WordPiece ids are not 0..n-1"
@@ -264,10 +309,14 @@ def write_wordpiece(args: argparse.Namespace, stream: SentenceStream) -> int:
     os.replace(txt_path + ".tmp", txt_path)
     if not args.quiet:
         kind = "BertWordPieceLowerCase" if args.lowercase else "BertWordPieceCase"
-        print(f"trained wordpiece: {len(vocab)} tokens ({' '.join(SPECIAL_TOKENS)} = ids 0-4) from "
-              f"{stream.sentences} sentences in {len(args.files)} file(s)")
-        print(f"wrote {json_path} (--tokenizer-type HFTokenizer --tokenizer-model {json_path}) and "
-              f"{txt_path} (--tokenizer-type {kind} --vocab-file {txt_path}), the same ids")
+        print(
+            f"trained wordpiece: {len(vocab)} tokens ({' '.join(SPECIAL_TOKENS)} = ids 0-4) from "
+            f"{stream.sentences} sentences in {len(args.files)} file(s)"
+        )
+        print(
+            f"wrote {json_path} (--tokenizer-type HFTokenizer --tokenizer-model {json_path}) and "
+            f"{txt_path} (--tokenizer-type {kind} --vocab-file {txt_path}), the same ids"
+        )
     return 0
 
 
@@ -275,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train and write the tokenizer files; exits non-zero with a message on bad input."""
     args = parse_args(argv)
     if args.type == "wordpiece":
-        return write_wordpiece(args, SentenceStream(args.files, args.format, args.json_key, args.quiet,
-                                                    args.cleaning))
+        return write_wordpiece(args, SentenceStream(args.files, args.format, args.json_key, args.quiet, args.cleaning))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     stream = SentenceStream(args.files, args.format, args.json_key, args.quiet, args.cleaning)
@@ -301,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         ) from None
     if not args.quiet:
         sp = sentencepiece.SentencePieceProcessor(model_file=args.output_prefix + ".model")
-        print(f"trained {args.model_type} model: {sp.GetPieceSize()} pieces from "
-              f"{stream.sentences} sentences in {len(args.files)} file(s)")
-        print(f"wrote {args.output_prefix}.model and {args.output_prefix}.vocab; eos id "
-              f"{sp.eos_id()} = end of document")
+        print(
+            f"trained {args.model_type} model: {sp.GetPieceSize()} pieces from "
+            f"{stream.sentences} sentences in {len(args.files)} file(s)"
+        )
+        print(
+            f"wrote {args.output_prefix}.model and {args.output_prefix}.vocab; eos id {sp.eos_id()} = end of document"
+        )
     return 0
 
 

@@ -8,5 +8,17 @@ from .store import read_state
 from .tags import complete_tags, find_latest, is_complete
 from .verify import verify
 
-__all__ = ["CheckpointError", "complete_tags", "find_latest", "is_complete", "read_state", "safe_torch_load",
-           "verify", "full_state_dict", "load_pretrained", "read_weights", "shard_for", "write_converted"]
+__all__ = [
+    "CheckpointError",
+    "complete_tags",
+    "find_latest",
+    "is_complete",
+    "read_state",
+    "safe_torch_load",
+    "verify",
+    "full_state_dict",
+    "load_pretrained",
+    "read_weights",
+    "shard_for",
+    "write_converted",
+]

@@ -46,10 +46,18 @@ class Slice:
     step: int = 0
 
     def meta(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dim": self.dim, "stride": self.stride,
-                "tp": list(self.tp), "start": self.start, "numel": self.numel, "step": self.step,
-                "keys": list(self.tensors), "dtype": {k: str(t.dtype).replace("torch.", "")
-                                                       for k, t in self.tensors.items()}}
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dim": self.dim,
+            "stride": self.stride,
+            "tp": list(self.tp),
+            "start": self.start,
+            "numel": self.numel,
+            "step": self.step,
+            "keys": list(self.tensors),
+            "dtype": {k: str(t.dtype).replace("torch.", "") for k, t in self.tensors.items()},
+        }
 
 
 def split_of(p: torch.Tensor, tp_rank: int, tp_size: int) -> tuple[tuple[int, ...], Optional[int], int, tuple]:
@@ -159,8 +167,11 @@ class ZeroState(EngineState):
         """A tensor like the flat partition, zero where no parameter fragment lies (the alignment
         padding); the rest is filled by the load (no pass zeroing memory it overwrites)."""
         out = torch.empty_like(flat, requires_grad=False)
-        spans = sorted((p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel)
-                       for p in self.groups[group] if getattr(p, "_hp_mapping", None) is not None)
+        spans = sorted(
+            (p._hp_mapping.hp_fragment_address.start, p._hp_mapping.hp_fragment_address.numel)
+            for p in self.groups[group]
+            if getattr(p, "_hp_mapping", None) is not None
+        )
         pos = 0
         for start, numel in spans + [(flat.numel(), 0)]:
             if start > pos:
@@ -176,8 +187,9 @@ class ZeroState(EngineState):
 
         by_name = {t.name: t for t in targets}
         for group, (lps, flat) in enumerate(zip(self.groups, self.flats)):
-            steps = {by_name[n].step for n, p in self.params if n in by_name
-                     and p._hp_mapping.param_group_index == group}
+            steps = {
+                by_name[n].step for n, p in self.params if n in by_name and p._hp_mapping.param_group_index == group
+            }
             if len(steps) > 1:
                 raise CheckpointError(f"parameters of optimizer group {group} have different steps {sorted(steps)}")
             if not keys:  # saved before the first step: the optimizer starts fresh, as then
@@ -246,8 +258,11 @@ class UnfusedState(TorchState):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._masters = {id(lp): hp for lps, hps in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
-                         for lp, hp in zip(lps, hps)}
+        self._masters = {
+            id(lp): hp
+            for lps, hps in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups)
+            for lp, hp in zip(lps, hps)
+        }
         self.optimizer = self.optimizer.optimizer  # the torch optimizer holding the moments
 
     def _master(self, p: torch.Tensor) -> torch.Tensor:
@@ -262,13 +277,17 @@ def engine_state(engine, tp_rank: int = 0, tp_size: int = 1, dp_rank: int = 0, d
     """The EngineState for this engine's optimizer, or a CheckpointError naming what is unsupported."""
     opt = engine.optimizer
     kinds: list[tuple[Callable, type]] = [
-        (lambda o: (hasattr(o, "bit16_groups") or hasattr(o, "bf16_groups")) and hasattr(o, "update_lp_params"),
-         ZeroState),
+        (
+            lambda o: (hasattr(o, "bit16_groups") or hasattr(o, "bf16_groups")) and hasattr(o, "update_lp_params"),
+            ZeroState,
+        ),
         (lambda o: hasattr(o, "fp16_groups") and hasattr(o, "fp32_groups"), UnfusedState),
         (lambda o: isinstance(o, torch.optim.Optimizer), TorchState),
     ]
     for test, cls in kinds:
         if test(opt):
             return cls(engine, tp_rank, tp_size, dp_rank, dp_size)
-    raise CheckpointError(f"cannot checkpoint the optimizer state of {type(opt).__name__}: megagpt2 checkpoints "
-                          f"support ZeRO stages 0-2 with torch's AdamW (see docs/checkpoints.md)")
+    raise CheckpointError(
+        f"cannot checkpoint the optimizer state of {type(opt).__name__}: megagpt2 checkpoints "
+        f"support ZeRO stages 0-2 with torch's AdamW (see docs/checkpoints.md)"
+    )

@@ -29,9 +29,18 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, incomplete, or does not fit the model being trained."""
 
 
-DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-               torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPE_CODES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 _CHUNK = 16 << 20  # bytes handed to the writer and the checksum thread at a time
 
@@ -89,8 +98,9 @@ class _Crc:
         return self.value
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
-                      metadata: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+) -> dict[str, Any]:
     """Write `tensors` (in order) as a safetensors file; return its record {"bytes", "crc32"}.
 
     An OSError (a full disk above all) propagates with the file named; the caller removes the
@@ -112,7 +122,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
 def _chunks(buffers: Iterable[memoryview]) -> Iterable[memoryview]:
     for b in buffers:
         for start in range(0, len(b), _CHUNK):
-            yield b[start:start + _CHUNK]
+            yield b[start : start + _CHUNK]
 
 
 def write_text(path: Path, text: str, atomic: bool = True) -> dict[str, Any]:
@@ -198,8 +208,10 @@ class OpenFiles:
         first, last = h["data_offsets"]
         offset = data_start + first + start * size
         if not 0 <= start <= stop <= (last - first) // size or data_start + last > len(mapped):
-            raise CheckpointError(f"{self.root / relpath}: tensor {key} does not hold elements [{start}, {stop}) "
-                                  f"(truncated or damaged file)")
+            raise CheckpointError(
+                f"{self.root / relpath}: tensor {key} does not hold elements [{start}, {stop}) "
+                f"(truncated or damaged file)"
+            )
         if stop == start:
             return torch.empty(0, dtype=dtype)
         with warnings.catch_warnings():  # the view is only ever read

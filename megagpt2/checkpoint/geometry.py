@@ -39,8 +39,9 @@ class Runs:
         return int(self.length.sum())
 
 
-def shard_runs(shape: Sequence[int], dim: Optional[int], stride: int, tp_rank: int, tp_size: int,
-               start: int, numel: int) -> Runs:
+def shard_runs(
+    shape: Sequence[int], dim: Optional[int], stride: int, tp_rank: int, tp_size: int, start: int, numel: int
+) -> Runs:
     """Global runs of elements [start, start + numel) of the flattened TP shard tp_rank / tp_size."""
     if numel <= 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -48,7 +49,7 @@ def shard_runs(shape: Sequence[int], dim: Optional[int], stride: int, tp_rank: i
     if dim is None or tp_size == 1:
         one = np.array([start], dtype=np.int64)
         return Runs(one, np.array([numel], dtype=np.int64), np.zeros(1, dtype=np.int64))
-    D, post = shape[dim], math.prod(shape[dim + 1:])
+    D, post = shape[dim], math.prod(shape[dim + 1 :])
     B = D // stride
     c = B // tp_size
     width = c * post  # elements of one local row
@@ -82,8 +83,11 @@ def intersect(need: Runs, have: Runs) -> tuple[np.ndarray, np.ndarray, np.ndarra
         if lo >= hi:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, empty
-        return (np.array([need.offset[0] + lo - need.start[0]]), np.array([have.offset[0] + lo - have.start[0]]),
-                np.array([hi - lo]))
+        return (
+            np.array([need.offset[0] + lo - need.start[0]]),
+            np.array([have.offset[0] + lo - have.start[0]]),
+            np.array([hi - lo]),
+        )
     points = np.unique(np.concatenate([need.start, need_end, have.start, have_end]))
     x0, x1 = points[:-1], points[1:]
     i = np.searchsorted(need.start, x0, side="right") - 1
@@ -95,12 +99,13 @@ def intersect(need: Runs, have: Runs) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return need.offset[i] + x0 - need.start[i], have.offset[j] + x0 - have.start[j], x1 - x0
 
 
-def copy_runs(dest: torch.Tensor, src: torch.Tensor, dst_off: np.ndarray, src_off: np.ndarray,
-              length: np.ndarray) -> None:
+def copy_runs(
+    dest: torch.Tensor, src: torch.Tensor, dst_off: np.ndarray, src_off: np.ndarray, length: np.ndarray
+) -> None:
     """dest[dst_off[i] : + length[i]] = src[src_off[i] : + length[i]] for every i (1-D tensors)."""
     if len(length) <= 32:
         for d, s, n in zip(dst_off.tolist(), src_off.tolist(), length.tolist()):
-            dest[d:d + n].copy_(src[s:s + n])
+            dest[d : d + n].copy_(src[s : s + n])
         return
     total = int(length.sum())
     within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(length) - length, length)

@@ -30,8 +30,15 @@ def build_index(per_rank: Iterable[tuple[Optional[str], list[dict]]]) -> dict[st
     index: dict[str, dict[str, Any]] = {}
     for file, metas in per_rank:
         for m in metas:
-            entry = {"shape": m["shape"], "tp_dim": m["dim"], "tp_stride": m["stride"], "keys": sorted(m["keys"]),
-                     "dtypes": m["dtype"], "step": m["step"], "pieces": []}
+            entry = {
+                "shape": m["shape"],
+                "tp_dim": m["dim"],
+                "tp_stride": m["stride"],
+                "keys": sorted(m["keys"]),
+                "dtypes": m["dtype"],
+                "step": m["step"],
+                "pieces": [],
+            }
             have = index.setdefault(m["name"], entry)
             for k in _SAME:
                 if have[k] != entry[k]:
@@ -67,12 +74,12 @@ def coverage_problem(name: str, entry: dict[str, Any]) -> Optional[str]:
             if a > pos:
                 return f"tensor {name}: elements [{pos}, {a}) of TP shard {t}/{T} are in no file (missing slice)"
             if a < pos:
-                return (f"tensor {name}: elements [{a}, {min(b, pos)}) of TP shard {t}/{T} are in both {last_file} "
-                        f"and {f}")
+                return (
+                    f"tensor {name}: elements [{a}, {min(b, pos)}) of TP shard {t}/{T} are in both {last_file} and {f}"
+                )
             pos, last_file = b, f
         if pos != shard_numel:
-            return (f"tensor {name}: elements [{pos}, {shard_numel}) of TP shard {t}/{T} are in no file "
-                    f"(missing slice)")
+            return f"tensor {name}: elements [{pos}, {shard_numel}) of TP shard {t}/{T} are in no file (missing slice)"
     return None
 
 
@@ -93,8 +100,9 @@ def pieces_by_file(index: dict[str, dict[str, Any]]) -> dict[str, list[tuple[str
     return out
 
 
-def header_problem(relpath: str, header: dict[str, Any], pieces: list[tuple[str, dict, dict]],
-                   data_bytes: int) -> Optional[str]:
+def header_problem(
+    relpath: str, header: dict[str, Any], pieces: list[tuple[str, dict, dict]], data_bytes: int
+) -> Optional[str]:
     """Whether the safetensors header of `relpath` holds the `pieces` the index puts there."""
     from .files import DTYPE_CODES
 
@@ -105,16 +113,19 @@ def header_problem(relpath: str, header: dict[str, Any], pieces: list[tuple[str,
             if h is None:
                 return f"{relpath}: tensor {name} ({key}) is listed in the index but not in the file"
             if h.get("shape") != [q["flat"][1]] or h.get("dtype") != codes.get(entry["dtypes"].get(key)):
-                return (f"{relpath}: tensor {name} ({key}) is {h.get('dtype')} {h.get('shape')} in the file but "
-                        f"{entry['dtypes'].get(key)} [{q['flat'][1]}] in the index")
+                return (
+                    f"{relpath}: tensor {name} ({key}) is {h.get('dtype')} {h.get('shape')} in the file but "
+                    f"{entry['dtypes'].get(key)} [{q['flat'][1]}] in the index"
+                )
             if h["data_offsets"][1] > data_bytes:
-                return (f"{relpath}: tensor {name} ({key}) ends at byte {h['data_offsets'][1]} of the data but the "
-                        f"file holds {data_bytes} (truncated)")
+                return (
+                    f"{relpath}: tensor {name} ({key}) ends at byte {h['data_offsets'][1]} of the data but the "
+                    f"file holds {data_bytes} (truncated)"
+                )
     return None
 
 
-def check_model(index: dict[str, dict[str, Any]], params: dict[str, torch.Tensor], tp_size: int,
-                where: str) -> None:
+def check_model(index: dict[str, dict[str, Any]], params: dict[str, torch.Tensor], tp_size: int, where: str) -> None:
     """Fail naming the first of this rank's parameters the checkpoint cannot provide."""
     from .engine_state import split_of
 
@@ -124,19 +135,24 @@ def check_model(index: dict[str, dict[str, Any]], params: dict[str, torch.Tensor
             raise CheckpointError(f"{where}: tensor {name} is missing from the checkpoint (different model shape?)")
         shape, dim, stride, _ = split_of(p, 0, tp_size)
         if tuple(entry["shape"]) != shape:
-            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(entry['shape'])} in the checkpoint but "
-                                  f"{shape} in the model (model config differs)")
+            raise CheckpointError(
+                f"{where}: tensor {name} has shape {tuple(entry['shape'])} in the checkpoint but "
+                f"{shape} in the model (model config differs)"
+            )
         if (entry["tp_dim"], entry["tp_stride"]) != (dim, stride):
-            raise CheckpointError(f"{where}: tensor {name} is split as (dim {entry['tp_dim']}, stride "
-                                  f"{entry['tp_stride']}) in the checkpoint but (dim {dim}, stride {stride}) in the "
-                                  f"model")
+            raise CheckpointError(
+                f"{where}: tensor {name} is split as (dim {entry['tp_dim']}, stride "
+                f"{entry['tp_stride']}) in the checkpoint but (dim {dim}, stride {stride}) in the "
+                f"model"
+            )
         bad = check_split(shape, dim, stride, tp_size)
         if bad:
             raise CheckpointError(f"{where}: tensor {name} cannot be split over tp={tp_size}: {bad}")
 
 
-def read_into(files: OpenFiles, name: str, entry: dict[str, Any], key: str, tp: tuple[int, int], start: int,
-              dest: torch.Tensor) -> None:
+def read_into(
+    files: OpenFiles, name: str, entry: dict[str, Any], key: str, tp: tuple[int, int], start: int, dest: torch.Tensor
+) -> None:
     """Fill `dest` (1-D) with elements [start, start + len(dest)) of TP shard `tp` of tensor `name`,
     reading only the overlapping parts of the stored pieces."""
     shape, dim, stride = entry["shape"], entry["tp_dim"], entry["tp_stride"]
@@ -148,7 +164,7 @@ def read_into(files: OpenFiles, name: str, entry: dict[str, Any], key: str, tp: 
             lo, hi = max(start, qs), min(start + dest.numel(), qs + qn)
             if lo >= hi:
                 continue
-            dest[lo - start:hi - start].copy_(files.read(q["file"], f"{name}/{key}", lo - qs, hi - qs))
+            dest[lo - start : hi - start].copy_(files.read(q["file"], f"{name}/{key}", lo - qs, hi - qs))
             filled += hi - lo
             continue
         d_off, s_off, length = intersect(need, shard_runs(shape, dim, stride, qt, q["tp"][1], qs, qn))
@@ -159,5 +175,7 @@ def read_into(files: OpenFiles, name: str, entry: dict[str, Any], key: str, tp: 
         copy_runs(dest, src, d_off, s_off - lo, length)
         filled += int(length.sum())
     if filled != dest.numel():
-        raise CheckpointError(f"{files.root}: tensor {name} ({key}): the pieces hold {filled} of the {dest.numel()} "
-                              f"elements this rank needs (missing slice in megagpt2.json)")
+        raise CheckpointError(
+            f"{files.root}: tensor {name} ({key}): the pieces hold {filled} of the {dest.numel()} "
+            f"elements this rank needs (missing slice in megagpt2.json)"
+        )

@@ -64,12 +64,15 @@ def safe_torch_load(path: str, map_location=None) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {where}: it holds objects a checkpoint never contains "
-                              f"({first}). The file may have been tampered with; do not load it with "
-                              f"weights_only=False. {_previous_hint(f)}") from None
+        raise CheckpointError(
+            f"refusing to load {where}: it holds objects a checkpoint never contains "
+            f"({first}). The file may have been tampered with; do not load it with "
+            f"weights_only=False. {_previous_hint(f)}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint file {f} is damaged or truncated ({str(e).splitlines()[0]}); "
-                              f"{_previous_hint(f)}") from None
+        raise CheckpointError(
+            f"checkpoint file {f} is damaged or truncated ({str(e).splitlines()[0]}); {_previous_hint(f)}"
+        ) from None
 
 
 def _previous_hint(f: Path) -> str:
@@ -79,8 +82,9 @@ def _previous_hint(f: Path) -> str:
         return "use another checkpoint"
     older = [t for t in complete_tags(str(tag_dir.parent)) if t < tag_dir.name]
     if older:
-        return (f"resume from the previous complete checkpoint with --checkpoint.tag={older[-1]} "
-                f"(or move {tag_dir} aside)")
+        return (
+            f"resume from the previous complete checkpoint with --checkpoint.tag={older[-1]} (or move {tag_dir} aside)"
+        )
     return f"no older complete checkpoint exists in {tag_dir.parent}; start without it (move {tag_dir} aside)"
 
 
@@ -106,8 +110,10 @@ def check_shapes(model: torch.nn.Module, ckpt_path: Path, mp_rank: int) -> None:
         if name not in stored:
             raise CheckpointError(f"{f}: tensor {name} is missing (different model shape?)")
         if tuple(stored[name].shape) != tuple(p.shape):
-            raise CheckpointError(f"{f}: tensor {name} has shape {tuple(stored[name].shape)} in the checkpoint "
-                                  f"but {tuple(p.shape)} in the model (model config differs)")
+            raise CheckpointError(
+                f"{f}: tensor {name} has shape {tuple(stored[name].shape)} in the checkpoint "
+                f"but {tuple(p.shape)} in the model (model config differs)"
+            )
     extra = sorted(set(stored) - set(own) - {n for n, _ in model.named_buffers()})
     if extra:
         raise CheckpointError(f"{f}: unexpected tensor {extra[0]} (different model shape?)")
@@ -126,11 +132,13 @@ def load(engine, path: Path, state: dict[str, Any], layout, tracker=None) -> Non
             f"{path} is in the first checkpoint format (DeepSpeed .pt files), which resumes only under the layout "
             f"that wrote it: tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')}, but this run is "
             f"tp={layout.tp} pp={layout.pp} dp={layout.dp}. Resume once with that layout (every save after it "
-            f"is layout-free), or carry the weights over with tools/convert_checkpoint.py and --train.init_from")
+            f"is layout-free), or carry the weights over with tools/convert_checkpoint.py and --train.init_from"
+        )
     check_shapes(engine.module, path, layout.model_parallel_rank)
     install_safe_loader(engine)
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    loaded, _ = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load {path}")
     rank = engine.global_rank

@@ -48,8 +48,10 @@ def resolve(path: str) -> tuple[str, Path]:
     tag = find_latest(str(p))
     if tag is not None:
         return "training", p / tag
-    raise CheckpointError(f"{path}: not a megagpt2 checkpoint (no {STATE_FILE}, no complete step_* tag) "
-                          f"nor a Hugging Face directory (no config.json)")
+    raise CheckpointError(
+        f"{path}: not a megagpt2 checkpoint (no {STATE_FILE}, no complete step_* tag) "
+        f"nor a Hugging Face directory (no config.json)"
+    )
 
 
 def read_weights(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -137,8 +139,9 @@ def full_state_dict(path: str) -> dict[str, torch.Tensor]:
     return read_weights(path)[1]
 
 
-def shard_for(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
-              strict: bool = True) -> dict[str, torch.Tensor]:
+def shard_for(
+    model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: int, tp_size: int, strict: bool = True
+) -> dict[str, torch.Tensor]:
     """This rank's pieces of `full` for the parameters `model` owns (by the model's sharding)."""
     out = {}
     for name, p in model.named_parameters():
@@ -151,9 +154,11 @@ def shard_for(model: torch.nn.Module, full: dict[str, torch.Tensor], tp_rank: in
         if dim is not None:
             t = shard(t, dim, tp_rank, tp_size, getattr(p, "tp_stride", 1))
         if tuple(t.shape) != tuple(p.shape):
-            raise CheckpointError(f"tensor {name}: pretrained shape {tuple(full[name].shape)} gives "
-                                  f"{tuple(t.shape)} on this rank but the model has {tuple(p.shape)} "
-                                  f"(different model config?)")
+            raise CheckpointError(
+                f"tensor {name}: pretrained shape {tuple(full[name].shape)} gives "
+                f"{tuple(t.shape)} on this rank but the model has {tuple(p.shape)} "
+                f"(different model config?)"
+            )
         out[name] = t
     return out
 
@@ -185,8 +190,10 @@ def _check_same_model(meta: dict[str, Any], want, path: str) -> None:
     stored = meta.get("config", {}).get("model", {})
     for key in ("vocab_size", "n_embd", "n_layer", "n_head"):
         if key in stored and stored[key] != getattr(want, key):
-            raise CheckpointError(f"{path}: model.{key}={stored[key]} but this run has model.{key}="
-                                  f"{getattr(want, key)}; use the same model config (or another checkpoint)")
+            raise CheckpointError(
+                f"{path}: model.{key}={stored[key]} but this run has model.{key}="
+                f"{getattr(want, key)}; use the same model config (or another checkpoint)"
+            )
 
 
 def _read_local_masters(model, d: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -212,8 +219,14 @@ def _read_local_masters(model, d: Path, meta: dict[str, Any]) -> dict[str, torch
     return out
 
 
-def write_converted(full: dict[str, torch.Tensor], sharding: dict[str, list], meta: dict[str, Any],
-                    out_dir: str, tp: int, dtype: Optional[torch.dtype] = None) -> None:
+def write_converted(
+    full: dict[str, torch.Tensor],
+    sharding: dict[str, list],
+    meta: dict[str, Any],
+    out_dir: str,
+    tp: int,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
     """A weights-only checkpoint pre-sharded for tensor-parallel size `tp` (any pp can load it)."""
     from safetensors.torch import save_file
 
@@ -226,6 +239,10 @@ def write_converted(full: dict[str, torch.Tensor], sharding: dict[str, list], me
             piece = tensor if dim is None else shard(tensor, dim, t, tp, stride)
             part[name] = (piece.to(dtype) if dtype is not None else piece).contiguous()
         save_file(part, str(out / f"model_tp{t:02d}.safetensors"))
-    doc = {**{k: v for k, v in meta.items() if k not in ("sharding", "layout", "history")},
-           "kind": CONVERTED_KIND, "layout": {"tp": tp}, "sharding": sharding}
+    doc = {
+        **{k: v for k, v in meta.items() if k not in ("sharding", "layout", "history")},
+        "kind": CONVERTED_KIND,
+        "layout": {"tp": tp},
+        "sharding": sharding,
+    }
     (out / STATE_FILE).write_text(json.dumps(doc, indent=1))

@@ -25,9 +25,19 @@ from .verify import choose, read_meta
 if TYPE_CHECKING:
     from ..parallel import ParallelLayout
 
-LOSS_SCALER_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_factor",
-                    "scale_window", "min_scale", "delayed_shift", "consecutive_hysteresis", "dynamic",
-                    "dynamic_loss_scale")
+LOSS_SCALER_KEYS = (
+    "cur_scale",
+    "cur_iter",
+    "last_overflow_iter",
+    "cur_hysteresis",
+    "scale_factor",
+    "scale_window",
+    "min_scale",
+    "delayed_shift",
+    "consecutive_hysteresis",
+    "dynamic",
+    "dynamic_loss_scale",
+)
 _GRID = ("tp", "pp", "dp")
 _KNOBS = ("tp", "pp", "dp", "zero_stage", "schedule", "virtual_stages", "sequence_parallel", "precision")
 
@@ -35,13 +45,19 @@ _KNOBS = ("tp", "pp", "dp", "zero_stage", "schedule", "virtual_stages", "sequenc
 def run_layout(cfg, ds: dict, grid: ParallelLayout) -> dict[str, Any]:
     """The layout of this run as a checkpoint records it (`ds`: the engine's DeepSpeed config)."""
     precision = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-    return {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp,
-            "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
-            "schedule": cfg.parallel.schedule if grid.pp > 1 else "none",
-            "virtual_stages": cfg.parallel.virtual_stages if grid.pp > 1 else 1,
-            "sequence_parallel": bool(cfg.parallel.sequence_parallel and grid.tp > 1), "precision": precision,
-            "micro_batch": ds["train_micro_batch_size_per_gpu"], "grad_accum": ds["gradient_accumulation_steps"],
-            "global_batch": ds["train_batch_size"]}
+    return {
+        "tp": grid.tp,
+        "pp": grid.pp,
+        "dp": grid.dp,
+        "zero_stage": int(ds.get("zero_optimization", {}).get("stage", 0)),
+        "schedule": cfg.parallel.schedule if grid.pp > 1 else "none",
+        "virtual_stages": cfg.parallel.virtual_stages if grid.pp > 1 else 1,
+        "sequence_parallel": bool(cfg.parallel.sequence_parallel and grid.tp > 1),
+        "precision": precision,
+        "micro_batch": ds["train_micro_batch_size_per_gpu"],
+        "grad_accum": ds["gradient_accumulation_steps"],
+        "global_batch": ds["train_batch_size"],
+    }
 
 
 def describe(layout: dict[str, Any]) -> str:
@@ -59,8 +75,9 @@ def describe(layout: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def resume(engine, grid: ParallelLayout, cfg, layout: dict[str, Any], tracker=None,
-           log: Callable[[str], None] = print) -> Optional[dict[str, Any]]:
+def resume(
+    engine, grid: ParallelLayout, cfg, layout: dict[str, Any], tracker=None, log: Callable[[str], None] = print
+) -> Optional[dict[str, Any]]:
     """Collective: restore the newest usable checkpoint of cfg.checkpoint.dir into `engine`.
 
     Returns the checkpoint's metadata (plus "tag"), or None when there is nothing to resume."""
@@ -68,8 +85,10 @@ def resume(engine, grid: ParallelLayout, cfg, layout: dict[str, Any], tracker=No
     root = Path(c.dir)
     tags = complete_tags(str(root))
     if c.tag and not is_complete(root / c.tag):
-        raise CheckpointError(f"checkpoint.tag={c.tag}: {root / c.tag} is not a complete checkpoint; complete "
-                              f"ones: {', '.join(tags) or 'none'}")
+        raise CheckpointError(
+            f"checkpoint.tag={c.tag}: {root / c.tag} is not a complete checkpoint; complete "
+            f"ones: {', '.join(tags) or 'none'}"
+        )
     damaged: list[str] = []
     tag = choose(root, tags, c.tag, c.fallback, c.verify, log, damaged)
     _move_aside(root, damaged, log)
@@ -114,11 +133,15 @@ def _check_batch(path: Path, meta: dict, layout: dict, allowed: bool, log: Calla
     old, new = meta.get("layout", {}).get("global_batch"), layout["global_batch"]
     if old is None or old == new:
         return
-    what = (f"{path} was trained with a global batch of {old} samples and this run has {new}; the data position "
-            f"({meta.get('consumed_samples')} samples) and the step count carry over")
+    what = (
+        f"{path} was trained with a global batch of {old} samples and this run has {new}; the data position "
+        f"({meta.get('consumed_samples')} samples) and the step count carry over"
+    )
     if not allowed:
-        raise CheckpointError(f"{what}. To continue with the new batch size pass --checkpoint.allow_batch_change=true "
-                              f"(or restore the old one in the DeepSpeed config)")
+        raise CheckpointError(
+            f"{what}. To continue with the new batch size pass --checkpoint.allow_batch_change=true "
+            f"(or restore the old one in the DeepSpeed config)"
+        )
     log(f"warning: {what}; the run is no longer the one an unchanged batch would give")
 
 
@@ -131,8 +154,9 @@ def load_tensors(engine, grid: ParallelLayout, path: Path, meta: dict[str, Any])
     names = set().union(*_all_gather(sorted(params)))
     extra = sorted(set(index) - names)
     if extra:
-        raise CheckpointError(f"{where}: tensor {extra[0]} is in the checkpoint but not in the model "
-                              f"(different model shape?)")
+        raise CheckpointError(
+            f"{where}: tensor {extra[0]} is in the checkpoint but not in the model (different model shape?)"
+        )
     keys = sorted(set().union(*(e["keys"] for e in index.values())) - {MASTER})
     es = engine_state(engine, grid.tp_rank, grid.tp, grid.dp_rank, grid.dp)
     targets = es.targets(keys)
@@ -173,8 +197,9 @@ def restore_extras(engine, meta: dict[str, Any]) -> None:
                 setattr(holder, k, v)
 
 
-def _restore_rng(path: Path, meta: dict, layout: dict, grid: ParallelLayout, seed: int, tracker,
-                 log: Callable[[str], None]) -> None:
+def _restore_rng(
+    path: Path, meta: dict, layout: dict, grid: ParallelLayout, seed: int, tracker, log: Callable[[str], None]
+) -> None:
     from safetensors.torch import load_file
 
     old = meta.get("layout", {})
@@ -189,5 +214,7 @@ def _restore_rng(path: Path, meta: dict, layout: dict, grid: ParallelLayout, see
         from ..parallel.random import RNGTracker
 
         tracker.set_state(RNGTracker(new_seed, grid.tp_rank).get_state())
-    log("random states re-seeded for the new (tp, pp, dp) grid: dropout masks differ from an uninterrupted "
-        "run from here on (nothing else does)")
+    log(
+        "random states re-seeded for the new (tp, pp, dp) grid: dropout masks differ from an uninterrupted "
+        "run from here on (nothing else does)"
+    )

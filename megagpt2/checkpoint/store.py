@@ -122,8 +122,11 @@ def _all_finite(slices) -> bool:
 
 def engine_extras(engine) -> dict[str, Any]:
     """Scheduler, loss scaler and engine counters: the same on every rank, JSON-able."""
-    out: dict[str, Any] = {"global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples),
-                           "skipped_steps": int(getattr(engine, "skipped_steps", 0))}
+    out: dict[str, Any] = {
+        "global_steps": int(engine.global_steps),
+        "global_samples": int(engine.global_samples),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+    }
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None:
         sd = sched.state_dict()
@@ -132,8 +135,9 @@ def engine_extras(engine) -> dict[str, Any]:
         from .resume import LOSS_SCALER_KEYS
 
         holder = getattr(engine.optimizer, "loss_scaler", engine.optimizer)
-        out["loss_scaler"] = {k: getattr(holder, k) for k in LOSS_SCALER_KEYS
-                              if isinstance(getattr(holder, k, None), (bool, int, float))}
+        out["loss_scaler"] = {
+            k: getattr(holder, k) for k in LOSS_SCALER_KEYS if isinstance(getattr(holder, k, None), (bool, int, float))
+        }
     return out
 
 
@@ -191,14 +195,15 @@ def _finish(path: Path, step: int, state: dict[str, Any], extras: dict[str, Any]
         records = {rel: rec for rank_records, _, _ in gathered for rel, rec in rank_records.items()}
         index = build_index((mine, metas) for _, mine, metas in gathered)
         layout = {**state.get("layout", {}), "world_size": len(gathered)}
-        doc = {"format_version": FORMAT_VERSION, "step": step, **state, "layout": layout, **extras,
-               "tensors": index}
+        doc = {"format_version": FORMAT_VERSION, "step": step, **state, "layout": layout, **extras, "tensors": index}
         doc.pop("config_yaml", None)
         records[STATE_FILE] = write_text(path / STATE_FILE, json.dumps(doc, indent=1), atomic=False)
         if "config_yaml" in state:
             records["config.yaml"] = write_text(path / "config.yaml", state["config_yaml"], atomic=False)
-        _write_atomic(path / "COMPLETE", json.dumps({"format_version": FORMAT_VERSION,
-                                                      "files": dict(sorted(records.items()))}, indent=1))
+        _write_atomic(
+            path / "COMPLETE",
+            json.dumps({"format_version": FORMAT_VERSION, "files": dict(sorted(records.items()))}, indent=1),
+        )
         return None
     except OSError as e:
         return _write_error(e, path / STATE_FILE, _METADATA_ALLOWANCE, 0)
@@ -209,8 +214,10 @@ def _finish(path: Path, step: int, state: dict[str, Any], extras: dict[str, Any]
 def _write_error(e: OSError, f: Path, needed: int, rank: int) -> str:
     if is_disk_full(e):
         free = free_bytes(f.parent if f.parent.exists() else f.parent.parent)
-        return (f"No space left on device writing {f} (rank {rank}): its files need {human_bytes(needed)}, "
-                f"{human_bytes(free) if free is not None else 'unknown'} free")
+        return (
+            f"No space left on device writing {f} (rank {rank}): its files need {human_bytes(needed)}, "
+            f"{human_bytes(free) if free is not None else 'unknown'} free"
+        )
     return f"cannot write {f} (rank {rank}): {e.strerror or e}"
 
 
@@ -223,8 +230,10 @@ def _fail_together(errors: list[Optional[str]], path: Path) -> None:
     if _rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
     latest = find_latest(str(path.parent))
-    raise CheckpointError(f"checkpoint {path.name} was not saved: {errors[0]}. Removed the partial {path}; "
-                          f"the newest complete checkpoint is {latest or 'none'}")
+    raise CheckpointError(
+        f"checkpoint {path.name} was not saved: {errors[0]}. Removed the partial {path}; "
+        f"the newest complete checkpoint is {latest or 'none'}"
+    )
 
 
 def _check_space(root: Path, path: Path, mine: int) -> None:
@@ -235,9 +244,11 @@ def _check_space(root: Path, path: Path, mine: int) -> None:
     need = sum(n for f, n, _ in table if f == fs)
     short = None
     if free is not None and need > free:
-        short = (f"No space left on device for checkpoint {path}: the ranks writing to {root} need "
-                 f"{human_bytes(need)} ({need} bytes) but {human_bytes(free)} are free; free space or point "
-                 f"checkpoint.dir elsewhere")
+        short = (
+            f"No space left on device for checkpoint {path}: the ranks writing to {root} need "
+            f"{human_bytes(need)} ({need} bytes) but {human_bytes(free)} are free; free space or point "
+            f"checkpoint.dir elsewhere"
+        )
     errors = [e for e in _all_gather(short) if e]
     if errors:
         raise CheckpointError(errors[0])

@@ -136,7 +136,7 @@ def _data_start(f: Path) -> int:
 
 
 def _cut_tensor(f: Path) -> str:
-    """"; tensor X is cut short" for a truncated tensor file whose header survived."""
+    """ "; tensor X is cut short" for a truncated tensor file whose header survived."""
     if not f.name.endswith(".safetensors"):
         return ""
     try:
@@ -175,8 +175,15 @@ def _verify_legacy(path: Path, mode: str, rank: int, world: int) -> Optional[str
 
 
 # -- choosing a checkpoint ------------------------------------------------------------------
-def choose(root: Path, tags: list[str], tag: Optional[str], fallback: bool, mode: str,
-           log: Callable[[str], None], skipped: Optional[list[str]] = None) -> Optional[str]:
+def choose(
+    root: Path,
+    tags: list[str],
+    tag: Optional[str],
+    fallback: bool,
+    mode: str,
+    log: Callable[[str], None],
+    skipped: Optional[list[str]] = None,
+) -> Optional[str]:
     """The tag to resume from: `tag` if given (it must verify), else the newest complete one that
     verifies; the damaged newer ones are appended to `skipped`. `tags` are the complete tags,
     oldest first. Collective (every rank calls it)."""
@@ -193,13 +200,17 @@ def choose(root: Path, tags: list[str], tag: Optional[str], fallback: bool, mode
                 log(f"resuming from {root / t}, the newest checkpoint that verifies")
             return t
         if not fallback:
-            raise CheckpointError(f"checkpoint {root / t} is damaged: {problem}. {_older_hint(tags, t)}, or set "
-                                  f"checkpoint.fallback=true to resume from the newest checkpoint that verifies")
+            raise CheckpointError(
+                f"checkpoint {root / t} is damaged: {problem}. {_older_hint(tags, t)}, or set "
+                f"checkpoint.fallback=true to resume from the newest checkpoint that verifies"
+            )
         log(f"warning: checkpoint {root / t} is damaged: {problem}; trying the previous one")
         skipped.append(t)
     if skipped:
-        raise CheckpointError(f"no checkpoint in {root} verifies (damaged: {', '.join(skipped)}); move them aside to "
-                              f"start over, or fix the files named above")
+        raise CheckpointError(
+            f"no checkpoint in {root} verifies (damaged: {', '.join(skipped)}); move them aside to "
+            f"start over, or fix the files named above"
+        )
     return None
 
 

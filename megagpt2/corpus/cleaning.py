@@ -78,8 +78,9 @@ class CleaningConfig:
 
 PRESETS: dict[str, CleaningConfig] = {
     "none": CleaningConfig(),
-    "web": CleaningConfig(fix_unicode=True, normalize_whitespace=True, min_chars=200,
-                          max_non_alpha=0.5, dedup=True, near_dedup=True),
+    "web": CleaningConfig(
+        fix_unicode=True, normalize_whitespace=True, min_chars=200, max_non_alpha=0.5, dedup=True, near_dedup=True
+    ),
 }
 
 
@@ -94,24 +95,28 @@ def describe_cleaning(config: CleaningConfig) -> list[str]:
     """What ``config`` does to documents, one line per stage that acts (for --help and reports)."""
     lines = ["remove NUL characters; invalid UTF-8 sequences become U+FFFD (always)"]
     if config.fix_unicode:
-        lines.append("repair mojibake, HTML entities and control characters with ftfy "
-                     "(curly quotes and full-width characters are kept)")
+        lines.append(
+            "repair mojibake, HTML entities and control characters with ftfy "
+            "(curly quotes and full-width characters are kept)"
+        )
     if config.normalize_whitespace:
-        lines.append("CRLF and CR to LF; every run of spaces/tabs (any Unicode space) to one space; "
-                     "lines and the document trimmed (removes code indentation); at most one blank "
-                     "line in a row")
+        lines.append(
+            "CRLF and CR to LF; every run of spaces/tabs (any Unicode space) to one space; "
+            "lines and the document trimmed (removes code indentation); at most one blank "
+            "line in a row"
+        )
     lines.append("drop documents that are empty or only whitespace (always)")
     if config.min_chars > 0:
         lines.append(f"drop documents shorter than {config.min_chars} characters")
     if config.max_non_alpha < 1.0:
-        lines.append(f"drop documents whose non-space characters are more than "
-                     f"{config.max_non_alpha:g} non-letters")
+        lines.append(f"drop documents whose non-space characters are more than {config.max_non_alpha:g} non-letters")
     if config.dedup:
-        lines.append("drop exact repeats of an earlier document (compared case-folded, "
-                     "whitespace collapsed)")
+        lines.append("drop exact repeats of an earlier document (compared case-folded, whitespace collapsed)")
     if config.near_dedup:
-        lines.append(f"drop near-duplicates: MinHash LSH, Jaccard >= {config.near_dedup_threshold:g} "
-                     f"on {config.shingle} {config.shingle_size}-grams, {config.num_perm} permutations")
+        lines.append(
+            f"drop near-duplicates: MinHash LSH, Jaccard >= {config.near_dedup_threshold:g} "
+            f"on {config.shingle} {config.shingle_size}-grams, {config.num_perm} permutations"
+        )
     return lines
 
 
@@ -139,8 +144,9 @@ def fix_unicode(text: str) -> str:
         segment = text[pos:end]
         if config.unescape_html == "auto" and "<" in segment:
             config = config._replace(unescape_html=False)
-        out.append(ftfy.fix_and_explain(segment, config)[0]
-                   if _FTFY_CANDIDATE.search(segment) else _fix_line_breaks(segment))
+        out.append(
+            ftfy.fix_and_explain(segment, config)[0] if _FTFY_CANDIDATE.search(segment) else _fix_line_breaks(segment)
+        )
         pos = end
     return "".join(out)
 
@@ -211,8 +217,7 @@ class DocumentStages:
     def __init__(self, config: CleaningConfig) -> None:
         self.config = config
         self.stages = text_stages(config)
-        self.hasher = (MinHasher(config.num_perm, config.shingle, config.shingle_size)
-                       if config.near_dedup else None)
+        self.hasher = MinHasher(config.num_perm, config.shingle, config.shingle_size) if config.near_dedup else None
         self.seconds = {name: 0.0 for name, _ in self.stages}
         self.seconds.update(filters=0.0, dedup_key=0.0, minhash=0.0)
         self.repairs: Counter = Counter()
@@ -257,8 +262,7 @@ class DuplicateIndex:
 
     def __init__(self, config: CleaningConfig) -> None:
         self._keys: set[bytes] | None = set() if config.dedup else None
-        self._lsh = (LSHIndex(config.near_dedup_threshold, config.num_perm)
-                     if config.near_dedup else None)
+        self._lsh = LSHIndex(config.near_dedup_threshold, config.num_perm) if config.near_dedup else None
         self.seconds = {"dedup": 0.0, "near_dedup": 0.0}
 
     def check(self, doc: Processed) -> str | None:
@@ -295,6 +299,7 @@ def clean_documents(texts: Iterable[str], config: CleaningConfig | str = "none")
 
 # -- command-line flags (one set, shared by every tool that reads a corpus) -------------------
 
+
 def cleaning_help() -> str:
     """Exactly what each preset does, from PRESETS (shown by --help; docs/data.md says the same)."""
     lines = []
@@ -309,30 +314,55 @@ def cleaning_help() -> str:
 def add_cleaning_args(parser: argparse.ArgumentParser) -> None:
     """--clean PRESET plus one flag per stage (each overrides the preset); see docs/data.md."""
     g = parser.add_argument_group("cleaning", cleaning_help())
-    g.add_argument("--clean", choices=tuple(PRESETS), default="none",
-                   help="cleaning preset (default: none = lossless)")
-    g.add_argument("--no-clean", dest="clean", action="store_const", const="none",
-                   help="same as --clean none (the default; kept for old scripts)")
+    g.add_argument("--clean", choices=tuple(PRESETS), default="none", help="cleaning preset (default: none = lossless)")
+    g.add_argument(
+        "--no-clean",
+        dest="clean",
+        action="store_const",
+        const="none",
+        help="same as --clean none (the default; kept for old scripts)",
+    )
     flag = argparse.BooleanOptionalAction
-    g.add_argument("--fix-unicode", action=flag, default=None,
-                   help="repair mojibake and HTML entities with ftfy, keeping curly quotes and "
-                        "full-width characters (web: on)")
-    g.add_argument("--normalize-whitespace", action=flag, default=None,
-                   help="CRLF to LF, runs of spaces to one, trim lines (strips indentation!), "
-                        "at most one blank line (web: on)")
-    g.add_argument("--min-chars", type=int, default=None,
-                   help="drop documents shorter than this many characters (0 = off; web: 200)")
-    g.add_argument("--max-non-alpha", type=float, default=None,
-                   help="drop documents whose non-space characters are more than this fraction "
-                        "non-letters (1.0 = off; web: 0.5)")
-    g.add_argument("--dedup", action=flag, default=None,
-                   help="drop exact repeats (case-folded, whitespace collapsed; web: on)")
-    g.add_argument("--near-dedup", action=flag, default=None,
-                   help="drop near-duplicates with MinHash LSH (web: on)")
-    g.add_argument("--near-dedup-threshold", type=float, default=None,
-                   help="Jaccard similarity at which a document is a near-duplicate (default 0.8)")
-    g.add_argument("--shingle", choices=("word", "char"), default=None,
-                   help="near-dedup shingles: word n-grams or character k-grams (default word)")
+    g.add_argument(
+        "--fix-unicode",
+        action=flag,
+        default=None,
+        help="repair mojibake and HTML entities with ftfy, keeping curly quotes and full-width characters (web: on)",
+    )
+    g.add_argument(
+        "--normalize-whitespace",
+        action=flag,
+        default=None,
+        help="CRLF to LF, runs of spaces to one, trim lines (strips indentation!), at most one blank line (web: on)",
+    )
+    g.add_argument(
+        "--min-chars",
+        type=int,
+        default=None,
+        help="drop documents shorter than this many characters (0 = off; web: 200)",
+    )
+    g.add_argument(
+        "--max-non-alpha",
+        type=float,
+        default=None,
+        help="drop documents whose non-space characters are more than this fraction non-letters (1.0 = off; web: 0.5)",
+    )
+    g.add_argument(
+        "--dedup", action=flag, default=None, help="drop exact repeats (case-folded, whitespace collapsed; web: on)"
+    )
+    g.add_argument("--near-dedup", action=flag, default=None, help="drop near-duplicates with MinHash LSH (web: on)")
+    g.add_argument(
+        "--near-dedup-threshold",
+        type=float,
+        default=None,
+        help="Jaccard similarity at which a document is a near-duplicate (default 0.8)",
+    )
+    g.add_argument(
+        "--shingle",
+        choices=("word", "char"),
+        default=None,
+        help="near-dedup shingles: word n-grams or character k-grams (default word)",
+    )
     g.add_argument("--shingle-size", type=int, default=None, help="n of the n-grams (default 5)")
     g.add_argument("--num-perm", type=int, default=None, help="MinHash permutations (default 128)")
 
@@ -340,8 +370,18 @@ def add_cleaning_args(parser: argparse.ArgumentParser) -> None:
 def cleaning_from_args(args: argparse.Namespace) -> CleaningConfig:
     """The preset named by --clean with every stage flag that was given applied on top."""
     config = cleaning_preset(args.clean)
-    for name in ("fix_unicode", "normalize_whitespace", "min_chars", "max_non_alpha", "dedup",
-                 "near_dedup", "near_dedup_threshold", "shingle", "shingle_size", "num_perm"):
+    for name in (
+        "fix_unicode",
+        "normalize_whitespace",
+        "min_chars",
+        "max_non_alpha",
+        "dedup",
+        "near_dedup",
+        "near_dedup_threshold",
+        "shingle",
+        "shingle_size",
+        "num_perm",
+    ):
         value = getattr(args, name, None)
         if value is not None:
             setattr(config, name, value)

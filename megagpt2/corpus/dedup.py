@@ -52,12 +52,11 @@ def shingle_hashes(text: str, kind: str = "word", size: int = 5) -> np.ndarray:
                 h = h * _PRIME + u
         else:
             for j in range(size):
-                h = h * _PRIME + units[j:j + count]
+                h = h * _PRIME + units[j : j + count]
         return _mix64(h)
 
 
-def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1,
-               fn_weight: float = 0.9) -> tuple[int, int]:
+def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1, fn_weight: float = 0.9) -> tuple[int, int]:
     """(bands, rows) minimising weighted false positives + false negatives around ``threshold``.
 
     P(candidate | Jaccard s) = 1 - (1 - s^r)^b; the areas under it below the threshold (false
@@ -70,7 +69,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.1,
     best, best_err = (1, num_perm), float("inf")
     for bands in range(1, num_perm + 1):
         for rows in range(1, num_perm // bands + 1):
-            p = 1.0 - (1.0 - s ** rows) ** bands
+            p = 1.0 - (1.0 - s**rows) ** bands
             fp = np.trapezoid(np.where(s < threshold, p, 0.0), s)
             fn = np.trapezoid(np.where(s >= threshold, 1.0 - p, 0.0), s)
             err = fp_weight * fp + fn_weight * fn
@@ -86,8 +85,7 @@ class MinHasher:
     while the order-dependent index lives in the main process.
     """
 
-    def __init__(self, num_perm: int = 128, shingle: str = "word", shingle_size: int = 5,
-                 seed: int = 1) -> None:
+    def __init__(self, num_perm: int = 128, shingle: str = "word", shingle_size: int = 5, seed: int = 1) -> None:
         self.num_perm, self.shingle, self.shingle_size = num_perm, shingle, shingle_size
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
@@ -99,7 +97,7 @@ class MinHasher:
         sig = np.full(self.num_perm, np.iinfo(np.uint64).max, dtype=np.uint64)
         with np.errstate(over="ignore"):
             for start in range(0, len(hashes), 2048):  # bounds memory at 2048 x num_perm
-                block = np.multiply.outer(hashes[start:start + 2048], self._a)  # (n, num_perm)
+                block = np.multiply.outer(hashes[start : start + 2048], self._a)  # (n, num_perm)
                 block += self._b  # in place: a broadcast add into a new array is ~8x slower
                 np.minimum(sig, block.min(axis=0), out=sig)
         return (sig >> np.uint64(32)).astype(np.uint32)
@@ -123,7 +121,7 @@ class LSHIndex:
 
     def seen(self, sig: np.ndarray) -> bool:
         """Check ``sig`` against the kept documents; remember it when it is new."""
-        keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        keys = [sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
         candidates = set()
         for table, key in zip(self._tables, keys):
             candidates.update(table.get(key, ()))

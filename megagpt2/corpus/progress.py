@@ -48,9 +48,17 @@ class Progress:
         self.position = position
         self.start = time.perf_counter()
         show_bar = sys.stderr.isatty() if enabled is None else enabled
-        self._bar = tqdm(total=position.total, unit="B", unit_scale=True, desc="preprocess",
-                         bar_format=_BAR, disable=not show_bar, mininterval=1.0, dynamic_ncols=True,
-                         file=sys.stderr)
+        self._bar = tqdm(
+            total=position.total,
+            unit="B",
+            unit_scale=True,
+            desc="preprocess",
+            bar_format=_BAR,
+            disable=not show_bar,
+            mininterval=1.0,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         every = LOG_SECONDS if log_seconds is None else log_seconds
         self._log_seconds = every if enabled is None and not show_bar else None
         self._last_postfix = self._last_log = self.start
@@ -64,9 +72,11 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = elapsed * (total - done) / done if done else float("nan")
         share = f" ({100 * done / total:.0f}%)" if total else ""
-        return (f"read {done / 1e6:,.1f} of {total / 1e6:,.1f} MB{share}, {self.counts()}, "
-                f"elapsed {_clock(elapsed)}, ETA {_clock(eta) if eta == eta else '?'}, "
-                f"{done / 1e6 / max(elapsed, 1e-9):.1f} MB/s")
+        return (
+            f"read {done / 1e6:,.1f} of {total / 1e6:,.1f} MB{share}, {self.counts()}, "
+            f"elapsed {_clock(elapsed)}, ETA {_clock(eta) if eta == eta else '?'}, "
+            f"{done / 1e6 / max(elapsed, 1e-9):.1f} MB/s"
+        )
 
     def tick(self) -> None:
         """Called after each chunk is written: refresh the bar (or log a line when it is time)."""

@@ -31,8 +31,7 @@ from typing import IO, Iterator
 
 import zstandard
 
-_COMPRESSORS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".lzma": "xz",
-                ".bz2": "bz2"}
+_COMPRESSORS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".xz": "xz", ".lzma": "xz", ".bz2": "bz2"}
 _JSON_EXTS = (".jsonl", ".json", ".ndjson")
 _TAR_EXTS = (".tar", ".tgz", ".tar.gz", ".tar.xz", ".tar.bz2", ".tar.zst")
 # Exceptions a damaged compressed stream raises while being read.
@@ -139,16 +138,18 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """
     files: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else (
-            [pattern] if os.path.exists(pattern) else [])
+        matches = (
+            sorted(glob.glob(pattern, recursive=True))
+            if glob.has_magic(pattern)
+            else ([pattern] if os.path.exists(pattern) else [])
+        )
         if not matches:
             raise ValueError(f"input {pattern!r} matches no file or directory")
         for match in matches:
             if os.path.isdir(match):
                 for root, dirs, names in os.walk(match):
                     dirs.sort()
-                    files.extend(os.path.join(root, n) for n in sorted(names)
-                                 if input_kind(n) is not None)
+                    files.extend(os.path.join(root, n) for n in sorted(names) if input_kind(n) is not None)
             elif input_kind(match) is None:
                 raise ValueError(
                     f"input {match!r}: unsupported file type (expected .jsonl/.json/.ndjson, "
@@ -177,19 +178,16 @@ def parse_json_line(line: bytes, keys: list[str], where: str) -> Record:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        return Record(where, error=f"invalid JSON: {err.msg} (column {err.colno})",
-                      nbytes=len(line))
+        return Record(where, error=f"invalid JSON: {err.msg} (column {err.colno})", nbytes=len(line))
     if not isinstance(obj, dict):
-        return Record(where, error=f"JSON value is a {type(obj).__name__}, not an object",
-                      nbytes=len(line))
+        return Record(where, error=f"JSON value is a {type(obj).__name__}, not an object", nbytes=len(line))
     fields = {}
     for i, key in enumerate(keys):
         value = obj.get(key)
         if not isinstance(value, str):
             if i == 0:
                 found = "missing" if value is None else f"a {type(value).__name__}"
-                return Record(where, error=f"field {key!r} is {found}, not a string",
-                              nbytes=len(line))
+                return Record(where, error=f"field {key!r} is {found}, not a string", nbytes=len(line))
             value = ""
         fields[key] = value
     return Record(where, fields=fields, nbytes=len(line), repaired=repaired)
@@ -203,14 +201,12 @@ def _read_json(path: str, keys: list[str], position: InputPosition | None) -> It
                 if line.strip():
                     yield parse_json_line(line, keys, f"{path}:{lineno}")
     except STREAM_ERRORS as err:
-        yield Record(f"{path}:{lineno + 1}",
-                     error=f"unreadable file after line {lineno} ({type(err).__name__}: {err})")
+        yield Record(f"{path}:{lineno + 1}", error=f"unreadable file after line {lineno} ({type(err).__name__}: {err})")
 
 
 def _text_record(raw: bytes, keys: list[str], where: str) -> Record:
     text, repaired = decode_utf8(raw)
-    return Record(where, fields={keys[0]: text, **{k: "" for k in keys[1:]}}, nbytes=len(raw),
-                  repaired=repaired)
+    return Record(where, fields={keys[0]: text, **{k: "" for k in keys[1:]}}, nbytes=len(raw), repaired=repaired)
 
 
 def _read_text(path: str, keys: list[str], position: InputPosition | None) -> Iterator[Record]:
@@ -254,16 +250,16 @@ def _read_tar(path: str, keys: list[str], position: InputPosition | None) -> Ite
                     # Materialise so that a corrupt inner tar fails here, inside the try.
                     records = list(_member_documents(data, keys, where))
                 except STREAM_ERRORS as err:
-                    yield Record(where, error=f"unreadable archive member "
-                                 f"({type(err).__name__}: {err})", nbytes=info.size)
+                    yield Record(
+                        where, error=f"unreadable archive member ({type(err).__name__}: {err})", nbytes=info.size
+                    )
                     continue
                 yield from records
     except STREAM_ERRORS as err:
         yield Record(path, error=f"unreadable archive ({type(err).__name__}: {err})")
 
 
-def iter_records(paths: list[str], keys: list[str],
-                 position: InputPosition | None = None) -> Iterator[Record]:
+def iter_records(paths: list[str], keys: list[str], position: InputPosition | None = None) -> Iterator[Record]:
     """Records of every file in ``paths`` (from ``expand_inputs``), in order; ``position``, when
     given, follows the bytes read."""
     readers = {"json": _read_json, "text": _read_text, "tar": _read_tar}

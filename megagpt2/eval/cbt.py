@@ -54,8 +54,10 @@ def read_cbt(path: str) -> list[CBTExample]:
             continue
         fields = rest.split("\t")
         if len(fields) < 4 or not fields[1] or not fields[3]:
-            raise ValueError(f"{path}:{n}: a query line needs 'query<TAB>answer<TAB><TAB>c1|c2|...'; "
-                             f"missing the {'answer' if len(fields) < 2 or not fields[1] else 'candidates'} field")
+            raise ValueError(
+                f"{path}:{n}: a query line needs 'query<TAB>answer<TAB><TAB>c1|c2|...'; "
+                f"missing the {'answer' if len(fields) < 2 or not fields[1] else 'candidates'} field"
+            )
         query, answer, candidates = fields[0], fields[1], [c for c in fields[3].split("|") if c]
         if BLANK not in query:
             raise ValueError(f"{path}:{n}: the query has no {BLANK} blank")
@@ -74,8 +76,14 @@ def cbt_texts(ex: CBTExample, style: str = "cbt") -> tuple[str, list[str]]:
     return context, [" " + detokenize(ex.query.replace(BLANK, c), style) for c in ex.candidates]
 
 
-def evaluate_cbt(model: GPT2, tokenizer: Tokenizer, examples: list[CBTExample], style: str = "cbt",
-                 batch_size: int = 8, progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_cbt(
+    model: GPT2,
+    tokenizer: Tokenizer,
+    examples: list[CBTExample],
+    style: str = "cbt",
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """accuracy, n, truncated; `chosen` is each example's picked candidate."""
     pairs, owner = [], []
     for i, ex in enumerate(examples):
@@ -93,5 +101,9 @@ def evaluate_cbt(model: GPT2, tokenizer: Tokenizer, examples: list[CBTExample], 
         seen[i] += 1
     chosen = [ex.candidates[j] for ex, (_, j) in zip(examples, best)]
     hits = sum(c == ex.answer for c, ex in zip(chosen, examples))
-    return {"n": len(examples), "accuracy": hits / len(examples), "truncated": sum(s.truncated for s in scores),
-            "chosen": chosen}
+    return {
+        "n": len(examples),
+        "accuracy": hits / len(examples),
+        "truncated": sum(s.truncated for s in scores),
+        "chosen": chosen,
+    }

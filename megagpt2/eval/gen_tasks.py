@@ -78,7 +78,7 @@ def _text(item: Any, where: str, what: str) -> str:
     if isinstance(item, dict):
         item = item.get("input_text")
     if not isinstance(item, str):
-        raise ValueError(f"{where}: each of {what} must be a string or {{\"input_text\": ...}}")
+        raise ValueError(f'{where}: each of {what} must be a string or {{"input_text": ...}}')
     return item
 
 
@@ -134,14 +134,19 @@ def solved_pairs(path: str, src: Sequence[str], tgt: Sequence[str]) -> list[tupl
     return out
 
 
-def pair_examples(rows: list[tuple[str, list[str], str]], fmt: Callable[[str, str], str],
-                  pool: Optional[list[str]], k: int, seed: int) -> list[GenExample]:
+def pair_examples(
+    rows: list[tuple[str, list[str], str]], fmt: Callable[[str, str], str], pool: Optional[list[str]], k: int, seed: int
+) -> list[GenExample]:
     """translate / qa: `fmt(source, target)` is one solved pair; the prompt is k of them, each on
     its own line(s), then `fmt(source, "")` without its trailing space."""
     own = pool is None
     demos = [fmt(s, r[0]) + "\n" for s, r, _ in rows] if own else pool
-    return [GenExample(fewshot_prefix(demos, k, seed, i, i if own else None, delimiter="") + fmt(s, "").rstrip(),
-                       refs, where) for i, (s, refs, where) in enumerate(rows)]
+    return [
+        GenExample(
+            fewshot_prefix(demos, k, seed, i, i if own else None, delimiter="") + fmt(s, "").rstrip(), refs, where
+        )
+        for i, (s, refs, where) in enumerate(rows)
+    ]
 
 
 def translate_format(source: str, target: str) -> str:
@@ -213,24 +218,41 @@ class GenSettings:
     stop: str = "\n"
 
 
-SETTINGS = {"coqa": GenSettings(32), "summarize": GenSettings(100, top_k=2, stop=""),
-            "translate": GenSettings(64), "qa": GenSettings(24)}
+SETTINGS = {
+    "coqa": GenSettings(32),
+    "summarize": GenSettings(100, top_k=2, stop=""),
+    "translate": GenSettings(64),
+    "qa": GenSettings(24),
+}
 
 
-def generate_texts(model: GPT2, tokenizer: Tokenizer, prompts: Sequence[str], settings: GenSettings,
-                   batch_size: int = 8, seed: int = 0,
-                   progress: Optional[Callable[[int], None]] = None) -> tuple[list[str], int]:
+def generate_texts(
+    model: GPT2,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    settings: GenSettings,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[list[str], int]:
     """(output of each prompt cut before the stop string, number of prompts cut from the left).
     Prompt i samples with seed + i, so outputs do not depend on the batch."""
     budget = model.cfg.n_positions - settings.max_new_tokens
     if budget < 1:
-        raise ValueError(f"{settings.max_new_tokens} new tokens leave no room for a prompt in the model's "
-                         f"context of {model.cfg.n_positions} tokens")
+        raise ValueError(
+            f"{settings.max_new_tokens} new tokens leave no room for a prompt in the model's "
+            f"context of {model.cfg.n_positions} tokens"
+        )
     ids = [tokenizer.encode(p) or [tokenizer.eod] for p in prompts]
     truncated = sum(len(x) > budget for x in ids)
     ids = [x[-budget:] for x in ids]
-    cfg = SamplingConfig(max_new_tokens=settings.max_new_tokens, temperature=1.0 if settings.top_k else 0.0,
-                         top_k=settings.top_k, stop_token=tokenizer.eod, seed=seed)
+    cfg = SamplingConfig(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=1.0 if settings.top_k else 0.0,
+        top_k=settings.top_k,
+        stop_token=tokenizer.eod,
+        seed=seed,
+    )
     stop = settings.stop
 
     def stop_fn(row: int, toks: list[int]) -> bool:
@@ -239,19 +261,26 @@ def generate_texts(model: GPT2, tokenizer: Tokenizer, prompts: Sequence[str], se
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[str] = [""] * len(ids)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        rows = generate(model, [ids[i] for i in batch], cfg, pad_id=tokenizer.eod, seeds=[seed + i for i in batch],
-                        stop_fn=stop_fn if stop else None)
+        batch = order[start : start + batch_size]
+        rows = generate(
+            model,
+            [ids[i] for i in batch],
+            cfg,
+            pad_id=tokenizer.eod,
+            seeds=[seed + i for i in batch],
+            stop_fn=stop_fn if stop else None,
+        )
         for i, r in zip(batch, rows):
-            text = tokenizer.decode(r[:r.index(tokenizer.eod)] if tokenizer.eod in r else r)
+            text = tokenizer.decode(r[: r.index(tokenizer.eod)] if tokenizer.eod in r else r)
             out[i] = text.split(stop)[0] if stop else text
         if progress is not None:
             progress(len(batch))
     return out, truncated
 
 
-def task_examples(task: str, path: str, k: int = 5, seed: int = 1234, pool_path: Optional[str] = None,
-                  direction: str = "en-fr") -> list[GenExample]:
+def task_examples(
+    task: str, path: str, k: int = 5, seed: int = 1234, pool_path: Optional[str] = None, direction: str = "en-fr"
+) -> list[GenExample]:
     """The examples (prompts and references) of one task's file."""
     if task == "coqa":
         return coqa_examples(path)
@@ -285,16 +314,26 @@ def score_outputs(task: str, outputs: Sequence[str], examples: Sequence[GenExamp
     return {"exact_match": 100 * sum(em) / len(em)}, answers
 
 
-def evaluate_generation(task: str, model: GPT2, tokenizer: Tokenizer, examples: Sequence[GenExample],
-                        batch_size: int = 8, seed: int = 0, max_new_tokens: Optional[int] = None,
-                        progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_generation(
+    task: str,
+    model: GPT2,
+    tokenizer: Tokenizer,
+    examples: Sequence[GenExample],
+    batch_size: int = 8,
+    seed: int = 0,
+    max_new_tokens: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Metrics, n, truncated and `examples` (prompt, output, scored answer, references)."""
     settings = SETTINGS[task]
     if max_new_tokens is not None:
         settings = GenSettings(max_new_tokens, settings.top_k, settings.stop)
-    outputs, truncated = generate_texts(model, tokenizer, [e.prompt for e in examples], settings, batch_size,
-                                        seed, progress)
+    outputs, truncated = generate_texts(
+        model, tokenizer, [e.prompt for e in examples], settings, batch_size, seed, progress
+    )
     metrics, answers = score_outputs(task, outputs, examples)
-    records_ = [{"where": e.where, "prompt": e.prompt, "output": o, "answer": a, "references": e.references}
-                for e, o, a in zip(examples, outputs, answers)]
+    records_ = [
+        {"where": e.where, "prompt": e.prompt, "output": o, "answer": a, "references": e.references}
+        for e, o, a in zip(examples, outputs, answers)
+    ]
     return {**metrics, "n": len(examples), "truncated": truncated, "examples": records_}

@@ -38,8 +38,11 @@ def task_manager(include_path: Optional[str], tasks: Sequence[str] = (), default
         mine = local.all_tasks if local is not None else []
         close = sorted({m for n in missing for m in difflib.get_close_matches(n, known, n=5, cutoff=0.6)})
         msg = f"unknown lm-eval task(s) {', '.join(missing)}."
-        msg += (f" Tasks in {include_path}: {', '.join(mine) or 'none'}." if include_path
-                else " No --include-path was given for local task YAMLs.")
+        msg += (
+            f" Tasks in {include_path}: {', '.join(mine) or 'none'}."
+            if include_path
+            else " No --include-path was given for local task YAMLs."
+        )
         if close:
             msg += f" Closest known tasks: {', '.join(close)}."
         if defaults:
@@ -53,18 +56,35 @@ def _missing(tasks: Sequence[str], manager) -> list[str]:
     return [n for n in tasks if n not in known and not manager.match_tasks([n])]
 
 
-def run_lm_eval(lm, tasks: Sequence[str], include_path: Optional[str] = None, num_fewshot: Optional[int] = None,
-                limit: Optional[float] = None, seed: int = 1234, log_samples: bool = False,
-                defaults: bool = True, bootstrap_iters: int = 0) -> Optional[dict]:
+def run_lm_eval(
+    lm,
+    tasks: Sequence[str],
+    include_path: Optional[str] = None,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    seed: int = 1234,
+    log_samples: bool = False,
+    defaults: bool = True,
+    bootstrap_iters: int = 0,
+) -> Optional[dict]:
     """lm-eval's results dict (None on ranks other than 0)."""
     _offline()
     from lm_eval.evaluator import simple_evaluate
 
     manager = task_manager(include_path, tasks, defaults)
-    results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                              task_manager=manager, log_samples=log_samples, random_seed=seed,
-                              numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                              bootstrap_iters=bootstrap_iters)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=bootstrap_iters,
+    )
     return dict(results) if results is not None else None
 
 
@@ -89,11 +109,27 @@ def main_lm_eval(args: Any) -> int:
     from .loading import model_from_args
 
     model, tokenizer, _, groups = model_from_args(args)
-    lm = MegaGPT2LM(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,  # pyright: ignore[reportCallIssue]  (register_model hides the signature)
-                    max_gen_toks=args.max_gen_toks, seed=args.seed, progress=not args.no_progress)
+    lm = MegaGPT2LM(
+        model,
+        tokenizer,
+        batch_size=args.batch_size,
+        max_length=args.max_length,  # pyright: ignore[reportCallIssue]  (register_model hides the signature)
+        max_gen_toks=args.max_gen_toks,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = run_lm_eval(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.seed,
-                          args.log_samples, not args.no_default_tasks, args.bootstrap_iters)
+    results = run_lm_eval(
+        lm,
+        tasks,
+        args.include_path,
+        args.num_fewshot,
+        args.limit,
+        args.seed,
+        args.log_samples,
+        not args.no_default_tasks,
+        args.bootstrap_iters,
+    )
     if groups.layout.rank == 0 and results is not None:
         results.setdefault("config", {})["model_args"] = f"load={args.load},tp={args.tp},dtype={args.dtype}"
         print(results_table(results))

@@ -58,8 +58,16 @@ class MegaGPT2LM(TemplateLM):
     requests draw with seed + their index in the request list (greedy ones draw nothing).
     """
 
-    def __init__(self, model: GPT2, tokenizer: Tokenizer, batch_size: int = 8, max_length: Optional[int] = None,
-                 max_gen_toks: int = 256, seed: int = 1234, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: GPT2,
+        tokenizer: Tokenizer,
+        batch_size: int = 8,
+        max_length: Optional[int] = None,
+        max_gen_toks: int = 256,
+        seed: int = 1234,
+        progress: bool = True,
+    ) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,8 +81,15 @@ class MegaGPT2LM(TemplateLM):
         self._rank0 = model.groups.layout.rank == 0
 
     @classmethod
-    def from_checkpoint(cls, load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32",
-                        tokenizer: Optional[Tokenizer] = None, **kwargs: Any) -> "MegaGPT2LM":
+    def from_checkpoint(
+        cls,
+        load: str,
+        tp: int = 1,
+        device: str = "auto",
+        dtype: str = "fp32",
+        tokenizer: Optional[Tokenizer] = None,
+        **kwargs: Any,
+    ) -> "MegaGPT2LM":
         """Load any megagpt2 checkpoint, converted dir or Hugging Face GPT-2 dir (see load_model);
         with tp > 1, call it on each of the tp ranks of a torchrun launch."""
         from .loading import start_model
@@ -120,12 +135,22 @@ class MegaGPT2LM(TemplateLM):
     def get_model_info(self) -> dict:
         """Recorded in the results' config."""
         cfg = self.model.cfg
-        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()) * self.model.groups.layout.tp,
-                "model_dtype": str(next(self.model.parameters()).dtype), "tp": self.model.groups.layout.tp,
-                "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_positions": cfg.n_positions}
+        return {
+            "model_num_parameters": sum(p.numel() for p in self.model.parameters()) * self.model.groups.layout.tp,
+            "model_dtype": str(next(self.model.parameters()).dtype),
+            "tp": self.model.groups.layout.tp,
+            "n_layer": cfg.n_layer,
+            "n_embd": cfg.n_embd,
+            "n_positions": cfg.n_positions,
+        }
 
-    def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None,
-                   left_truncate_len: Optional[int] = None, **kwargs: Any) -> list[int]:
+    def tok_encode(
+        self,
+        string: str,
+        add_special_tokens: Optional[bool] = None,
+        left_truncate_len: Optional[int] = None,
+        **kwargs: Any,
+    ) -> list[int]:
         """Our tokenizer's ids: nothing is added (megagpt2 tokenizers add no BOS/CLS/SEP)."""
         ids = self.tok.encode(string)
         return ids[-left_truncate_len:] if left_truncate_len else ids
@@ -133,13 +158,15 @@ class MegaGPT2LM(TemplateLM):
     def _bar(self, total: int, desc: str, disable: bool):
         return tqdm(total=total, desc=desc, disable=disable or not self.progress or not self._rank0)
 
-    def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
-                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: Sequence[tuple[Any, list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
+    ) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy) per (key, context ids, continuation ids)."""
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         with self._bar(len(pairs), "loglikelihood", disable_tqdm) as bar:
-            scores = score_continuations(self.model, pairs, self.tok.eod, self.batch_size, self.max_length,
-                                         progress=bar.update)
+            scores = score_continuations(
+                self.model, pairs, self.tok.eod, self.batch_size, self.max_length, progress=bar.update
+            )
         out = [(-s.nll, s.greedy) for s in scores]
         for (key, _, _), answer in zip(requests, out):
             if key is not None:
@@ -171,11 +198,10 @@ class MegaGPT2LM(TemplateLM):
             for members in groups.values():
                 settings = self._sampling(args[members[0]][1])
                 budget = self.max_length - settings[0].max_new_tokens
-                ids = {i: self.tok_encode(args[i][0], left_truncate_len=budget) or [self.tok.eod]
-                       for i in members}
+                ids = {i: self.tok_encode(args[i][0], left_truncate_len=budget) or [self.tok.eod] for i in members}
                 order = sorted(members, key=lambda i: -len(ids[i]))
                 for start in range(0, len(order), self.batch_size):
-                    batch = order[start:start + self.batch_size]
+                    batch = order[start : start + self.batch_size]
                     for i, text in zip(batch, self._generate([ids[i] for i in batch], batch, *settings)):
                         out[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -189,23 +215,31 @@ class MegaGPT2LM(TemplateLM):
         kw: dict[str, Any] = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
         unknown = sorted(set(kw) - GEN_KEYS)
         if unknown:
-            raise ValueError(f"generation settings {unknown} are not supported by megagpt2 "
-                             f"(supported: {', '.join(sorted(GEN_KEYS))})")
+            raise ValueError(
+                f"generation settings {unknown} are not supported by megagpt2 "
+                f"(supported: {', '.join(sorted(GEN_KEYS))})"
+            )
         until = handle_stop_sequences(kw.get("until"), eos=self.tok.decode([self.tok.eod]))
         max_new = int(kw["max_gen_toks"])
         if not 0 < max_new < self.max_length:
-            raise ValueError(f"max_gen_toks={max_new} must be in 1..{self.max_length - 1} "
-                             f"(the context of {self.max_length} tokens keeps room for the prompt)")
+            raise ValueError(
+                f"max_gen_toks={max_new} must be in 1..{self.max_length - 1} "
+                f"(the context of {self.max_length} tokens keeps room for the prompt)"
+            )
         temperature = float(kw.get("temperature") or 0.0) if kw.get("do_sample") else 0.0
-        cfg = SamplingConfig(max_new_tokens=max_new, temperature=temperature, top_k=int(kw.get("top_k") or 0),
-                             top_p=float(kw.get("top_p") or 1.0),
-                             repetition_penalty=float(kw.get("repetition_penalty") or 1.0),
-                             stop_token=self.tok.eod, seed=self.seed)
+        cfg = SamplingConfig(
+            max_new_tokens=max_new,
+            temperature=temperature,
+            top_k=int(kw.get("top_k") or 0),
+            top_p=float(kw.get("top_p") or 1.0),
+            repetition_penalty=float(kw.get("repetition_penalty") or 1.0),
+            stop_token=self.tok.eod,
+            seed=self.seed,
+        )
         cfg.validate()
         return cfg, until
 
-    def _generate(self, prompts: list[list[int]], index: list[int], cfg: SamplingConfig,
-                  until: list[str]) -> list[str]:
+    def _generate(self, prompts: list[list[int]], index: list[int], cfg: SamplingConfig, until: list[str]) -> list[str]:
         """One left-padded batch: text of each row, cut at the first stop string."""
         stops = [s for s in until if s]
 
@@ -213,10 +247,16 @@ class MegaGPT2LM(TemplateLM):
             return any(s in self.tok.decode(toks[-64:]) for s in stops)  # a stop ends within the tail
 
         with torch.no_grad():
-            rows = generate(self.model, prompts, cfg, pad_id=self.tok.eod, seeds=[self.seed + i for i in index],
-                            stop_fn=stop_fn if stops else None)
+            rows = generate(
+                self.model,
+                prompts,
+                cfg,
+                pad_id=self.tok.eod,
+                seeds=[self.seed + i for i in index],
+                stop_fn=stop_fn if stops else None,
+            )
         texts = []
         for r in rows:
-            body = r[:r.index(self.tok.eod)] if self.tok.eod in r else r
+            body = r[: r.index(self.tok.eod)] if self.tok.eod in r else r
             texts.append(postprocess_generated_text(self.tok.decode(body), until, None))
         return texts

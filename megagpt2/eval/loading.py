@@ -38,8 +38,10 @@ def default_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
         try:
             return build_tokenizer(**asdict(cfg))
         except TokenizerError as e:
-            raise ModelLoadError(f"{path}: cannot build the tokenizer stored in the checkpoint ({e}); pass "
-                                 f"--tokenizer-type/--vocab-file/--merge-file/--tokenizer-model") from e
+            raise ModelLoadError(
+                f"{path}: cannot build the tokenizer stored in the checkpoint ({e}); pass "
+                f"--tokenizer-type/--vocab-file/--merge-file/--tokenizer-model"
+            ) from e
     if meta.get("source") == "hf":
         tj = Path(path) / "tokenizer.json"
         if tj.is_file():
@@ -61,12 +63,19 @@ def check_tokenizer(meta: dict[str, Any], tokenizer: Tokenizer, vocab_size: int,
         raise ModelLoadError(
             f"{path}: the model has a vocabulary of {vocab_size} tokens but the tokenizer "
             f"({tokenizer.identity()['type']}) has {tokenizer.vocab_size}; this checkpoint was trained with "
-            f"another vocabulary: pass its tokenizer (--tokenizer-type/--vocab-file/--merge-file/--tokenizer-model)")
+            f"another vocabulary: pass its tokenizer (--tokenizer-type/--vocab-file/--merge-file/--tokenizer-model)"
+        )
 
 
-def load_model(path: str, tp: int = 1, device: torch.device | str = "cpu", tokenizer: Optional[Tokenizer] = None,
-               groups: Optional[ProcessGroups] = None, dtype: torch.dtype = torch.float32,
-               attention: Optional[Attention] = None) -> tuple[GPT2, Tokenizer, dict[str, Any]]:
+def load_model(
+    path: str,
+    tp: int = 1,
+    device: torch.device | str = "cpu",
+    tokenizer: Optional[Tokenizer] = None,
+    groups: Optional[ProcessGroups] = None,
+    dtype: torch.dtype = torch.float32,
+    attention: Optional[Attention] = None,
+) -> tuple[GPT2, Tokenizer, dict[str, Any]]:
     """(model in eval mode on `device`, tokenizer, checkpoint metadata).
 
     path: a training checkpoint dir (follows `latest`), a step_* tag, a converted dir or a
@@ -77,8 +86,10 @@ def load_model(path: str, tp: int = 1, device: torch.device | str = "cpu", token
     from ..checkpoint.store import CheckpointError
 
     if not os.path.exists(path):
-        raise ModelLoadError(f"checkpoint {path} does not exist: pass a megagpt2 checkpoint dir, a step_* "
-                             f"tag, a converted dir or a Hugging Face GPT-2 dir")
+        raise ModelLoadError(
+            f"checkpoint {path} does not exist: pass a megagpt2 checkpoint dir, a step_* "
+            f"tag, a converted dir or a Hugging Face GPT-2 dir"
+        )
     try:
         meta, full = read_weights(path)
     except (CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
@@ -115,14 +126,25 @@ def add_model_args(parser) -> None:
     from ..tokenizer import add_tokenizer_args
 
     g = parser.add_argument_group("model")
-    g.add_argument("--load", required=True,
-                   help="megagpt2 checkpoint dir (follows latest), step_* tag, converted dir or Hugging Face GPT-2 dir")
-    g.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel size; > 1 needs that many ranks (torchrun --nproc_per_node TP ...)")
+    g.add_argument(
+        "--load",
+        required=True,
+        help="megagpt2 checkpoint dir (follows latest), step_* tag, converted dir or Hugging Face GPT-2 dir",
+    )
+    g.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size; > 1 needs that many ranks (torchrun --nproc_per_node TP ...)",
+    )
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    g.add_argument("--attention", choices=("flash", "fused_softmax", "torch"), default=None,
-                   help="attention implementation (default: the checkpoint's)")
+    g.add_argument(
+        "--attention",
+        choices=("flash", "fused_softmax", "torch"),
+        default=None,
+        help="attention implementation (default: the checkpoint's)",
+    )
     add_tokenizer_args(parser)
     parser.set_defaults(tokenizer_type=None)  # None = the tokenizer the checkpoint names
 
@@ -138,9 +160,14 @@ def tp_groups(tp: int) -> ProcessGroups:
     return build_process_groups(ParallelLayout.for_world(world, tp=tp, rank=rank))
 
 
-def start_model(load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32",
-                attention: Optional[Attention] = None,
-                tokenizer: Optional[Tokenizer] = None) -> tuple[GPT2, Tokenizer, dict[str, Any], ProcessGroups]:
+def start_model(
+    load: str,
+    tp: int = 1,
+    device: str = "auto",
+    dtype: str = "fp32",
+    attention: Optional[Attention] = None,
+    tokenizer: Optional[Tokenizer] = None,
+) -> tuple[GPT2, Tokenizer, dict[str, Any], ProcessGroups]:
     """Start torch.distributed when launched with several ranks (TP), then `load_model`.
 
     The one way tools and the lm-evaluation-harness backend get a model: each rank of a
@@ -150,8 +177,10 @@ def start_model(load: str, tp: int = 1, device: str = "auto", dtype: str = "fp32
 
     env = detect_env()
     if tp < 1 or env.world_size != tp:
-        raise ModelLoadError(f"--tp {tp} needs exactly {tp} ranks, but {env.world_size} were started "
-                             f"(use torchrun --nproc_per_node {tp} for tp > 1)")
+        raise ModelLoadError(
+            f"--tp {tp} needs exactly {tp} ranks, but {env.world_size} were started "
+            f"(use torchrun --nproc_per_node {tp} for tp > 1)"
+        )
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     dev = pick_device(device, env.local_rank)

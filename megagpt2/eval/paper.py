@@ -47,15 +47,27 @@ PAPER_TASKS: dict[str, tuple[str, str, str]] = {
 }
 
 # Table 3 column -> (task, metric, scale)
-TABLE3 = [("LAMBADA (PPL)", "lambada", "ppl", 1), ("LAMBADA (ACC)", "lambada", "accuracy", 100),
-          ("CBT-CN (ACC)", "cbt_cn", "accuracy", 100), ("CBT-NE (ACC)", "cbt_ne", "accuracy", 100),
-          ("WikiText2 (PPL)", "wikitext2", "word_ppl", 1), ("PTB (PPL)", "ptb", "word_ppl", 1),
-          ("enwik8 (BPB)", "enwik8", "bits_per_byte", 1), ("text8 (BPC)", "text8", "bits_per_char", 1),
-          ("WikiText103 (PPL)", "wikitext103", "word_ppl", 1), ("1BW (PPL)", "lm1b", "word_ppl", 1)]
-GENERATION = [("CoQA (F1)", "coqa", "f1"), ("TL;DR ROUGE-1", "summarize", "rouge1"),
-              ("TL;DR ROUGE-2", "summarize", "rouge2"), ("TL;DR ROUGE-L", "summarize", "rougeL"),
-              ("En>Fr (BLEU)", "translate_en_fr", "bleu"), ("Fr>En (BLEU)", "translate_fr_en", "bleu"),
-              ("NQ (EM %)", "qa", "exact_match")]
+TABLE3 = [
+    ("LAMBADA (PPL)", "lambada", "ppl", 1),
+    ("LAMBADA (ACC)", "lambada", "accuracy", 100),
+    ("CBT-CN (ACC)", "cbt_cn", "accuracy", 100),
+    ("CBT-NE (ACC)", "cbt_ne", "accuracy", 100),
+    ("WikiText2 (PPL)", "wikitext2", "word_ppl", 1),
+    ("PTB (PPL)", "ptb", "word_ppl", 1),
+    ("enwik8 (BPB)", "enwik8", "bits_per_byte", 1),
+    ("text8 (BPC)", "text8", "bits_per_char", 1),
+    ("WikiText103 (PPL)", "wikitext103", "word_ppl", 1),
+    ("1BW (PPL)", "lm1b", "word_ppl", 1),
+]
+GENERATION = [
+    ("CoQA (F1)", "coqa", "f1"),
+    ("TL;DR ROUGE-1", "summarize", "rouge1"),
+    ("TL;DR ROUGE-2", "summarize", "rouge2"),
+    ("TL;DR ROUGE-L", "summarize", "rougeL"),
+    ("En>Fr (BLEU)", "translate_en_fr", "bleu"),
+    ("Fr>En (BLEU)", "translate_fr_en", "bleu"),
+    ("NQ (EM %)", "qa", "exact_match"),
+]
 # Radford et al. 2019, Table 3 (zero-shot)
 PAPER_ROWS = {
     "SOTA": [99.8, 59.23, 85.7, 82.3, 39.14, 46.54, 0.99, 1.08, 18.3, 21.8],
@@ -66,8 +78,16 @@ PAPER_ROWS = {
 }
 
 
-def text_ppl(model, tokenizer, path: str, style: str, window: Optional[int] = None, stride: Optional[int] = None,
-             batch_size: int = 8, progress: Optional[Callable[[int], None]] = None) -> dict:
+def text_ppl(
+    model,
+    tokenizer,
+    path: str,
+    style: str,
+    window: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """Sliding-window perplexity of a text file, with word, byte and character normalisers of the
     original text (the stream starts with the end-of-document token)."""
     window = window or model.cfg.n_positions
@@ -77,8 +97,9 @@ def text_ppl(model, tokenizer, path: str, style: str, window: Optional[int] = No
     stream = [tokenizer.eod] + tokenizer.encode(text)
     nll, tokens = stream_nll(model, stream, window, stride, batch_size, tokenizer.eod, progress)
     out = ppl_metrics(nll, tokens, count_words(original), len(text.encode("utf-8")), len(text))
-    out.update(window=window, stride=stride, windows=len(sliding_windows(len(stream), window, stride)),
-               detokenize=style)
+    out.update(
+        window=window, stride=stride, windows=len(sliding_windows(len(stream), window, stride)), detokenize=style
+    )
     return out
 
 
@@ -94,15 +115,22 @@ def run_task(name: str, model, tokenizer, path: str, opts: dict) -> dict:
         return out
     if kind == "ppl":
         return text_ppl(model, tokenizer, path, extra, opts.get("window"), opts.get("stride"), bs)
-    examples = task_examples(kind, path, opts.get("num_fewshot", 5), opts.get("seed", 1234),
-                             direction=extra or "en-fr")[:limit]
+    examples = task_examples(
+        kind, path, opts.get("num_fewshot", 5), opts.get("seed", 1234), direction=extra or "en-fr"
+    )[:limit]
     out = evaluate_generation(kind, model, tokenizer, examples, bs, opts.get("seed", 1234))
-    out["examples"] = out["examples"][:opts.get("keep_examples", 20)]
+    out["examples"] = out["examples"][: opts.get("keep_examples", 20)]
     return out
 
 
-def run_paper(model, tokenizer, data_dir: str, tasks: Optional[list[str]] = None, opts: Optional[dict] = None,
-              log: Callable[[str], None] = print) -> dict:
+def run_paper(
+    model,
+    tokenizer,
+    data_dir: str,
+    tasks: Optional[list[str]] = None,
+    opts: Optional[dict] = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every task (of `tasks`, default all) whose file is in data_dir; missing ones are listed."""
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data-dir {data_dir} is not a directory")
@@ -120,8 +148,12 @@ def run_paper(model, tokenizer, data_dir: str, tasks: Optional[list[str]] = None
         results[name] = run_task(name, model, tokenizer, path, opts or {})
     if not results:
         raise FileNotFoundError(f"no task data in {data_dir}: looked for {', '.join(missing)}")
-    return {"tasks": results, "missing": missing, "table3": _row(results, TABLE3),
-            "generation": _row(results, [(c, t, m, 1) for c, t, m in GENERATION])}
+    return {
+        "tasks": results,
+        "missing": missing,
+        "table3": _row(results, TABLE3),
+        "generation": _row(results, [(c, t, m, 1) for c, t, m in GENERATION]),
+    }
 
 
 def _row(results: dict, columns) -> dict:
@@ -131,8 +163,9 @@ def _row(results: dict, columns) -> dict:
 def format_tables(report: dict, model_name: str = "this model") -> str:
     """Table 3 (paper rows for reference, then ours) and the generation tasks, as text."""
     lines = ["GPT-2 paper Table 3 layout (zero-shot; PPL lower is better, ACC in %)"]
-    lines += _grid([c for c, *_ in TABLE3], {**{k: v for k, v in PAPER_ROWS.items()},
-                                             model_name: list(report["table3"].values())})
+    lines += _grid(
+        [c for c, *_ in TABLE3], {**{k: v for k, v in PAPER_ROWS.items()}, model_name: list(report["table3"].values())}
+    )
     gen = report["generation"]
     if any(v is not None for v in gen.values()):
         lines += ["", "Generation tasks"] + _grid(list(gen), {model_name: list(gen.values())})
@@ -148,6 +181,7 @@ def _grid(columns: list[str], rows: dict[str, list]) -> list[str]:
     name_w = max(len(n) for n in rows)
     widths = [max(len(c), 6) for c in columns]
     head = " " * name_w + " | " + " | ".join(c.rjust(w) for c, w in zip(columns, widths))
-    body = [n.ljust(name_w) + " | " + " | ".join(cell(v).rjust(w) for v, w in zip(vals, widths))
-            for n, vals in rows.items()]
+    body = [
+        n.ljust(name_w) + " | " + " | ".join(cell(v).rjust(w) for v, w in zip(vals, widths)) for n, vals in rows.items()
+    ]
     return [head, "-" * len(head)] + body

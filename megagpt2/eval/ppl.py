@@ -44,8 +44,15 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def stream_nll(model: GPT2, stream: Sequence[int], window: int, stride: int, batch_size: int = 4,
-               pad: int = 0, progress: Optional[Callable[[int], None]] = None) -> tuple[float, int]:
+def stream_nll(
+    model: GPT2,
+    stream: Sequence[int],
+    window: int,
+    stride: int,
+    batch_size: int = 4,
+    pad: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> tuple[float, int]:
     """(summed NLL in nats, number of scored tokens) over the stream (see module docstring)."""
     if window > model.cfg.n_positions:
         raise ValueError(f"window {window} exceeds the model's context of {model.cfg.n_positions} tokens")
@@ -57,7 +64,7 @@ def stream_nll(model: GPT2, stream: Sequence[int], window: int, stride: int, bat
         targets = torch.full_like(inputs, IGNORE)
         for row, (b, e, n) in enumerate(group):
             L = e - b
-            targets[row, L - n:L] = torch.from_numpy(s[e - n + 1:e + 1])
+            targets[row, L - n : L] = torch.from_numpy(s[e - n + 1 : e + 1])
         nll, _ = token_nll(model, inputs.to(device), targets.to(device))
         total += float(nll.sum())
         count += sum(n for _, _, n in group)
@@ -66,8 +73,9 @@ def stream_nll(model: GPT2, stream: Sequence[int], window: int, stride: int, bat
     return total, count
 
 
-def ppl_metrics(nll: float, tokens: int, words: Optional[int] = None, n_bytes: Optional[int] = None,
-                chars: Optional[int] = None) -> dict:
+def ppl_metrics(
+    nll: float, tokens: int, words: Optional[int] = None, n_bytes: Optional[int] = None, chars: Optional[int] = None
+) -> dict:
     """Token perplexity and, when the original text is known, word perplexity, bits per byte
     (enwik8-style) and bits per character (text8-style): the summed NLL in bits over the count."""
     out = {"tokens": tokens, "nll": nll, "token_ppl": math.exp(nll / tokens)}
@@ -88,8 +96,9 @@ def read_text(path: str) -> str:
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}); convert it, or pass a tokenized dataset "
-                         f"with --data-path") from e
+        raise ValueError(
+            f"{path} is not UTF-8 text ({e}); convert it, or pass a tokenized dataset with --data-path"
+        ) from e
     if not text.strip():
         raise ValueError(f"{path} is empty: nothing to evaluate")
     return text
@@ -100,8 +109,10 @@ def read_indexed(prefix: str, max_tokens: Optional[int] = None) -> np.ndarray:
     from ..data import IndexedDataset
 
     if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-        raise FileNotFoundError(f"no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
-                                f"give the prefix without the extension)")
+        raise FileNotFoundError(
+            f"no indexed dataset at {prefix} (expected {prefix}.bin and {prefix}.idx; "
+            f"give the prefix without the extension)"
+        )
     ds = IndexedDataset(prefix)
     parts, n = [], 0
     for i in range(len(ds)):
@@ -116,11 +127,39 @@ def read_indexed(prefix: str, max_tokens: Optional[int] = None) -> np.ndarray:
 
 # Undo the tokenisation of WikiText / PTB files (" @-@ ", " , ", " n't" ...) so the model sees
 # ordinary text, as the GPT-2 paper did; word counts always come from the original file.
-_WIKITEXT = [(" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "), (" . ", ". "),
-             (" ! ", "! "), (" ? ", "? "), (" , ", ", "), (" 's", "'s"), (" n't", "n't"), ("( ", "("),
-             (" )", ")"), ("[ ", "["), (" ]", "]"), ("= = = =", "===="), ("= = =", "==="), ("= =", "==")]
-_PTB = [(" 's", "'s"), (" n't", "n't"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'm", "'m"),
-        (" 'd", "'d"), (" , ", ", "), (" . ", ". "), (" ; ", "; "), (" : ", ": ")]
+_WIKITEXT = [
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+    (" 's", "'s"),
+    (" n't", "n't"),
+    ("( ", "("),
+    (" )", ")"),
+    ("[ ", "["),
+    (" ]", "]"),
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),
+]
+_PTB = [
+    (" 's", "'s"),
+    (" n't", "n't"),
+    (" 're", "'re"),
+    (" 've", "'ve"),
+    (" 'll", "'ll"),
+    (" 'm", "'m"),
+    (" 'd", "'d"),
+    (" , ", ", "),
+    (" . ", ". "),
+    (" ; ", "; "),
+    (" : ", ": "),
+]
 # One Billion Word and CBT: PTB-style contractions plus punctuation split off at line ends, and
 # CBT's `` '' quotes
 _LM1B = _PTB + [(" ? ", "? "), (" ! ", "! "), ("( ", "("), (" )", ")"), (" $ ", " $")]

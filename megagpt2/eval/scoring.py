@@ -25,8 +25,9 @@ IGNORE = -100
 
 
 @torch.no_grad()
-def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
-              greedy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def token_nll(
+    model: GPT2, inputs: torch.Tensor, targets: torch.Tensor, greedy: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """inputs, targets (B, T) -> nll (B, T) float64 and, with greedy, argmax == target (B, T) bool.
 
     The output head runs only at the scored positions (targets != -100): a LAMBADA example scores
@@ -39,10 +40,11 @@ def token_nll(model: GPT2, inputs: torch.Tensor, targets: torch.Tensor,
     local = model.logits_local(picked)  # (1, N, V/tp)
     nll = torch.zeros(targets.shape, dtype=torch.float64, device=targets.device)
     if model.groups.layout.tp == 1:  # one fused kernel, no padding columns, no softmax kept for a backward
-        per = F.cross_entropy(local[0, :, :model.cfg.vocab_size].float(), targets[scored], reduction="none")
+        per = F.cross_entropy(local[0, :, : model.cfg.vocab_size].float(), targets[scored], reduction="none")
     else:
-        per = vocab_parallel_cross_entropy(local, targets[scored][None], model.groups.tp, model.cfg.vocab_size,
-                                           IGNORE)[0]
+        per = vocab_parallel_cross_entropy(local, targets[scored][None], model.groups.tp, model.cfg.vocab_size, IGNORE)[
+            0
+        ]
     nll[scored] = per.double()
     correct = None
     if greedy:
@@ -56,7 +58,7 @@ def right_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     T = max(len(r) for r in rows)
     out = torch.full((len(rows), T), pad, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out
 
 
@@ -70,9 +72,14 @@ class Score:
     truncated: bool  # the context was cut from the left to fit the model's window
 
 
-def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int,
-                        batch_size: int = 8, max_len: Optional[int] = None,
-                        progress: Optional[Callable[[int], object]] = None) -> list[Score]:
+def score_continuations(
+    model: GPT2,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    pad: int,
+    batch_size: int = 8,
+    max_len: Optional[int] = None,
+    progress: Optional[Callable[[int], object]] = None,
+) -> list[Score]:
     """Score each (context, continuation) pair: the continuation's tokens given the context.
 
     The input is context + continuation[:-1]; if it is longer than `max_len` (default: the
@@ -85,16 +92,15 @@ def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequen
         if len(ctx) == 0 or len(cont) == 0:
             raise ValueError(f"example {i}: empty {'context' if len(ctx) == 0 else 'continuation'}")
         if len(cont) > max_len:
-            raise ValueError(f"example {i}: continuation of {len(cont)} tokens does not fit the "
-                             f"{max_len}-token window")
+            raise ValueError(f"example {i}: continuation of {len(cont)} tokens does not fit the {max_len}-token window")
     order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
     out: list[Optional[Score]] = [None] * len(pairs)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         seqs, conts, cut = [], [], []
         for i in idx:
             ctx, cont = list(pairs[i][0]), list(pairs[i][1])
-            full = (ctx + cont)[-(max_len + 1):]
+            full = (ctx + cont)[-(max_len + 1) :]
             seqs.append(full)
             conts.append(len(cont))
             cut.append(len(full) < len(ctx) + len(cont))
@@ -102,7 +108,7 @@ def score_continuations(model: GPT2, pairs: Sequence[tuple[Sequence[int], Sequen
         targets = torch.full_like(inputs, IGNORE)
         for row, (s, n) in enumerate(zip(seqs, conts)):
             L = len(s) - 1
-            targets[row, L - n:L] = torch.tensor(s[-n:], dtype=torch.long)
+            targets[row, L - n : L] = torch.tensor(s[-n:], dtype=torch.long)
         nll, correct = token_nll(model, inputs.to(device), targets.to(device), greedy=True)
         scored = (targets != IGNORE).to(device)
         for row, i in enumerate(idx):

@@ -58,13 +58,13 @@ def lambada_examples(path: str) -> list[tuple[str, str]]:
     for n, rec in enumerate(read_jsonl(path), 1):
         text = _field(rec, ("text",), f"{path}: example {n}")
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: example {n}: \"text\" must be a non-empty string")
+            raise ValueError(f'{path}: example {n}: "text" must be a non-empty string')
         text = text.rstrip()
         m = re.search(r"\s+\S+$", text)
-        if m is None or not text[:m.start()].strip():  # a single word: no context
+        if m is None or not text[: m.start()].strip():  # a single word: no context
             out.append(("", text.strip()))
         else:
-            out.append((text[:m.start()], text[m.start():]))
+            out.append((text[: m.start()], text[m.start() :]))
     return out
 
 
@@ -97,8 +97,9 @@ def join_continuation(context: str, choice: str) -> str:
     return " " + choice
 
 
-def fewshot_prefix(pool: Sequence[str], k: int, seed: int, index: int, exclude: Optional[int],
-                   delimiter: str = "\n\n") -> str:
+def fewshot_prefix(
+    pool: Sequence[str], k: int, seed: int, index: int, exclude: Optional[int], delimiter: str = "\n\n"
+) -> str:
     """k pool texts (never pool[exclude]) chosen by a generator seeded with (seed, index)."""
     if k <= 0:
         return ""
@@ -117,10 +118,17 @@ def _context_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text) if text else [tokenizer.eod]
 
 
-def evaluate_lambada(model: GPT2, tokenizer: Tokenizer, examples: Sequence[tuple[str, str]],
-                     pool: Optional[Sequence[str]] = None, k: int = 0, seed: int = 1234,
-                     delimiter: str = "\n\n", batch_size: int = 8,
-                     progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_lambada(
+    model: GPT2,
+    tokenizer: Tokenizer,
+    examples: Sequence[tuple[str, str]],
+    pool: Optional[Sequence[str]] = None,
+    k: int = 0,
+    seed: int = 1234,
+    delimiter: str = "\n\n",
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """accuracy, ppl (per target word), token_ppl, n, truncated (see module docstring)."""
     own = pool is None
     pool = [c + t for c, t in examples] if own else pool
@@ -131,15 +139,28 @@ def evaluate_lambada(model: GPT2, tokenizer: Tokenizer, examples: Sequence[tuple
     scores = score_continuations(model, pairs, tokenizer.eod, batch_size, progress=progress)
     nll = sum(s.nll for s in scores)
     tokens = sum(s.n_tokens for s in scores)
-    return {"n": len(scores), "accuracy": sum(s.greedy for s in scores) / len(scores),
-            "ppl": math.exp(nll / len(scores)), "token_ppl": math.exp(nll / tokens),
-            "target_tokens": tokens, "truncated": sum(s.truncated for s in scores), "num_fewshot": k}
+    return {
+        "n": len(scores),
+        "accuracy": sum(s.greedy for s in scores) / len(scores),
+        "ppl": math.exp(nll / len(scores)),
+        "token_ppl": math.exp(nll / tokens),
+        "target_tokens": tokens,
+        "truncated": sum(s.truncated for s in scores),
+        "num_fewshot": k,
+    }
 
 
-def evaluate_multiple_choice(model: GPT2, tokenizer: Tokenizer, examples: Sequence[tuple[str, list[str], int]],
-                             pool: Optional[Sequence[str]] = None, k: int = 0, seed: int = 1234,
-                             delimiter: str = "\n\n", batch_size: int = 8,
-                             progress: Optional[Callable[[int], None]] = None) -> dict:
+def evaluate_multiple_choice(
+    model: GPT2,
+    tokenizer: Tokenizer,
+    examples: Sequence[tuple[str, list[str], int]],
+    pool: Optional[Sequence[str]] = None,
+    k: int = 0,
+    seed: int = 1234,
+    delimiter: str = "\n\n",
+    batch_size: int = 8,
+    progress: Optional[Callable[[int], None]] = None,
+) -> dict:
     """acc (total log-likelihood), acc_norm (per byte), n, truncated."""
     own = pool is None
     pool = [c + join_continuation(c, ch[y]) for c, ch, y in examples] if own else pool
@@ -159,8 +180,14 @@ def evaluate_multiple_choice(model: GPT2, tokenizer: Tokenizer, examples: Sequen
     acc = sum(int(np.argmax([t for t, _ in ll])) == y for ll, (_, _, y) in zip(per_ex, examples))
     acc_norm = sum(int(np.argmax([b for _, b in ll])) == y for ll, (_, _, y) in zip(per_ex, examples))
     n = len(examples)
-    return {"n": n, "acc": acc / n, "acc_norm": acc_norm / n, "choices_scored": len(pairs),
-            "truncated": sum(s.truncated for s in scores), "num_fewshot": k}
+    return {
+        "n": n,
+        "acc": acc / n,
+        "acc_norm": acc_norm / n,
+        "choices_scored": len(pairs),
+        "truncated": sum(s.truncated for s in scores),
+        "num_fewshot": k,
+    }
 
 
 def pool_texts(task: str, path: str) -> list[str]:

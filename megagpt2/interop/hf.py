@@ -28,11 +28,22 @@ def to_hf_config(cfg: ModelConfig, eod: Optional[int] = None):
     from transformers import GPT2Config
 
     eod = cfg.vocab_size - 1 if eod is None else eod
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
-                      n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
-                      resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attn_dropout,
-                      layer_norm_epsilon=cfg.layer_norm_eps, initializer_range=cfg.init_std,
-                      tie_word_embeddings=True, bos_token_id=eod, eos_token_id=eod)
+    return GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.n_positions,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        activation_function="gelu_new",
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attn_dropout,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        initializer_range=cfg.init_std,
+        tie_word_embeddings=True,
+        bos_token_id=eod,
+        eos_token_id=eod,
+    )
 
 
 def model_config_from_hf(hf_config: dict, base: Optional[ModelConfig] = None) -> ModelConfig:
@@ -69,12 +80,15 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's (or GPT2Model's, without the prefix) state dict -> our full one."""
+
     def get(name: str) -> torch.Tensor:
         for key in (f"transformer.{name}", name):
             if key in hf:
                 return hf[key]
-        raise KeyError(f"Hugging Face state dict has no tensor {name!r} (nor transformer.{name}); "
-                       f"is this a GPT-2 checkpoint with n_layer={cfg.n_layer}?")
+        raise KeyError(
+            f"Hugging Face state dict has no tensor {name!r} (nor transformer.{name}); "
+            f"is this a GPT-2 checkpoint with n_layer={cfg.n_layer}?"
+        )
 
     sd: dict[str, torch.Tensor] = {}
     wte = get("wte.weight")
@@ -150,8 +164,10 @@ def _load_bin(f: Path) -> dict[str, torch.Tensor]:
         sd = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"refusing to load {f}: it holds objects a state dict never contains ({first}); "
-                         f"convert a trusted copy to model.safetensors instead") from None
+        raise ValueError(
+            f"refusing to load {f}: it holds objects a state dict never contains ({first}); "
+            f"convert a trusted copy to model.safetensors instead"
+        ) from None
     except (RuntimeError, EOFError) as e:
         raise ValueError(f"{f} is damaged or truncated ({str(e).splitlines()[0]})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

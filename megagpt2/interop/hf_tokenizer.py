@@ -27,9 +27,12 @@ from typing import Optional, Sequence
 from ..tokenizer import Tokenizer
 
 UNK_CANDIDATES = ("[UNK]", "<unk>", "<|unk|>")
-PROBES = ("Hello world", " leading space, then\ttabs and\n\nblank lines  (two spaces)",
-          "Numbers 1234 and 3.14; punctuation: \"quotes\" 'single' -- dashes",
-          "naïve café ünïcode 日本語 中文，标点？")
+PROBES = (
+    "Hello world",
+    " leading space, then\ttabs and\n\nblank lines  (two spaces)",
+    "Numbers 1234 and 3.14; punctuation: \"quotes\" 'single' -- dashes",
+    "naïve café ünïcode 日本語 中文，标点？",
+)
 
 
 def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str, model_max_length: int) -> list[str]:
@@ -43,8 +46,10 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str, model_max_length: int)
         return _save_tokenizer_json(tokenizer, out, model_max_length)
     if kind == "SentencePieceTokenizer":
         return _save_sentencepiece(tokenizer, out, model_max_length)
-    raise ValueError(f"cannot export a {kind} tokenizer to Hugging Face files (known: GPT2BPETokenizer, "
-                     f"HFTokenizer, SentencePieceTokenizer)")
+    raise ValueError(
+        f"cannot export a {kind} tokenizer to Hugging Face files (known: GPT2BPETokenizer, "
+        f"HFTokenizer, SentencePieceTokenizer)"
+    )
 
 
 def _special(tokenizer: Tokenizer) -> dict[str, Optional[str]]:
@@ -61,9 +66,15 @@ def _save_gpt2(tokenizer: Tokenizer, out: Path, model_max_length: int) -> list[s
     files = tokenizer.files
     vocab, merges = read_vocab_json(files["vocab_file"]), read_merges(files["merge_file"])
     special = _special(tokenizer)
-    hf = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token=special["eos_token"],  # pyright: ignore[reportArgumentType]
-                       add_prefix_space=False, model_max_length=model_max_length, split_special_tokens=True,
-                       **special)  # pyright: ignore[reportArgumentType]  (transformers' hints)
+    hf = GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=special["eos_token"],  # pyright: ignore[reportArgumentType]
+        add_prefix_space=False,
+        model_max_length=model_max_length,
+        split_special_tokens=True,
+        **special,
+    )  # pyright: ignore[reportArgumentType]  (transformers' hints)
     hf.save_pretrained(str(out))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # transformers' slow GPT-2 reader always skips the first line: write the header it expects
@@ -79,8 +90,13 @@ def _save_tokenizer_json(tokenizer: Tokenizer, out: Path, model_max_length: int)
     doc.update(post_processor=None, truncation=None, padding=None)  # encode adds nothing, cuts nothing
     backend = tokenizers.Tokenizer.from_str(json.dumps(doc))
     unk = next((t for t in UNK_CANDIDATES if backend.token_to_id(t) is not None), None)
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, unk_token=unk,
-                                 clean_up_tokenization_spaces=False, **_special(tokenizer))
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        unk_token=unk,
+        clean_up_tokenization_spaces=False,
+        **_special(tokenizer),
+    )
     hf.save_pretrained(str(out))
     return ["tokenizer.json", "tokenizer_config.json"]
 
@@ -105,14 +121,23 @@ def _save_sentencepiece(tokenizer: Tokenizer, out: Path, model_max_length: int) 
     steps = [normalizers.Prepend("\u2581")] if dummy else []
     backend.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
     backend.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-                                        + ([decoders.Strip(" ", 1, 0)] if dummy else []))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if dummy else [])
+    )
     unk = sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None
     eod = sp.IdToPiece(tokenizer.eod)  # control pieces decode to "": name them by their piece
     pad = sp.IdToPiece(tokenizer.pad) if tokenizer.pad is not None else None
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, unk_token=unk,
-                                 split_special_tokens=True, clean_up_tokenization_spaces=False, eos_token=eod,
-                                 bos_token=eod, pad_token=pad)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        unk_token=unk,
+        split_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+        eos_token=eod,
+        bos_token=eod,
+        pad_token=pad,
+    )
     hf.save_pretrained(str(out))
     return ["tokenizer.model", "tokenizer.json", "tokenizer_config.json"]
 

@@ -9,6 +9,7 @@ impl in {"auto", "triton", "torch", "apex"} (config key `model.kernels`). Import
 does not import triton; kernels are compiled (or, with TRITON_INTERPRET=1, interpreted on CPU)
 on first use. See docs/kernels.md.
 """
+
 from __future__ import annotations
 
 import torch

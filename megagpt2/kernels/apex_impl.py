@@ -4,6 +4,7 @@ apex's causal softmax kernel covers square, unpadded, fp16/bf16 scores of modera
 cases (KV-cache offsets, explicit masks, fp32, long rows) go to the Triton kernel so that the
 semantics (including zeros for fully masked rows) never depend on the backend.
 """
+
 from __future__ import annotations
 
 import torch

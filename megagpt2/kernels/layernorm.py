@@ -6,6 +6,7 @@ partial sums of dw/db in registers; the partials land in a (programs, hidden) bu
 second small kernel sums column by column and casts. No atomics, so weight/bias gradients are
 bitwise deterministic run to run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -56,8 +57,18 @@ def ln_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     if m > 0:
         with runtime.on_device(x2d):
             fwd[(m,)](
-                x2d, y, weight, bias, mean, rstd, x2d.stride(0), y.stride(0), n, eps,
-                BLOCK_N=block, num_warps=runtime.num_warps_for(block),
+                x2d,
+                y,
+                weight,
+                bias,
+                mean,
+                rstd,
+                x2d.stride(0),
+                y.stride(0),
+                n,
+                eps,
+                BLOCK_N=block,
+                num_warps=runtime.num_warps_for(block),
             )
     return y, mean, rstd
 
@@ -74,14 +85,34 @@ def ln_backward(dy2d, x2d, weight, mean, rstd):
     dw_part, db_part = torch.empty((2, programs, n), dtype=torch.float32, device=x2d.device)
     with runtime.on_device(x2d):
         bwd[(programs,)](
-            dy2d, x2d, weight, mean, rstd, dx, dw_part, db_part,
-            dy2d.stride(0), x2d.stride(0), dx.stride(0), m, n, rows_per_prog,
-            BLOCK_N=block, num_warps=runtime.num_warps_for(block),
+            dy2d,
+            x2d,
+            weight,
+            mean,
+            rstd,
+            dx,
+            dw_part,
+            db_part,
+            dy2d.stride(0),
+            x2d.stride(0),
+            dx.stride(0),
+            m,
+            n,
+            rows_per_prog,
+            BLOCK_N=block,
+            num_warps=runtime.num_warps_for(block),
         )
         dw = torch.empty(n, dtype=weight.dtype, device=x2d.device)
         db = torch.empty_like(dw)
         dwdb[(-(-n // DWDB_BLOCK_C),)](
-            dw_part, db_part, dw, db, programs, n, BLOCK_P=DWDB_BLOCK_P, BLOCK_C=DWDB_BLOCK_C,
+            dw_part,
+            db_part,
+            dw,
+            db,
+            programs,
+            n,
+            BLOCK_P=DWDB_BLOCK_P,
+            BLOCK_C=DWDB_BLOCK_C,
             num_warps=4,
         )
     return dx, dw, db
@@ -112,9 +143,7 @@ class TritonLayerNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw, db, None
 
 
-def layer_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
-) -> torch.Tensor:
+def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Triton LayerNorm over the last dim; output in x's dtype, grads for x, weight and bias."""
     n = x.shape[-1]
     if weight.shape != (n,) or bias.shape != (n,):

@@ -4,15 +4,14 @@ These define the semantics the Triton kernels are tested against and are what `i
 (and `auto` on CPU) runs. They favour clarity and accuracy: low-precision inputs are computed in
 fp32 and cast back, as the kernels do.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def layer_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
-) -> torch.Tensor:
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dimension with fp32 statistics; output in x's dtype."""
     n = x.shape[-1]
     if x.dtype == weight.dtype == bias.dtype:

@@ -6,6 +6,7 @@ executed on first use, once per interpreter mode (`kernel_module`), so whether t
 used follows TRITON_INTERPRET at call time, whatever was imported earlier and in whatever order.
 Importing `megagpt2.kernels` never imports triton.
 """
+
 from __future__ import annotations
 
 import contextlib

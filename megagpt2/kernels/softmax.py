@@ -4,6 +4,7 @@ Forward reads scores once and writes probabilities once (the unfused torch seque
 writes the full tensor three times); backward reads the saved probabilities and dy once and
 writes dx once. Causal rows skip the masked tail's reads in both directions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,9 +36,7 @@ def _expanded_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     try:
         full = mask.expand(shape)
     except RuntimeError as err:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(shape)}"
-        ) from err
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to scores {tuple(shape)}") from err
     return full.view(torch.uint8)
 
 
@@ -57,8 +56,19 @@ def softmax_forward(scores, scale: float, causal: bool, mask):
         m8, strides = scores, (0, 0, 0, 0)  # placeholder pointer, never read (HAS_MASK=False)
     with runtime.on_device(scores):
         fwd[(rows,)](
-            scores, probs, m8, float(scale), tq, tk, h, tk - tq, *strides,
-            CAUSAL=causal, HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
+            scores,
+            probs,
+            m8,
+            float(scale),
+            tq,
+            tk,
+            h,
+            tk - tq,
+            *strides,
+            CAUSAL=causal,
+            HAS_MASK=mask is not None,
+            BLOCK=block,
+            num_warps=warps,
         )
     return probs
 
@@ -74,8 +84,16 @@ def softmax_backward(dy, probs, scale: float, causal: bool):
         return dx
     with runtime.on_device(probs):
         bwd[(rows,)](
-            dy, probs, dx, float(scale), tq, tk, tk - tq,
-            CAUSAL=causal, BLOCK=block, num_warps=warps,
+            dy,
+            probs,
+            dx,
+            float(scale),
+            tq,
+            tk,
+            tk - tq,
+            CAUSAL=causal,
+            BLOCK=block,
+            num_warps=warps,
         )
     return dx
 

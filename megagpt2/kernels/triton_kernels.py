@@ -10,6 +10,7 @@ Hence `tl.reduce` with `_add` / `_maximum` and `tl.full` for zeros. In the inter
 and `_maximum` are triton's own combiners, which it reduces with numpy instead of calling them.
 All arithmetic is fp32: loads are upcast, stores cast to the output's dtype.
 """
+
 import triton
 import triton.language as tl
 
@@ -33,8 +34,16 @@ if triton_interpreting():  # the interpreter's fast paths recognise triton's own
 
 @triton.jit
 def ln_fwd_kernel(
-    X, Y, W, B, Mean, Rstd,  # X, Y: (M, N) rows; W, B: (N,); Mean, Rstd: (M,) fp32
-    stride_x, stride_y, N, eps,
+    X,
+    Y,
+    W,
+    B,
+    Mean,
+    Rstd,  # X, Y: (M, N) rows; W, B: (N,); Mean, Rstd: (M,) fp32
+    stride_x,
+    stride_y,
+    N,
+    eps,
     BLOCK_N: tl.constexpr,
 ):
     """One row per program: y = (x - mean) * rstd * w + b, saving mean and rstd for backward."""
@@ -56,9 +65,20 @@ def ln_fwd_kernel(
 
 @triton.jit
 def ln_bwd_kernel(
-    DY, X, W, Mean, Rstd, DX,  # DY, X, DX: (M, N); W: (N,); Mean, Rstd: (M,) fp32
-    DW_part, DB_part,  # (programs, N) fp32: this program's partial weight/bias gradients
-    stride_dy, stride_x, stride_dx, M, N, rows_per_prog,
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DX,  # DY, X, DX: (M, N); W: (N,); Mean, Rstd: (M,) fp32
+    DW_part,
+    DB_part,  # (programs, N) fp32: this program's partial weight/bias gradients
+    stride_dy,
+    stride_x,
+    stride_dx,
+    M,
+    N,
+    rows_per_prog,
     BLOCK_N: tl.constexpr,
 ):
     """Rows [pid * R, (pid + 1) * R): dx per row, and dw/db summed over those rows.
@@ -97,9 +117,14 @@ def ln_bwd_kernel(
 
 @triton.jit
 def ln_dwdb_kernel(
-    DW_part, DB_part, DW, DB,  # partials (P, N) fp32 -> DW, DB (N,) in the weight's dtype
-    P, N,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    DW_part,
+    DB_part,
+    DW,
+    DB,  # partials (P, N) fp32 -> DW, DB (N,) in the weight's dtype
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Column sums of the backward's partials, in a fixed order, cast on store.
 
@@ -130,10 +155,21 @@ def ln_dwdb_kernel(
 
 @triton.jit
 def softmax_fwd_kernel(
-    S, P, Mask,  # S, P: (rows, Tk); Mask: uint8 view of a bool mask expanded to (B, H, Tq, Tk)
-    scale, Tq, Tk, H, causal_offset,  # causal_offset = Tk - Tq
-    sm_b, sm_h, sm_q, sm_k,  # mask strides (0 on broadcast dims)
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    S,
+    P,
+    Mask,  # S, P: (rows, Tk); Mask: uint8 view of a bool mask expanded to (B, H, Tq, Tk)
+    scale,
+    Tq,
+    Tk,
+    H,
+    causal_offset,  # causal_offset = Tk - Tq
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,  # mask strides (0 on broadcast dims)
+    CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """p = softmax(where(masked, -inf, s * scale)); rows with every key masked give zeros."""
     row = tl.program_id(0).to(tl.int64)
@@ -163,9 +199,15 @@ def softmax_fwd_kernel(
 
 @triton.jit
 def softmax_bwd_kernel(
-    DY, P, DX,  # (rows, Tk) each
-    scale, Tq, Tk, causal_offset,
-    CAUSAL: tl.constexpr, BLOCK: tl.constexpr,
+    DY,
+    P,
+    DX,  # (rows, Tk) each
+    scale,
+    Tq,
+    Tk,
+    causal_offset,
+    CAUSAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """dx = scale * p * (dy - sum(dy * p)) from the saved probabilities (p = 0 where masked)."""
     row = tl.program_id(0).to(tl.int64)

@@ -7,6 +7,7 @@
 All three give the same result (up to rounding) with dropout off. With Tk > Tq (a KV cache
 holding Tk - Tq earlier positions) query i attends keys <= i + (Tk - Tq) on every path.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,21 +83,15 @@ def _flash(q, k, v, p_drop: float, scale: float, mask: torch.Tensor | None) -> t
     """sdpa's is_causal aligns the mask to the top-left, so Tk > Tq needs an explicit mask."""
     tq, tk = q.shape[2], k.shape[2]
     if mask is None and tq == tk:
-        return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=p_drop, is_causal=True, scale=scale
-        )
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, is_causal=True, scale=scale)
     if mask is None and tq == 1:  # one new token attends every cached key: no mask at all
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop, scale=scale)
     masked = causal_mask(tq, tk, q.device)  # (Tq, Tk), True = masked
     if mask is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=~masked, dropout_p=p_drop, scale=scale
-        )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=~masked, dropout_p=p_drop, scale=scale)
     masked = masked | mask
     # Backends disagree on rows with no visible key (NaN or zeros): open them up so every
     # backend stays finite, then zero those outputs, as the other two paths do.
     dead = masked.all(dim=-1, keepdim=True)  # (B, 1|H, Tq, 1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=~masked | dead, dropout_p=p_drop, scale=scale
-    )
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=~masked | dead, dropout_p=p_drop, scale=scale)
     return out.masked_fill(dead, 0.0)

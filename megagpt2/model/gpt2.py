@@ -65,8 +65,7 @@ class LayerNorm(KernelLayerNorm):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, sp: bool,
-                 tracker: Optional[RNGTracker]):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, sp: bool, tracker: Optional[RNGTracker]):
         super().__init__()
         C, L = cfg.n_embd, cfg.n_layer
         self.cfg, self.tracker = cfg, tracker
@@ -84,8 +83,16 @@ class CausalSelfAttention(nn.Module):
         p = self.cfg.attn_dropout if self.training else 0.0
         ctx = self.tracker.fork() if (self.tracker is not None and p > 0) else contextlib.nullcontext()
         with ctx:  # heads differ per TP rank: their dropout streams must too
-            y = attention(q, k, v, path=self.cfg.attention, kernels=self.cfg.kernels,
-                          dropout_p=p, training=self.training, mask=mask)  # (B, h, T, D)
+            y = attention(
+                q,
+                k,
+                v,
+                path=self.cfg.attention,
+                kernels=self.cfg.kernels,
+                dropout_p=p,
+                training=self.training,
+                mask=mask,
+            )  # (B, h, T, D)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, C/tp)
         return self.c_proj(y), (k, v)
 
@@ -102,8 +109,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, sp: bool,
-                 tracker: Optional[RNGTracker]):
+    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, sp: bool, tracker: Optional[RNGTracker]):
         super().__init__()
         self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_eps, cfg.kernels, groups.tp, sp)
         self.attn = CausalSelfAttention(cfg, groups, sp, tracker)
@@ -147,9 +153,15 @@ class GPT2(nn.Module):
         self.ln_f, self.lm_head = build_head(cfg, groups, self.sp)
         prepare_parameters(self, groups, seed, cfg, self.wte)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+    ):
         """idx (B, T) -> mean loss if targets are given, else logits (B, T, vocab_size).
 
         With kv_cache (a list, one entry per block, None for an empty cache) returns
@@ -169,8 +181,9 @@ class GPT2(nn.Module):
         """Token + position embeddings: (B, T) -> (B, T, C), or (B, T/tp, C) with SP."""
         return embed_tokens(self.wte, self.wpe, self.drop, idx, position_ids)
 
-    def run_blocks(self, x: torch.Tensor, kv_cache: Optional[KVCache] = None,
-                   mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[KVCache]]:
+    def run_blocks(
+        self, x: torch.Tensor, kv_cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[KVCache]]:
         """Every block; returns (x, new_kv_cache or None)."""
         return run_blocks(self.h.values(), x, self.tracker, self.checkpointing, kv_cache, mask)
 
@@ -178,8 +191,9 @@ class GPT2(nn.Module):
         """Final LayerNorm and tied output head: (B, T, C) -> this rank's vocab shard (B, T, V/tp)."""
         return self.lm_head(self.ln_f(x), self.wte.weight)
 
-    def loss(self, logits_local: torch.Tensor, targets: torch.Tensor,
-             loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss(
+        self, logits_local: torch.Tensor, targets: torch.Tensor, loss_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         return lm_loss(logits_local, targets, loss_mask, self.groups, self.cfg.vocab_size)
 
     def full_logits(self, logits_local: torch.Tensor) -> torch.Tensor:
@@ -214,8 +228,9 @@ def build_embeddings(cfg: ModelConfig, groups: ProcessGroups, sp: bool, tracker:
     return wte, wpe, _ResidualDropout(cfg.dropout, tracker if sp else None)
 
 
-def build_blocks(cfg: ModelConfig, groups: ProcessGroups, sp: bool, tracker: Optional[RNGTracker],
-                 ids: Iterable[int]) -> nn.ModuleDict:
+def build_blocks(
+    cfg: ModelConfig, groups: ProcessGroups, sp: bool, tracker: Optional[RNGTracker], ids: Iterable[int]
+) -> nn.ModuleDict:
     """The blocks `ids` (global indices: their parameter names are the same in every layout)."""
     return nn.ModuleDict({str(i): Block(cfg, groups, sp, tracker) for i in ids})
 
@@ -225,8 +240,9 @@ def build_head(cfg: ModelConfig, groups: ProcessGroups, sp: bool) -> tuple[Layer
     return LayerNorm(cfg.n_embd, cfg.layer_norm_eps, cfg.kernels, groups.tp, sp), ParallelLMHead(groups.tp, sp)
 
 
-def prepare_parameters(model: nn.Module, groups: ProcessGroups, seed: int, cfg: ModelConfig,
-                       wte: Optional[VocabParallelEmbedding]) -> None:
+def prepare_parameters(
+    model: nn.Module, groups: ProcessGroups, seed: int, cfg: ModelConfig, wte: Optional[VocabParallelEmbedding]
+) -> None:
     """Mark each parameter for DeepSpeed's grad-norm rule and draw it from its global name.
 
     DeepSpeed counts a parameter in the global grad norm when p.model_parallel is set or the rank
@@ -251,8 +267,13 @@ def zero_padding_rows(w: torch.Tensor, vocab_size: int, tp_rank: int) -> None:
         w[first_pad:] = 0.0
 
 
-def embed_tokens(wte: VocabParallelEmbedding, wpe: PositionEmbedding, drop: nn.Module, idx: torch.Tensor,
-                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def embed_tokens(
+    wte: VocabParallelEmbedding,
+    wpe: PositionEmbedding,
+    drop: nn.Module,
+    idx: torch.Tensor,
+    position_ids: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """drop(wte(idx) + wpe(positions)): (B, T) -> (B, T, C), or (B, T/tp, C) with SP."""
     B, T = idx.shape
     if T > wpe.num_embeddings:
@@ -262,8 +283,14 @@ def embed_tokens(wte: VocabParallelEmbedding, wpe: PositionEmbedding, drop: nn.M
     return drop(wte(idx) + wpe(position_ids))
 
 
-def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, tracker: Optional[RNGTracker], checkpointing: bool,
-               kv_cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None):
+def run_blocks(
+    blocks: Iterable[nn.Module],
+    x: torch.Tensor,
+    tracker: Optional[RNGTracker],
+    checkpointing: bool,
+    kv_cache: Optional[KVCache] = None,
+    mask: Optional[torch.Tensor] = None,
+):
     """x through `blocks` in order -> (x, new_kv_cache or None); recomputed in backward when
     `checkpointing` (never while decoding with a cache)."""
     new_cache = [] if kv_cache is not None else None
@@ -277,8 +304,13 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, tracker: Optional[R
     return x, new_cache
 
 
-def lm_loss(logits_local: torch.Tensor, targets: torch.Tensor, loss_mask: Optional[torch.Tensor],
-            groups: ProcessGroups, vocab_size: int) -> torch.Tensor:
+def lm_loss(
+    logits_local: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: Optional[torch.Tensor],
+    groups: ProcessGroups,
+    vocab_size: int,
+) -> torch.Tensor:
     """Mean cross-entropy over target tokens (those with loss_mask 1 and target != -100)."""
     per_token = vocab_parallel_cross_entropy(logits_local, targets, groups.tp, vocab_size)
     valid = (targets != -100).float()

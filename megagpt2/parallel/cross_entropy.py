@@ -61,8 +61,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.logits_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Group,
-                                 real_vocab: int, ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: Group, real_vocab: int, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-token losses (B, T); 0 where target == ignore_index.
 
     logits: (B, T, V_padded / tp), this rank's contiguous vocabulary shard.

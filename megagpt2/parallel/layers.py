@@ -93,9 +93,17 @@ class ColumnParallelLinear(nn.Module):
     that is all-gathered first. Output: (B, T, out/tp), or gathered to (B, T, out).
     """
 
-    def __init__(self, in_features: int, out_features: int, group: Group = None, bias: bool = True,
-                 std: float = 0.02, stride: int = 1, gather_output: bool = False,
-                 sequence_parallel: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: Group = None,
+        bias: bool = True,
+        std: float = 0.02,
+        stride: int = 1,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         tp = group_size(group)
         if out_features % (tp * stride):
@@ -120,16 +128,26 @@ class RowParallelLinear(nn.Module):
     with sequence parallelism. The bias is replicated and added once, after the reduction.
     """
 
-    def __init__(self, in_features: int, out_features: int, group: Group = None, bias: bool = True,
-                 std: float = 0.02, sequence_parallel: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group: Group = None,
+        bias: bool = True,
+        std: float = 0.02,
+        sequence_parallel: bool = False,
+    ):
         super().__init__()
         tp = group_size(group)
         if in_features % tp:
             raise ValueError(f"in_features={in_features} not divisible by tp={tp}")
         self.group, self.sequence_parallel = group, sequence_parallel
         self.weight = mark(nn.Parameter(torch.empty(out_features, in_features // tp)), 1, f"normal:{std}")
-        self.bias = (mark(nn.Parameter(torch.empty(out_features)), None, "zeros", sequence_parallel=sequence_parallel)
-                     if bias else None)
+        self.bias = (
+            mark(nn.Parameter(torch.empty(out_features)), None, "zeros", sequence_parallel=sequence_parallel)
+            if bias
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)  # (B, T, out) partial sum over TP ranks
@@ -150,8 +168,9 @@ class VocabParallelEmbedding(nn.Module):
     (reduce-scatter instead of all-reduce).
     """
 
-    def __init__(self, num_embeddings: int, dim: int, group: Group = None, std: float = 0.02,
-                 sequence_parallel: bool = False):
+    def __init__(
+        self, num_embeddings: int, dim: int, group: Group = None, std: float = 0.02, sequence_parallel: bool = False
+    ):
         super().__init__()
         tp = group_size(group)
         if num_embeddings % tp:
@@ -181,8 +200,9 @@ class PositionEmbedding(nn.Embedding):
     (.., T/tp, C), and the weight's gradient is summed over TP (copy_to_tp_region: bwd all-reduce).
     """
 
-    def __init__(self, num_positions: int, dim: int, group: Group = None, std: float = 0.02,
-                 sequence_parallel: bool = False):
+    def __init__(
+        self, num_positions: int, dim: int, group: Group = None, std: float = 0.02, sequence_parallel: bool = False
+    ):
         super().__init__(num_positions, dim)
         self.group, self.sequence_parallel = group, sequence_parallel
         mark(self.weight, None, f"normal:{std}", sequence_parallel=sequence_parallel)
@@ -193,7 +213,7 @@ class PositionEmbedding(nn.Embedding):
         pos = F.embedding(position_ids, copy_to_tp_region(self.weight, self.group))  # (.., T, C)
         n = pos.shape[1] // group_size(self.group)
         r = group_rank(self.group)
-        return pos[:, r * n:(r + 1) * n]
+        return pos[:, r * n : (r + 1) * n]
 
 
 class ParallelLMHead(nn.Module):

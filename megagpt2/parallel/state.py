@@ -46,16 +46,20 @@ class ParallelLayout:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ParallelLayoutError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not 0 <= self.rank < self.world_size:
-            raise ParallelLayoutError(f"rank {self.rank} is outside world size {self.world_size} "
-                              f"(tp {self.tp} x pp {self.pp} x dp {self.dp})")
+            raise ParallelLayoutError(
+                f"rank {self.rank} is outside world size {self.world_size} (tp {self.tp} x pp {self.pp} x dp {self.dp})"
+            )
 
     @classmethod
-    def for_world(cls, world_size: int, tp: int = 1, pp: int = 1, virtual_stages: int = 1,
-                  rank: int = 0) -> ParallelLayout:
+    def for_world(
+        cls, world_size: int, tp: int = 1, pp: int = 1, virtual_stages: int = 1, rank: int = 0
+    ) -> ParallelLayout:
         """The layout of `world_size` ranks: data parallelism is what tp x pp leaves."""
         if tp < 1 or pp < 1 or world_size % (tp * pp):
-            raise ParallelLayoutError(f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-                              f"{tp} x {pp}; start a multiple of {tp * pp} ranks or change parallel.tp/pp")
+            raise ParallelLayoutError(
+                f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
+                f"{tp} x {pp}; start a multiple of {tp * pp} ranks or change parallel.tp/pp"
+            )
         return cls(tp, pp, world_size // (tp * pp), virtual_stages, rank)
 
     def with_rank(self, rank: int) -> ParallelLayout:
@@ -138,8 +142,10 @@ class ParallelLayout:
         return self.pp_ranks[-1]
 
     def __str__(self) -> str:
-        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
-                f"dp {self.dp_rank}/{self.dp}")
+        return (
+            f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp}, pp {self.pp_rank}/{self.pp}, "
+            f"dp {self.dp_rank}/{self.dp}"
+        )
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,9 @@ def build_process_groups(layout: ParallelLayout, timeout_seconds: Optional[float
     if not dist.is_initialized():
         raise RuntimeError("build_process_groups needs torch.distributed; in one process use ProcessGroups.single()")
     if (dist.get_world_size(), dist.get_rank()) != (layout.world_size, layout.rank):
-        raise ParallelLayoutError(f"the layout is for {layout} but torch.distributed runs rank {dist.get_rank()} of "
-                          f"{dist.get_world_size()}")
+        raise ParallelLayoutError(
+            f"the layout is for {layout} but torch.distributed runs rank {dist.get_rank()} of {dist.get_world_size()}"
+        )
     timeout = timedelta(seconds=timeout_seconds) if timeout_seconds else None
     mine: dict[str, Any] = {}
     for kind in GROUP_KINDS:

@@ -19,5 +19,13 @@ this relies on. Only the torch-free modules are imported here.
 from .partition import PartitionError, StageLayout, partition
 from .schedules import SCHEDULES, build_schedule, check_layout, simulate, theoretical_bubble
 
-__all__ = ["PartitionError", "StageLayout", "partition", "SCHEDULES", "build_schedule", "check_layout", "simulate",
-           "theoretical_bubble"]
+__all__ = [
+    "PartitionError",
+    "StageLayout",
+    "partition",
+    "SCHEDULES",
+    "build_schedule",
+    "check_layout",
+    "simulate",
+    "theoretical_bubble",
+]

@@ -88,7 +88,8 @@ class NonfiniteGuard:
                 f"{what}: {self.in_a_row} non-finite steps in a row (steps {first}-{step}) reached "
                 f"train.max_skipped_steps={self.max_skipped}; stopping without a checkpoint of this step. The run "
                 f"has diverged: resume from a checkpoint of before step {first} (checkpoint.tag) with a lower "
-                f"optim.lr or more warmup, or check the data of these steps")
+                f"optim.lr or more warmup, or check the data of these steps"
+            )
         return f"{what}: update skipped ({self.in_a_row} in a row, the run stops at {self.max_skipped})"
 
 
@@ -163,8 +164,14 @@ class StepExecutor:
     `model` is the module the engine wraps: GPT2 without pipelining, else this rank's
     PipelineStage. `engine` may be the module itself for forward-only use (`evaluate`)."""
 
-    def __init__(self, engine: Any, model: Union[GPT2, PipelineStage], groups: ProcessGroups, par: ParallelConfig,
-                 on_nonfinite: str = "stop"):
+    def __init__(
+        self,
+        engine: Any,
+        model: Union[GPT2, PipelineStage],
+        groups: ProcessGroups,
+        par: ParallelConfig,
+        on_nonfinite: str = "stop",
+    ):
         layout = groups.layout
         self.engine, self.model, self.groups = engine, model, groups
         self.pipelined = layout.pp > 1
@@ -328,6 +335,7 @@ class _Step:
         if chunks.starts_network(op.chunk):
             return None
         if x.grad is None:
-            raise RuntimeError(f"stage {self.ex.groups.layout.pp_rank}: no gradient reached the input of "
-                               f"chunk {op.chunk}")
+            raise RuntimeError(
+                f"stage {self.ex.groups.layout.pp_rank}: no gradient reached the input of chunk {op.chunk}"
+            )
         return x.grad

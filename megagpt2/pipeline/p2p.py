@@ -29,8 +29,14 @@ from ..parallel import ProcessGroups
 class Link:
     """Posts this rank's isend/irecv in batches and hands out received tensors by key."""
 
-    def __init__(self, groups: ProcessGroups, shape: tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device, timeout_seconds: float):
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+        timeout_seconds: float,
+    ):
         self.groups, self.layout = groups, groups.layout
         self.shape, self.dtype, self.device = tuple(shape), dtype, device
         self.timeout = timedelta(seconds=timeout_seconds)
@@ -54,8 +60,9 @@ class Link:
             if (kind, key) in self._recvs:
                 continue
             peer = self.layout.prev_stage_rank if kind == "forward" else self.layout.next_stage_rank
-            op = dist.P2POp(dist.irecv, torch.empty(self.shape, dtype=self.dtype, device=self.device), peer,
-                            self._group(kind))
+            op = dist.P2POp(
+                dist.irecv, torch.empty(self.shape, dtype=self.dtype, device=self.device), peer, self._group(kind)
+            )
             by_group[kind].append(op)
             new_recvs.append((kind, key, op))
         op_works: dict[int, list[dist.Work]] = {}
@@ -107,6 +114,8 @@ class Link:
             work.wait(self.timeout)
         except Exception as e:
             limit = self.timeout.total_seconds()
-            raise RuntimeError(f"pipeline rank {self.layout.rank} (stage {self.layout.pp_rank}): {what} failed: {e}. "
-                               f"Another stage probably failed, died or hangs: see its log (a silent neighbour "
-                               f"fails this rank after parallel.timeout_seconds={limit:.0f})") from e
+            raise RuntimeError(
+                f"pipeline rank {self.layout.rank} (stage {self.layout.pp_rank}): {what} failed: {e}. "
+                f"Another stage probably failed, died or hangs: see its log (a silent neighbour "
+                f"fails this rank after parallel.timeout_seconds={limit:.0f})"
+            ) from e

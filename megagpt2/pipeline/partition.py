@@ -92,13 +92,17 @@ def partition(cfg: ModelConfig, pp: int, virtual: int = 1, method: str = "unifor
     """The StageLayout for `cfg.n_layer` blocks over pp ranks x `virtual` chunks."""
     parts = pp * virtual
     if cfg.n_layer < parts:
-        raise PartitionError(f"model.n_layer={cfg.n_layer} is fewer than parallel.pp x parallel.virtual_stages = "
-                          f"{parts}: every virtual stage needs at least one block")
+        raise PartitionError(
+            f"model.n_layer={cfg.n_layer} is fewer than parallel.pp x parallel.virtual_stages = "
+            f"{parts}: every virtual stage needs at least one block"
+        )
     if method == "uniform":
         if cfg.n_layer % parts:
-            raise PartitionError(f"model.n_layer={cfg.n_layer} is not divisible by parallel.pp x "
-                              f"parallel.virtual_stages = {parts}; change one of them or use "
-                              f"parallel.partition=parameters")
+            raise PartitionError(
+                f"model.n_layer={cfg.n_layer} is not divisible by parallel.pp x "
+                f"parallel.virtual_stages = {parts}; change one of them or use "
+                f"parallel.partition=parameters"
+            )
         sizes = [cfg.n_layer // parts] * parts
     elif method == "parameters":
         first, last = edge_costs(cfg)

@@ -39,8 +39,9 @@ def no_pipelining(m: int, p: int, rank: int, v: int = 1) -> list[Op]:
 
 def gpipe(m: int, p: int, rank: int, v: int = 1) -> list[Op]:
     """All forward passes, then all backward passes (in the same micro-batch order)."""
-    return ([Op("F", i, c) for i in range(m) for c in range(v)]
-            + [Op("B", i, c) for i in range(m) for c in reversed(range(v))])
+    return [Op("F", i, c) for i in range(m) for c in range(v)] + [
+        Op("B", i, c) for i in range(m) for c in reversed(range(v))
+    ]
 
 
 def one_f_one_b(m: int, p: int, rank: int, v: int = 1) -> list[Op]:
@@ -72,7 +73,10 @@ def interleaved_1f1b(m: int, p: int, rank: int, v: int) -> list[Op]:
 
 
 SCHEDULES: dict[str, Callable[..., list[Op]]] = {
-    "none": no_pipelining, "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved": interleaved_1f1b,
+    "none": no_pipelining,
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved_1f1b,
 }
 
 
@@ -84,12 +88,16 @@ def check_layout(schedule: str, pp: int, virtual: int, micro_batches: int) -> No
     if virtual > 1 and schedule != "interleaved":
         raise ConfigError(f"parallel.virtual_stages={virtual} needs parallel.schedule=interleaved")
     if schedule in ("1f1b", "interleaved") and micro_batches < pp:
-        raise ConfigError(f"parallel.schedule={schedule} needs at least parallel.pp={pp} micro-batches per step, "
-                          f"got gradient_accumulation_steps={micro_batches}; raise gradient_accumulation_steps "
-                          f"(the micro-batches per step) to >= {pp} or use parallel.schedule=gpipe")
+        raise ConfigError(
+            f"parallel.schedule={schedule} needs at least parallel.pp={pp} micro-batches per step, "
+            f"got gradient_accumulation_steps={micro_batches}; raise gradient_accumulation_steps "
+            f"(the micro-batches per step) to >= {pp} or use parallel.schedule=gpipe"
+        )
     if schedule == "interleaved" and micro_batches % pp:
-        raise ConfigError(f"parallel.schedule=interleaved needs gradient_accumulation_steps (micro-batches per "
-                          f"step, {micro_batches}) to be a multiple of parallel.pp={pp}")
+        raise ConfigError(
+            f"parallel.schedule=interleaved needs gradient_accumulation_steps (micro-batches per "
+            f"step, {micro_batches}) to be a multiple of parallel.pp={pp}"
+        )
 
 
 def build_schedule(schedule: str, m: int, p: int, rank: int, v: int = 1) -> list[Op]:
@@ -126,8 +134,10 @@ def simulate(schedule: str, m: int, p: int, v: int = 1, backward_cost: float = 2
                     key = (n[0], src, r)
                     idx = received.get(key, 0)
                     if sent[key][idx] != (n[1], n[2]):
-                        raise RuntimeError(f"{schedule}: rank {r} expects {n} but the next {n[0]} message "
-                                           f"from rank {src} is {sent[key][idx]}")
+                        raise RuntimeError(
+                            f"{schedule}: rank {r} expects {n} but the next {n[0]} message "
+                            f"from rank {src} is {sent[key][idx]}"
+                        )
                     received[key] = idx + 1
             start = max([clock[r]] + [done[n] for n in need])
             clock[r] = done[(kind, mb, s)] = start + (1.0 if kind == "F" else backward_cost)

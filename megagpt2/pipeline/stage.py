@@ -37,8 +37,14 @@ class PipelineStage(nn.Module):
 
     head_weight: torch.Tensor  # the last stage's copy of wte.weight (a buffer)
 
-    def __init__(self, cfg: ModelConfig, groups: ProcessGroups, split: StageLayout, sequence_parallel: bool = False,
-                 seed: int = 1234):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        groups: ProcessGroups,
+        split: StageLayout,
+        sequence_parallel: bool = False,
+        seed: int = 1234,
+    ):
         super().__init__()
         layout = groups.layout
         self.cfg, self.groups, self.split = cfg, groups, split
@@ -54,8 +60,9 @@ class PipelineStage(nn.Module):
             if not self.pre_process:
                 # The last stage's copy of the tied embedding. A plain tensor, not a parameter:
                 # the first stage owns it in the optimizer (see tied.py).
-                self.register_buffer("head_weight", torch.empty(cfg.padded_vocab_size // layout.tp, cfg.n_embd),
-                                     persistent=False)
+                self.register_buffer(
+                    "head_weight", torch.empty(cfg.padded_vocab_size // layout.tp, cfg.n_embd), persistent=False
+                )
         # Stages hold disjoint parameters, so with the grad-norm marks each counts once.
         prepare_parameters(self, groups, seed, cfg, self.wte if self.pre_process else None)
         if self.post_process and not self.pre_process:
@@ -94,8 +101,13 @@ class PipelineStage(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.wte.weight if self.pre_process else self.head_weight
 
-    def forward(self, x: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None, chunk: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        chunk: int = 0,
+    ) -> torch.Tensor:
         """Token ids (B, T) or an activation (B, T, C) -> activation (B, T, C), or the mean loss
         (0-dim) when this chunk ends the network and targets are given."""
         if self.starts_network(chunk):
@@ -113,14 +125,16 @@ class PipelineStage(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def activation_shape(cfg: ModelConfig, micro_batch: int, seq_length: int, tp: int,
-                     sequence_parallel: bool) -> tuple[int, int, int]:
+def activation_shape(
+    cfg: ModelConfig, micro_batch: int, seq_length: int, tp: int, sequence_parallel: bool
+) -> tuple[int, int, int]:
     """Shape of every activation / gradient message between stages."""
     t = seq_length // tp if (sequence_parallel and tp > 1) else seq_length
     return micro_batch, t, cfg.n_embd
 
 
-def build_stage(cfg: ModelConfig, groups: ProcessGroups, split: StageLayout, sequence_parallel: bool = False,
-                seed: int = 1234) -> PipelineStage:
+def build_stage(
+    cfg: ModelConfig, groups: ProcessGroups, split: StageLayout, sequence_parallel: bool = False, seed: int = 1234
+) -> PipelineStage:
     """This rank's PipelineStage of `split` (see partition.py)."""
     return PipelineStage(cfg, groups, split, sequence_parallel, seed)

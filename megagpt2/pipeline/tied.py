@@ -79,8 +79,9 @@ class TiedEmbedding:
         if not self.copy:
             return
         if self._acc is None:  # every head gradient was skipped (non-finite losses)
-            self._acc = torch.zeros(self.model.head_weight.shape, dtype=torch.float32,
-                                    device=self.model.head_weight.device)
+            self._acc = torch.zeros(
+                self.model.head_weight.shape, dtype=torch.float32, device=self.model.head_weight.device
+            )
         self._send = dist.broadcast(self._acc, src=self.layout.last_stage_rank, group=self.group, async_op=True)
 
     # -- first stage --------------------------------------------------------------------------

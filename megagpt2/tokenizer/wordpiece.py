@@ -32,13 +32,21 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 # (first, last) code points written without spaces around them.
 _CJK_RANGES = (
-    (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),  # Han (BERT's list)
-    (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F),
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),  # Han (BERT's list)
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
     (0x3000, 0x303F),  # CJK symbols and punctuation: 、。《》「」【】
     (0x3040, 0x30FF),  # hiragana, katakana
     (0xFE30, 0xFE4F),  # CJK compatibility forms
     (0xFF00, 0xFFEF),  # full-width forms: ，！？（）：；
-    (0x2014, 0x2014), (0x2026, 0x2026), (0x00B7, 0x00B7),  # —— …… · as Chinese uses them
+    (0x2014, 0x2014),
+    (0x2026, 0x2026),
+    (0x00B7, 0x00B7),  # —— …… · as Chinese uses them
 )
 _NO_SPACE_BEFORE = frozenset(".,!?;:%)]}'’”-/")
 _NO_SPACE_AFTER = frozenset("([{'‘“-/$")
@@ -69,7 +77,7 @@ def join_wordpieces(tokens: Sequence[str], prefix: str = "##") -> str:
         if not token:
             continue
         if token.startswith(prefix) and len(token) > len(prefix):
-            token, glue = token[len(prefix):], True
+            token, glue = token[len(prefix) :], True
         else:
             glue = not tail or _glued(tail, token, quote_open)
         if token == '"':
@@ -105,8 +113,9 @@ def bert_pipeline(tok: tokenizers.Tokenizer, lowercase: bool) -> tokenizers.Toke
     The same settings ``BertTokenizerFast`` uses (``strip_accents`` follows ``lowercase``); the
     specials present in the vocabulary become added special tokens, matched whole inside text.
     """
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens([t for t in SPECIAL_TOKENS if tok.token_to_id(t) is not None])
@@ -123,16 +132,24 @@ def _check_vocab_txt(path: str) -> None:
     if tokens and tokens[0].lstrip().startswith("{"):
         raise TokenizerError(
             f"{path!r} (--vocab-file) is JSON, not a BERT vocab.txt: use --tokenizer-type HFTokenizer "
-            "--tokenizer-model for a tokenizer.json, or GPT2BPETokenizer for a GPT-2 vocab.json.")
+            "--tokenizer-model for a tokenizer.json, or GPT2BPETokenizer for a GPT-2 vocab.json."
+        )
     if "[UNK]" not in tokens:
         raise TokenizerError(
             f"{path!r} (--vocab-file) has no [UNK] line ({len(tokens)} lines): a BERT vocab.txt holds "
-            "one token per line including [PAD] [UNK] [CLS] [SEP] [MASK].")
+            "one token per line including [PAD] [UNK] [CLS] [SEP] [MASK]."
+        )
 
 
-def train_wordpiece(sentences: Iterable[str], vocab_size: int, *, lowercase: bool = True,
-                    min_frequency: int = 1, limit_alphabet: int | None = None,
-                    show_progress: bool = False) -> tokenizers.Tokenizer:
+def train_wordpiece(
+    sentences: Iterable[str],
+    vocab_size: int,
+    *,
+    lowercase: bool = True,
+    min_frequency: int = 1,
+    limit_alphabet: int | None = None,
+    show_progress: bool = False,
+) -> tokenizers.Tokenizer:
     """A BERT-style WordPiece tokenizer trained on ``sentences``.
 
     Each Han character becomes one token (BERT splits CJK characters before the trainer counts
@@ -142,12 +159,17 @@ def train_wordpiece(sentences: Iterable[str], vocab_size: int, *, lowercase: boo
     become ``[UNK]``); by default every character seen is kept.
     """
     tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
         limit_alphabet=limit_alphabet if limit_alphabet is not None else 1 << 30,
-        continuing_subword_prefix="##", show_progress=show_progress)
+        continuing_subword_prefix="##",
+        show_progress=show_progress,
+    )
     tok.train_from_iterator(sentences, trainer=trainer)
     return bert_pipeline(tok, lowercase)

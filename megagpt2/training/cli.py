@@ -21,56 +21,106 @@ from ..config import Config, ConfigError, parse_overrides
 USAGE = """deepspeed launch/pretrain_gpt2.py --deepspeed_config configs/ds/zero2.json \\
         --config configs/gpt2/tiny.yaml [--section.key=value ...]"""
 
-DS_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-           "zero_optimization.stage", "bf16.enabled", "fp16.enabled", "gradient_clipping")
+DS_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "zero_optimization.stage",
+    "bf16.enabled",
+    "fp16.enabled",
+    "gradient_clipping",
+)
 
 # Megatron-LM flag -> our config key, or ("ds", key in the DeepSpeed JSON).
 MEGATRON_FLAGS: dict[str, Any] = {
-    "data-path": "data.path", "split": "data.split", "seq-length": "data.seq_length",
-    "data-cache-path": "data.cache_dir", "num-workers": "data.num_workers",
-    "micro-batch-size": ("ds", "train_micro_batch_size_per_gpu"), "global-batch-size": ("ds", "train_batch_size"),
-    "tensor-model-parallel-size": "parallel.tp", "pipeline-model-parallel-size": "parallel.pp",
+    "data-path": "data.path",
+    "split": "data.split",
+    "seq-length": "data.seq_length",
+    "data-cache-path": "data.cache_dir",
+    "num-workers": "data.num_workers",
+    "micro-batch-size": ("ds", "train_micro_batch_size_per_gpu"),
+    "global-batch-size": ("ds", "train_batch_size"),
+    "tensor-model-parallel-size": "parallel.tp",
+    "pipeline-model-parallel-size": "parallel.pp",
     "num-layers-per-virtual-pipeline-stage": "parallel.virtual_stages",
     "sequence-parallel": "parallel.sequence_parallel",
-    "num-layers": "model.n_layer", "hidden-size": "model.n_embd", "num-attention-heads": "model.n_head",
-    "max-position-embeddings": "model.n_positions", "hidden-dropout": "model.dropout",
-    "attention-dropout": "model.attn_dropout", "init-method-std": "model.init_std",
-    "layernorm-epsilon": "model.layer_norm_eps", "make-vocab-size-divisible-by": "model.make_vocab_size_divisible_by",
+    "num-layers": "model.n_layer",
+    "hidden-size": "model.n_embd",
+    "num-attention-heads": "model.n_head",
+    "max-position-embeddings": "model.n_positions",
+    "hidden-dropout": "model.dropout",
+    "attention-dropout": "model.attn_dropout",
+    "init-method-std": "model.init_std",
+    "layernorm-epsilon": "model.layer_norm_eps",
+    "make-vocab-size-divisible-by": "model.make_vocab_size_divisible_by",
     "recompute-activations": "model.activation_checkpointing",
     "checkpoint-activations": "model.activation_checkpointing",
-    "lr": "optim.lr", "min-lr": "optim.min_lr", "weight-decay": "optim.weight_decay", "adam-beta1": "optim.beta1",
-    "adam-beta2": "optim.beta2", "adam-eps": "optim.eps", "lr-warmup-iters": "optim.warmup_steps",
-    "lr-decay-iters": "optim.decay_steps", "lr-decay-style": "optim.decay_style",
-    "clip-grad": ("ds", "gradient_clipping"), "bf16": ("ds", "bf16.enabled"), "fp16": ("ds", "fp16.enabled"),
+    "lr": "optim.lr",
+    "min-lr": "optim.min_lr",
+    "weight-decay": "optim.weight_decay",
+    "adam-beta1": "optim.beta1",
+    "adam-beta2": "optim.beta2",
+    "adam-eps": "optim.eps",
+    "lr-warmup-iters": "optim.warmup_steps",
+    "lr-decay-iters": "optim.decay_steps",
+    "lr-decay-style": "optim.decay_style",
+    "clip-grad": ("ds", "gradient_clipping"),
+    "bf16": ("ds", "bf16.enabled"),
+    "fp16": ("ds", "fp16.enabled"),
     "zero-stage": ("ds", "zero_optimization.stage"),
-    "train-iters": "train.steps", "seed": "train.seed", "eval-interval": "train.eval_interval",
-    "eval-iters": "train.eval_steps", "exit-duration-in-mins": "train.max_minutes",
-    "save": "checkpoint.dir", "load": "checkpoint.dir", "save-interval": "checkpoint.interval",
-    "log-interval": "logging.interval", "tensorboard-dir": "logging.tensorboard_dir",
-    "tokenizer-type": "tokenizer.tokenizer_type", "vocab-file": "tokenizer.vocab_file",
-    "merge-file": "tokenizer.merge_file", "tokenizer-model": "tokenizer.tokenizer_model",
+    "train-iters": "train.steps",
+    "seed": "train.seed",
+    "eval-interval": "train.eval_interval",
+    "eval-iters": "train.eval_steps",
+    "exit-duration-in-mins": "train.max_minutes",
+    "save": "checkpoint.dir",
+    "load": "checkpoint.dir",
+    "save-interval": "checkpoint.interval",
+    "log-interval": "logging.interval",
+    "tensorboard-dir": "logging.tensorboard_dir",
+    "tokenizer-type": "tokenizer.tokenizer_type",
+    "vocab-file": "tokenizer.vocab_file",
+    "merge-file": "tokenizer.merge_file",
+    "tokenizer-model": "tokenizer.tokenizer_model",
 }
 # nanoGPT configurator keys whose names differ from ours (same-named ones are found by name).
 NANOGPT_FLAGS: dict[str, Any] = {
-    "max_iters": "train.steps", "learning_rate": "optim.lr", "block_size": "data.seq_length",
-    "out_dir": "checkpoint.dir", "warmup_iters": "optim.warmup_steps", "lr_decay_iters": "optim.decay_steps",
-    "eval_iters": "train.eval_steps", "log_interval": "logging.interval", "grad_clip": ("ds", "gradient_clipping"),
+    "max_iters": "train.steps",
+    "learning_rate": "optim.lr",
+    "block_size": "data.seq_length",
+    "out_dir": "checkpoint.dir",
+    "warmup_iters": "optim.warmup_steps",
+    "lr_decay_iters": "optim.decay_steps",
+    "eval_iters": "train.eval_steps",
+    "log_interval": "logging.interval",
+    "grad_clip": ("ds", "gradient_clipping"),
     "batch_size": ("ds", "train_micro_batch_size_per_gpu"),
-    "gradient_accumulation_steps": ("ds", "gradient_accumulation_steps"), "dtype": ("ds", "bf16.enabled"),
+    "gradient_accumulation_steps": ("ds", "gradient_accumulation_steps"),
+    "dtype": ("ds", "bf16.enabled"),
 }
-_NOTES = {"load": " (resuming from it is automatic; to start from other weights use --train.init_from=DIR)",
-          "num-layers-per-virtual-pipeline-stage": " (here: the number of chunks per pipeline rank)"}
+_NOTES = {
+    "load": " (resuming from it is automatic; to start from other weights use --train.init_from=DIR)",
+    "num-layers-per-virtual-pipeline-stage": " (here: the number of chunks per pipeline rank)",
+}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, list[str]]:
     """(the entry's own flags, config overrides as `section.key=value`); ConfigError otherwise."""
-    p = argparse.ArgumentParser(prog="pretrain_gpt2.py", usage=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Pretrain GPT-2 with tensor, pipeline and ZeRO data parallelism.",
-                                epilog=config_reference())
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt2.py",
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain GPT-2 with tensor, pipeline and ZeRO data parallelism.",
+        epilog=config_reference(),
+    )
     p.add_argument("--config", default=None, help="YAML config (configs/gpt2/<preset>.yaml)")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default="configs/ds/zero2.json", help="DeepSpeed JSON (batch sizes, ZeRO, precision, clipping)")
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        default="configs/ds/zero2.json",
+        help="DeepSpeed JSON (batch sizes, ZeRO, precision, clipping)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     args, rest = p.parse_known_args(argv)
@@ -99,8 +149,10 @@ def habit_hint(item: str, following: Optional[str]) -> Optional[str]:
             return None
         return f"--{flag} is not a flag of this trainer; config keys take their section: --{keys[0]}={shown}"
     if isinstance(target, tuple):
-        return (f"--{flag} is {origin} flag; here {target[1]} is set in the DeepSpeed JSON "
-                f"(--deepspeed_config, e.g. configs/ds/zero2.json)")
+        return (
+            f"--{flag} is {origin} flag; here {target[1]} is set in the DeepSpeed JSON "
+            f"(--deepspeed_config, e.g. configs/ds/zero2.json)"
+        )
     return f"--{flag} is {origin} flag; here it is --{target}={shown}{_NOTES.get(flag, '')}"
 
 
@@ -114,8 +166,11 @@ def field_docs(cls: type) -> dict[str, str]:
     import inspect
 
     source = inspect.getsource(cls)
-    comments = {t.start[0]: t.string.lstrip("#").strip()
-                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    comments = {
+        t.start[0]: t.string.lstrip("#").strip()
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type == tokenize.COMMENT
+    }
     docs = {}
     for n, line in enumerate(source.splitlines(), 1):
         m = re.match(r" {4}(\w+):", line)
@@ -178,6 +233,10 @@ def config_reference(width: int = 100) -> str:
             out.append(left.ljust(48) + lines[0])
             out += [" " * 48 + ln for ln in lines[1:]]
     out.append("")
-    out += textwrap.wrap("DeepSpeed settings live in the --deepspeed_config JSON only: " + ", ".join(DS_KEYS)
-                         + " (global batch = micro batch x gradient accumulation x data-parallel size).", width)
+    out += textwrap.wrap(
+        "DeepSpeed settings live in the --deepspeed_config JSON only: "
+        + ", ".join(DS_KEYS)
+        + " (global batch = micro batch x gradient accumulation x data-parallel size).",
+        width,
+    )
     return "\n".join(out)

@@ -17,8 +17,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # inputs, tar
 class DataState:
     """Train and validation loaders; `consumed` (global samples read) is all resume needs."""
 
-    def __init__(self, train, valid, layout: ParallelLayout, micro: int, global_batch: int, total: int,
-                 eval_steps: int, num_workers: int):
+    def __init__(
+        self,
+        train,
+        valid,
+        layout: ParallelLayout,
+        micro: int,
+        global_batch: int,
+        total: int,
+        eval_steps: int,
+        num_workers: int,
+    ):
         self.train, self.valid, self.layout = train, valid, layout
         self.micro, self.global_batch, self.total = micro, global_batch, total
         self.eval_steps, self.num_workers = eval_steps, num_workers
@@ -28,8 +37,15 @@ class DataState:
     def _loader(self, dataset, consumed: int, total: int):
         from ..data.sampler import build_pretraining_data_loader
 
-        return build_pretraining_data_loader(dataset, consumed, self.micro, self.layout.dp_rank, self.layout.dp,
-                                             num_workers=self.num_workers, total_samples=total)
+        return build_pretraining_data_loader(
+            dataset,
+            consumed,
+            self.micro,
+            self.layout.dp_rank,
+            self.layout.dp,
+            num_workers=self.num_workers,
+            total_samples=total,
+        )
 
     def seek(self, consumed: int) -> None:
         """Continue from `consumed` global samples (a resumed run reads what an unbroken one would)."""
@@ -65,21 +81,48 @@ def _barrier() -> None:
     dist.barrier()
 
 
-def build_data(data: DataConfig, layout: ParallelLayout, micro: int, global_batch: int, tokenizer, *, seed: int,
-               train_samples: int, valid_samples: int, eval_steps: int) -> DataState:
+def build_data(
+    data: DataConfig,
+    layout: ParallelLayout,
+    micro: int,
+    global_batch: int,
+    tokenizer,
+    *,
+    seed: int,
+    train_samples: int,
+    valid_samples: int,
+    eval_steps: int,
+) -> DataState:
     """Train and validation datasets of `data` (checked by the run plan) for this rank's replica."""
     barrier = _barrier if dist.is_initialized() else None
     is_builder = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if data.format == "pretrain":
         from ..data.gpt_dataset import build_gpt_datasets
 
-        train, valid, _ = build_gpt_datasets(data.path, data.split, data.seq_length, seed,
-                                             (train_samples, valid_samples, 0), data.cache_dir, barrier, is_builder)
+        train, valid, _ = build_gpt_datasets(
+            data.path,
+            data.split,
+            data.seq_length,
+            seed,
+            (train_samples, valid_samples, 0),
+            data.cache_dir,
+            barrier,
+            is_builder,
+        )
     else:
         from ..data.finetune import build_finetune_datasets
 
-        train, valid = build_finetune_datasets(data.path, data.format, tokenizer, data.seq_length, data.split, seed,
-                                               train_samples, valid_samples, data.clean)
+        train, valid = build_finetune_datasets(
+            data.path,
+            data.format,
+            tokenizer,
+            data.seq_length,
+            data.split,
+            seed,
+            train_samples,
+            valid_samples,
+            data.clean,
+        )
     if train is None:
         raise ValueError(f"data.path={data.path!r} with split {data.split!r} has no training documents")
     return DataState(train, valid, layout, micro, global_batch, train_samples, eval_steps, data.num_workers)

@@ -76,8 +76,7 @@ def _process_start(pid: int) -> Optional[float]:
 def job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The scheduler's or launcher's id of this job: "slurm 4242", "torchelastic abc", "mpirun ..."."""
     source = os.environ if env is None else env
-    for var, kind in (("SLURM_JOB_ID", "slurm"), ("TORCHELASTIC_RUN_ID", "torchelastic"),
-                      ("PMIX_NAMESPACE", "mpirun")):
+    for var, kind in (("SLURM_JOB_ID", "slurm"), ("TORCHELASTIC_RUN_ID", "torchelastic"), ("PMIX_NAMESPACE", "mpirun")):
         if source.get(var):
             return f"{kind} {source[var]}"
     return None
@@ -85,11 +84,19 @@ def job_id(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
 
 def identity(token: str) -> dict[str, Any]:
     """What a lock file says about this process."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid()),
-            "boot_id": _boot_id(), "pid_namespace": _pid_namespace(), "job": job_id(),
-            "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
-            "command": " ".join(sys.argv)[:500], "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "heartbeat_s": HEARTBEAT_S, "token": token}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _process_start(os.getpid()),
+        "boot_id": _boot_id(),
+        "pid_namespace": _pid_namespace(),
+        "job": job_id(),
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+        "command": " ".join(sys.argv)[:500],
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "heartbeat_s": HEARTBEAT_S,
+        "token": token,
+    }
 
 
 def _read(path: Path) -> tuple[bytes, Optional[dict], float]:
@@ -110,15 +117,22 @@ def stale_reason(info: Optional[dict], mtime: float, me: dict, now: Optional[flo
     age = now - mtime
     if info is None:
         return f"unreadable and untouched for {age:.0f} s" if age > STALE_AFTER_S else None
-    same_machine = info.get("boot_id") and info.get("boot_id") == me["boot_id"] and \
-        info.get("pid_namespace") == me["pid_namespace"]
+    same_machine = (
+        info.get("boot_id")
+        and info.get("boot_id") == me["boot_id"]
+        and info.get("pid_namespace") == me["pid_namespace"]
+    )
     if same_machine:
         started = _process_start(int(info.get("pid", -1)))
         if started is None or info.get("started") is None or abs(started - info["started"]) > 0.5:
             return f"process {info.get('pid')} on this machine is gone"
         return None
-    if info.get("job") and info.get("job") == me["job"] and str(info["job"]).startswith("slurm") and \
-            int(info.get("restart", 0)) < me["restart"]:
+    if (
+        info.get("job")
+        and info.get("job") == me["job"]
+        and str(info["job"]).startswith("slurm")
+        and int(info.get("restart", 0)) < me["restart"]
+    ):
         return f"it is the previous run (restart {info.get('restart', 0)}) of this Slurm job"
     if age > STALE_AFTER_S:
         return f"no heartbeat for {age:.0f} s"
@@ -154,8 +168,10 @@ class RunLock:
         try:
             return cls._acquire(path, heartbeat)
         except OSError as e:
-            raise LockError(f"checkpoint.dir {path.parent}: cannot create its lock file {path} ({e.strerror or e}); "
-                            f"give --checkpoint.dir a directory this run may write") from None
+            raise LockError(
+                f"checkpoint.dir {path.parent}: cannot create its lock file {path} ({e.strerror or e}); "
+                f"give --checkpoint.dir a directory this run may write"
+            ) from None
 
     @classmethod
     def _acquire(cls, path: Path, heartbeat: float = HEARTBEAT_S) -> "RunLock":
@@ -201,8 +217,12 @@ class RunLock:
     def _beat(self, every: float) -> None:
         while not self._stop.wait(every):
             if not self.held():
-                print(f"megagpt2: warning: the lock {self.path} was removed or taken over by another run; "
-                      f"two runs may now be writing this directory", file=sys.stderr, flush=True)
+                print(
+                    f"megagpt2: warning: the lock {self.path} was removed or taken over by another run; "
+                    f"two runs may now be writing this directory",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
             try:
                 os.utime(self.path)
@@ -231,8 +251,10 @@ def _remove_stale(path: Path, raw: bytes, token: str) -> bool:
 
 
 def _held_message(path: Path, holder: str) -> str:
-    return (f"checkpoint.dir {path.parent} is in use by another run: {holder} (lock file {path}). Two runs "
-            f"writing one directory overwrite each other's checkpoints and metrics: wait for that run or stop "
-            f"it, or give this one another --checkpoint.dir. If that run is gone, its lock counts as stale "
-            f"{STALE_AFTER_S:.0f} s after its last heartbeat (at once on the same machine); deleting the lock "
-            f"file takes it over now")
+    return (
+        f"checkpoint.dir {path.parent} is in use by another run: {holder} (lock file {path}). Two runs "
+        f"writing one directory overwrite each other's checkpoints and metrics: wait for that run or stop "
+        f"it, or give this one another --checkpoint.dir. If that run is gone, its lock counts as stale "
+        f"{STALE_AFTER_S:.0f} s after its last heartbeat (at once on the same machine); deleting the lock "
+        f"file takes it over now"
+    )

@@ -18,10 +18,23 @@ from ..config import ModelConfig
 from ..parallel import ParallelLayout
 
 # Dense bf16 peak TFLOP/s per device (vendor data sheets, without sparsity).
-_BF16_PEAK = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-              ("A100", 312.0), ("A800", 312.0), ("A10G", 70.0), ("L40S", 362.0), ("L4", 121.0),
-              ("V100", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0), ("MI300X", 1307.0),
-              ("MI250X", 383.0))
+_BF16_PEAK = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("MI300X", 1307.0),
+    ("MI250X", 383.0),
+)
 
 
 def flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
@@ -190,8 +203,12 @@ class Scalars:
                 step = rec.get("step")
                 if not isinstance(step, int) or step > up_to_step:
                     continue
-                for key, tag in (("loss", "train/loss"), ("lr", "train/lr"), ("grad_norm", "train/grad_norm"),
-                                 ("valid_loss", "valid/loss")):
+                for key, tag in (
+                    ("loss", "train/loss"),
+                    ("lr", "train/lr"),
+                    ("grad_norm", "train/grad_norm"),
+                    ("valid_loss", "valid/loss"),
+                ):
                     if rec.get(key) is not None:
                         points.setdefault(tag, {})[step] = float(rec[key])
         if "valid/loss" in points:
@@ -235,15 +252,22 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, max_tokens: int) -> list[int]
     if chat:
         from ..data.finetune import chat_prompt
 
-        return chat_prompt([ids[-(max_tokens - 2):]], tokenizer.eod, max_tokens, start=tokenizer.bos)
+        return chat_prompt([ids[-(max_tokens - 2) :]], tokenizer.eod, max_tokens, start=tokenizer.bos)
     start = tokenizer.bos if tokenizer.bos is not None else tokenizer.eod
     if not ids or (tokenizer.bos is not None and ids[0] != tokenizer.bos):
         ids = [start] + ids  # as documents start in the data
     return ids
 
 
-def print_sample(model, tokenizer, prompt: str, layout: ParallelLayout, device: torch.device,
-                 max_new_tokens: int = 60, chat_format: Optional[str] = None) -> None:
+def print_sample(
+    model,
+    tokenizer,
+    prompt: str,
+    layout: ParallelLayout,
+    device: torch.device,
+    max_new_tokens: int = 60,
+    chat_format: Optional[str] = None,
+) -> None:
     """Data-parallel replica 0 samples (all its TP ranks together); rank 0 prints. Pipelines skip it.
 
     With `chat_format` (data.format of a fine-tune) the prompt is the user's turn and the sample
@@ -256,14 +280,23 @@ def print_sample(model, tokenizer, prompt: str, layout: ParallelLayout, device: 
         ids = prompt_ids(tokenizer, prompt, chat_format is not None, model.cfg.n_positions // 2)
         budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
         banned = tuple(t for t in (tokenizer.unk, tokenizer.bos) if t is not None and t != tokenizer.eod)
-        cfg = SamplingConfig(max_new_tokens=max(budget, 1), temperature=0.8, top_k=40, seed=0,
-                             stop_token=tokenizer.eod, banned_tokens=banned)
+        cfg = SamplingConfig(
+            max_new_tokens=max(budget, 1),
+            temperature=0.8,
+            top_k=40,
+            seed=0,
+            stop_token=tokenizer.eod,
+            banned_tokens=banned,
+        )
         out = generate(model, [ids], cfg, pad_id=tokenizer.eod)[0]
         model.train()
         if layout.rank == 0:
             text = tokenizer.decode(out, skip_special_tokens=True)
-            line = f"sample: {prompt}{text}" if chat_format is None else (
-                f"sample ({chat_format} layout): user: {prompt} | reply: {text}")
+            line = (
+                f"sample: {prompt}{text}"
+                if chat_format is None
+                else (f"sample ({chat_format} layout): user: {prompt} | reply: {text}")
+            )
             print(line, flush=True)
     if dist.is_initialized():
         dist.barrier()

@@ -30,8 +30,9 @@ def build_model(plan: RunPlan, groups: ProcessGroups) -> Union[GPT2, PipelineSta
     return PipelineStage(cfg.model, groups, plan.split, cfg.parallel.sequence_parallel, seed=cfg.train.seed)
 
 
-def build_engine(plan: RunPlan, groups: ProcessGroups,
-                 device: torch.device) -> tuple[Any, Union[GPT2, PipelineStage], StepExecutor]:
+def build_engine(
+    plan: RunPlan, groups: ProcessGroups, device: torch.device
+) -> tuple[Any, Union[GPT2, PipelineStage], StepExecutor]:
     """(engine, model, step executor), with weights from train.init_from when set."""
     import deepspeed
 
@@ -50,9 +51,14 @@ def build_engine(plan: RunPlan, groups: ProcessGroups,
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     ds = engine_ds_config(plan, device)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds, mpu=groups,
-                                           lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
-                                           dist_init_required=False)  # (DeepSpeed's hint names _LRScheduler only)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds,
+        mpu=groups,
+        lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
+        dist_init_required=False,
+    )  # (DeepSpeed's hint names _LRScheduler only)
     return engine, model, StepExecutor(engine, model, groups, cfg.parallel, cfg.train.on_nonfinite)
 
 
@@ -74,8 +80,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, foreach=False)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False
+    )
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:

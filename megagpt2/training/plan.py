@@ -118,8 +118,9 @@ def _layout(cfg: Config, ds: Union[str, dict[str, Any]], world_size: int, rank: 
     except ParallelLayoutError as e:
         return None, None, None, [str(e)]
     try:
-        ds_cfg = (DeepSpeedConfig.read(ds, layout.dp) if isinstance(ds, str)
-                  else DeepSpeedConfig.from_dict(ds, layout.dp))
+        ds_cfg = (
+            DeepSpeedConfig.read(ds, layout.dp) if isinstance(ds, str) else DeepSpeedConfig.from_dict(ds, layout.dp)
+        )
     except DSConfigError as e:
         return layout, None, None, [str(e)]
     return layout, ds_cfg, *_pipeline(cfg, ds_cfg)
@@ -130,8 +131,10 @@ def _pipeline(cfg: Config, ds: DeepSpeedConfig) -> tuple[Optional[StageLayout], 
     par = cfg.parallel
     if par.pp == 1:
         if par.virtual_stages > 1:
-            return None, [f"parallel.virtual_stages={par.virtual_stages} splits pipeline stages into chunks: "
-                          f"it needs parallel.pp > 1"]
+            return None, [
+                f"parallel.virtual_stages={par.virtual_stages} splits pipeline stages into chunks: "
+                f"it needs parallel.pp > 1"
+            ]
         return None, []
     errors = []
     try:
@@ -143,8 +146,10 @@ def _pipeline(cfg: Config, ds: DeepSpeedConfig) -> tuple[Optional[StageLayout], 
     except ConfigError as e:
         errors.append(str(e))
     if ds.zero_stage > 2:
-        errors.append(f"{ds.source}: pipeline parallelism supports ZeRO stages 0-2 (ZeRO-3 partitions the "
-                      f"parameters the stages exchange); set zero_optimization.stage <= 2")
+        errors.append(
+            f"{ds.source}: pipeline parallelism supports ZeRO stages 0-2 (ZeRO-3 partitions the "
+            f"parameters the stages exchange); set zero_optimization.stage <= 2"
+        )
     return split, errors
 
 
@@ -160,8 +165,10 @@ def data_errors(cfg: Config) -> list[str]:
 
     data = cfg.data
     if not data.path.strip():
-        return ["data.path is empty: point it at a preprocessed prefix (tools/preprocess_data.py writes "
-                "<prefix>.bin and <prefix>.idx) or a blend \"0.7 prefixA 0.3 prefixB\""]
+        return [
+            "data.path is empty: point it at a preprocessed prefix (tools/preprocess_data.py writes "
+            '<prefix>.bin and <prefix>.idx) or a blend "0.7 prefixA 0.3 prefixB"'
+        ]
     errors = []
     try:
         parse_split(data.split)
@@ -169,8 +176,10 @@ def data_errors(cfg: Config) -> list[str]:
         errors.append(f"data.split: {e}")
     if data.format != "pretrain":
         if not os.path.isfile(data.path):
-            errors.append(f"data.path={_where(data.path)} does not exist: data.format={data.format} reads "
-                          f"one .jsonl file (docs/finetuning.md)")
+            errors.append(
+                f"data.path={_where(data.path)} does not exist: data.format={data.format} reads "
+                f"one .jsonl file (docs/finetuning.md)"
+            )
         return errors
     try:
         blend = parse_data_path(data.path)
@@ -190,8 +199,9 @@ def _prefix_errors(prefix: str) -> list[str]:
         elif os.path.isfile(prefix + "_text_document.idx"):
             hint = f"did you mean data.path={prefix}_text_document?"
         missing = [e for e in (".bin", ".idx") if not os.path.isfile(prefix + e)]
-        return [f"data.path: no dataset at {_where(prefix)}: {' and '.join(prefix + e for e in missing)} "
-                f"not found; {hint}"]
+        return [
+            f"data.path: no dataset at {_where(prefix)}: {' and '.join(prefix + e for e in missing)} not found; {hint}"
+        ]
     try:
         IndexedDataset(prefix)
     except IndexedDatasetError as e:
@@ -202,13 +212,20 @@ def _prefix_errors(prefix: str) -> list[str]:
 def _init_from_errors(cfg: Config) -> list[str]:
     path, run_dir = cfg.train.init_from, cfg.checkpoint.dir
     if path and not os.path.exists(path):
-        return [f"train.init_from={_where(path)} does not exist: give a megagpt2 checkpoint directory or a "
-                f"Hugging Face GPT-2 directory"]
-    if path and run_dir and os.path.commonpath([os.path.abspath(path), os.path.abspath(run_dir)]) == \
-            os.path.abspath(run_dir):
-        return [f"train.init_from={_where(path)} is inside checkpoint.dir={run_dir}: the run would resume the "
-                f"checkpoint there (optimizer, step and data position) instead of starting from its weights; "
-                f"give this run its own checkpoint.dir"]
+        return [
+            f"train.init_from={_where(path)} does not exist: give a megagpt2 checkpoint directory or a "
+            f"Hugging Face GPT-2 directory"
+        ]
+    if (
+        path
+        and run_dir
+        and os.path.commonpath([os.path.abspath(path), os.path.abspath(run_dir)]) == os.path.abspath(run_dir)
+    ):
+        return [
+            f"train.init_from={_where(path)} is inside checkpoint.dir={run_dir}: the run would resume the "
+            f"checkpoint there (optimizer, step and data position) instead of starting from its weights; "
+            f"give this run its own checkpoint.dir"
+        ]
     return []
 
 

@@ -29,8 +29,13 @@ from ..launchers import RANK_PIDS_ENV, Launcher, LauncherWatch
 # Stop codes; the ranks agree on the maximum, so SIGINT (exit 130) wins over the others.
 NONE, TIME_LIMIT, LAUNCHER_GONE, SIGUSR1, SIGTERM, SIGINT = range(6)
 _OF_SIGNAL = {signal.SIGUSR1: SIGUSR1, signal.SIGTERM: SIGTERM, signal.SIGINT: SIGINT}
-_NAMES = {TIME_LIMIT: "time limit", LAUNCHER_GONE: "launcher gone", SIGUSR1: "SIGUSR1", SIGTERM: "SIGTERM",
-          SIGINT: "SIGINT"}
+_NAMES = {
+    TIME_LIMIT: "time limit",
+    LAUNCHER_GONE: "launcher gone",
+    SIGUSR1: "SIGUSR1",
+    SIGTERM: "SIGTERM",
+    SIGINT: "SIGINT",
+}
 
 
 class Signals:
@@ -48,8 +53,7 @@ class Signals:
             for sig in _OF_SIGNAL:
                 signal.signal(sig, self._handle)
             self._register_with_wrapper()
-        self.watch = watch if watch is not None else (LauncherWatch.of_this_process() if install else
-                                                      LauncherWatch([]))
+        self.watch = watch if watch is not None else (LauncherWatch.of_this_process() if install else LauncherWatch([]))
 
     def code(self) -> int:
         """This rank's reason to stop now (NONE, LAUNCHER_GONE or a signal's code)."""

@@ -18,8 +18,16 @@ from ..parallel import ProcessGroups
 from ..parallel.collectives import all_reduce_small
 from ..pipeline.executor import NonFiniteError, NonfiniteGuard, StepResult
 from .data import build_data
-from .metrics import (RunClock, Scalars, flops_per_token, memory_gb, memory_report, peak_tflops, print_sample,
-                      truncate_metrics)
+from .metrics import (
+    RunClock,
+    Scalars,
+    flops_per_token,
+    memory_gb,
+    memory_report,
+    peak_tflops,
+    print_sample,
+    truncate_metrics,
+)
 from .model_setup import build_engine, engine_ds_config
 from .plan import RunPlan
 from .signals import TIME_LIMIT, Signals
@@ -30,8 +38,7 @@ __all__ = ["NonFiniteError", "Trainer", "describe"]
 class Trainer:
     """Builds everything of a checked run plan on this rank and runs `train()`."""
 
-    def __init__(self, plan: RunPlan, groups: ProcessGroups, device: torch.device,
-                 signals: Optional[Signals] = None):
+    def __init__(self, plan: RunPlan, groups: ProcessGroups, device: torch.device, signals: Optional[Signals] = None):
         cfg = plan.cfg
         self.plan, self.cfg, self.groups, self.layout, self.device = plan, cfg, groups, groups.layout, device
         self.tokenizer = plan.tokenizer
@@ -42,10 +49,17 @@ class Trainer:
         self.micro, self.accum, self.global_batch = plan.micro_batch, plan.grad_accum, plan.global_batch
         torch.manual_seed(cfg.train.seed)
         self.engine, self.model, self.executor = build_engine(plan, groups, device)
-        self.data = build_data(cfg.data, self.layout, self.micro, self.global_batch, self.tokenizer,
-                               seed=cfg.train.seed, train_samples=cfg.train.steps * self.global_batch,
-                               valid_samples=cfg.train.eval_steps * self.global_batch if cfg.train.eval_interval else 0,
-                               eval_steps=cfg.train.eval_steps)
+        self.data = build_data(
+            cfg.data,
+            self.layout,
+            self.micro,
+            self.global_batch,
+            self.tokenizer,
+            seed=cfg.train.seed,
+            train_samples=cfg.train.steps * self.global_batch,
+            valid_samples=cfg.train.eval_steps * self.global_batch if cfg.train.eval_interval else 0,
+            eval_steps=cfg.train.eval_steps,
+        )
         self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=self.layout.rank == 0)
         self.step = 0
         self.signals = signals or Signals()
@@ -93,12 +107,18 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         if not cfg.checkpoint.dir:
             return None
-        state = {"consumed_samples": self.data.consumed, "config": cfg.to_dict(), "config_yaml": dump_yaml(cfg),
-                 "tokenizer": self.tokenizer.identity(), "layout": self.run_layout(),
-                 "versions": {"torch": torch.__version__, "deepspeed": _ds_version()}}
+        state = {
+            "consumed_samples": self.data.consumed,
+            "config": cfg.to_dict(),
+            "config_yaml": dump_yaml(cfg),
+            "tokenizer": self.tokenizer.identity(),
+            "layout": self.run_layout(),
+            "versions": {"torch": torch.__version__, "deepspeed": _ds_version()},
+        }
         t0 = time.time()
-        tag = ckpt.save(self.engine, layout, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last,
-                        self.model.tracker)
+        tag = ckpt.save(
+            self.engine, layout, cfg.checkpoint.dir, self.step, state, cfg.checkpoint.keep_last, self.model.tracker
+        )
         self.log(f"saved checkpoint {Path(cfg.checkpoint.dir) / tag} ({time.time() - t0:.1f} s)")
         return tag
 
@@ -121,8 +141,9 @@ class Trainer:
             if dropped:
                 self.log(f"metrics.jsonl: dropped {dropped} record(s) of steps after {tag} (they are trained again)")
             self.scalars.restore(self.metrics_path, self.step)  # the curves so far, for the plot at the end
-        self.log(f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, "
-                 f"{self.data.consumed} samples consumed")
+        self.log(
+            f"resumed from {Path(cfg.checkpoint.dir) / tag}: step {self.step}, {self.data.consumed} samples consumed"
+        )
         return True
 
     # -- the loop -------------------------------------------------------------------------------
@@ -150,8 +171,13 @@ class Trainer:
         parts += [f"mem {memory_gb(self.device):.2f} GiB", f"{dt:.2f} s/step"]
         parts.append(self.clock.progress(self.step, self.data.consumed * cfg.data.seq_length))
         self.log(" | ".join(parts))
-        for tag, v in (("train/loss", r.loss), ("train/lr", r.lr), ("train/grad_norm", r.grad_norm),
-                       ("perf/tokens_per_s", tok_s), ("perf/tflops_per_device", tflops)):
+        for tag, v in (
+            ("train/loss", r.loss),
+            ("train/lr", r.lr),
+            ("train/grad_norm", r.grad_norm),
+            ("perf/tokens_per_s", tok_s),
+            ("perf/tflops_per_device", tflops),
+        ):
             if v is not None:
                 self.scalars.add(tag, v, self.step)
 
@@ -183,10 +209,13 @@ class Trainer:
             interval_steps += 1
             over_time = cfg.train.max_minutes > 0 and (time.time() - start) > 60 * cfg.train.max_minutes
             nonfinite, stop = self._agree(r.nonfinite, self._stop_code(over_time))
-            skipped = self.nonfinite.check(self.step, r, nonfinite)  # NonFiniteError: stop, no checkpoint
+            skipped = self.nonfinite.check(self.step, r, bool(nonfinite))  # NonFiniteError: stop, no checkpoint
             if skipped or r.overflow:
-                self.log(skipped or f"step {self.step}: fp16 gradient overflow: DeepSpeed skipped the update "
-                                    f"and lowered the loss scale")
+                self.log(
+                    skipped
+                    or f"step {self.step}: fp16 gradient overflow: DeepSpeed skipped the update "
+                    f"and lowered the loss scale"
+                )
             if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
                 self._log_step(r, (time.time() - interval_t) / interval_steps)
                 interval_t, interval_steps = time.time(), 0
@@ -209,16 +238,26 @@ class Trainer:
 
     def _finish(self, stopped_by: Optional[str]) -> dict[str, Any]:
         cfg = self.cfg
-        out: dict[str, Any] = {"step": self.step, "stopped_by": stopped_by, "stop_code": self.stop_code,
-                               "history": self.scalars.history}
+        out: dict[str, Any] = {
+            "step": self.step,
+            "stopped_by": stopped_by,
+            "stop_code": self.stop_code,
+            "history": self.scalars.history,
+        }
         if cfg.logging.plot and cfg.checkpoint.dir:
             png = self.scalars.plot(Path(cfg.checkpoint.dir) / "loss.png")
             if png:
                 self.log(f"loss curves: {png}")
         self.scalars.close()
         if cfg.logging.sample_prompt and stopped_by is None:
-            print_sample(self.model, self.tokenizer, cfg.logging.sample_prompt, self.layout, self.device,
-                         chat_format=None if cfg.data.format == "pretrain" else cfg.data.format)
+            print_sample(
+                self.model,
+                self.tokenizer,
+                cfg.logging.sample_prompt,
+                self.layout,
+                self.device,
+                chat_format=None if cfg.data.format == "pretrain" else cfg.data.format,
+            )
         return out
 
 
@@ -231,7 +270,9 @@ def _ds_version() -> str:
 def describe(plan: RunPlan, n_params: int) -> str:
     """The run in one line (printed by rank 0 at the start)."""
     m, layout, ds = plan.cfg.model, plan.layout, plan.ds
-    return (f"megagpt2: {m.n_layer} layers, hidden {m.n_embd}, {m.n_head} heads, {n_params / 1e6:.1f}M parameters "
-            f"per rank | world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | ZeRO stage "
-            f"{ds.zero_stage} | global batch {ds.global_batch} = micro {ds.micro_batch} x accum {ds.grad_accum} x dp "
-            f"{layout.dp} | seq {plan.cfg.data.seq_length}")
+    return (
+        f"megagpt2: {m.n_layer} layers, hidden {m.n_embd}, {m.n_head} heads, {n_params / 1e6:.1f}M parameters "
+        f"per rank | world {layout.world_size} = tp {layout.tp} x pp {layout.pp} x dp {layout.dp} | ZeRO stage "
+        f"{ds.zero_stage} | global batch {ds.global_batch} = micro {ds.micro_batch} x accum {ds.grad_accum} x dp "
+        f"{layout.dp} | seq {plan.cfg.data.seq_length}"
+    )
