@@ -324,12 +324,14 @@ def _kinds_worker(rank, world, tmp):
     """Each kind saves (megagpt2.checkpoint.store) and the next one in KINDS loads it."""
     from pathlib import Path
 
+    import torch.distributed as dist
+
     from megagpt2.checkpoint import store
     from megagpt2.checkpoint.resume import load_tensors, restore_extras
     from megagpt2.checkpoint.verify import read_meta
     from megagpt2.parallel import ParallelLayout
 
-    ps, names, out = ParallelLayout(), list(KINDS), {}
+    ps, names, out = ParallelLayout.for_world(dist.get_world_size(), rank=dist.get_rank()), list(KINDS), {}
     for i, kind in enumerate(names):
         engine = _adam_engine(kind)
         _train(engine, 2)

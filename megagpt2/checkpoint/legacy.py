@@ -119,22 +119,24 @@ def check_shapes(model: torch.nn.Module, ckpt_path: Path, mp_rank: int) -> None:
         raise CheckpointError(f"{f}: unexpected tensor {extra[0]} (different model shape?)")
 
 
-def load(engine, path: Path, state: dict[str, Any], layout, tracker=None) -> None:
-    """Collective: restore model, optimizer, scheduler and RNG from a first-format checkpoint."""
+def load(engine, path: Path, state: dict[str, Any], grid, tracker=None) -> None:
+    """Collective: restore model, optimizer, scheduler and RNG from a first-format checkpoint.
+
+    `grid` is this run's megagpt2.parallel.ParallelLayout."""
     from safetensors.torch import load_file
 
     from .store import set_rng_state
 
-    layout = state.get("layout", {})
-    want = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
-    if layout and any(layout.get(k) != v for k, v in want.items()):
+    stored = state.get("layout", {})
+    want = {"tp": grid.tp, "pp": grid.pp, "dp": grid.dp}
+    if stored and any(stored.get(k) != v for k, v in want.items()):
         raise CheckpointError(
             f"{path} is in the first checkpoint format (DeepSpeed .pt files), which resumes only under the layout "
-            f"that wrote it: tp={layout.get('tp')} pp={layout.get('pp')} dp={layout.get('dp')}, but this run is "
-            f"tp={layout.tp} pp={layout.pp} dp={layout.dp}. Resume once with that layout (every save after it "
+            f"that wrote it: tp={stored.get('tp')} pp={stored.get('pp')} dp={stored.get('dp')}, but this run is "
+            f"tp={grid.tp} pp={grid.pp} dp={grid.dp}. Resume once with that layout (every save after it "
             f"is layout-free), or carry the weights over with tools/convert_checkpoint.py and --train.init_from"
         )
-    check_shapes(engine.module, path, layout.model_parallel_rank)
+    check_shapes(engine.module, path, grid.model_parallel_rank)
     install_safe_loader(engine)
     loaded, _ = engine.load_checkpoint(
         str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True

@@ -109,11 +109,11 @@ def main_lm_eval(args: Any) -> int:
     from .loading import model_from_args
 
     model, tokenizer, _, groups = model_from_args(args)
-    lm = MegaGPT2LM(
-        model,
+    lm = MegaGPT2LM(  # register_model hides the signature from the type checker
+        model,  # pyright: ignore[reportCallIssue]
         tokenizer,
         batch_size=args.batch_size,
-        max_length=args.max_length,  # pyright: ignore[reportCallIssue]  (register_model hides the signature)
+        max_length=args.max_length,
         max_gen_toks=args.max_gen_toks,
         seed=args.seed,
         progress=not args.no_progress,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ..tokenizer import Tokenizer
 
@@ -66,15 +66,10 @@ def _save_gpt2(tokenizer: Tokenizer, out: Path, model_max_length: int) -> list[s
     files = tokenizer.files
     vocab, merges = read_vocab_json(files["vocab_file"]), read_merges(files["merge_file"])
     special = _special(tokenizer)
-    hf = GPT2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=special["eos_token"],  # pyright: ignore[reportArgumentType]
-        add_prefix_space=False,
-        model_max_length=model_max_length,
-        split_special_tokens=True,
-        **special,
-    )  # pyright: ignore[reportArgumentType]  (transformers' hints)
+    kwargs: dict[str, Any] = dict(vocab=vocab, merges=merges, unk_token=special["eos_token"], **special)
+    hf = GPT2Tokenizer(  # (transformers' hints say str for every special token and list[str] for merges)
+        add_prefix_space=False, model_max_length=model_max_length, split_special_tokens=True, **kwargs
+    )
     hf.save_pretrained(str(out))
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     # transformers' slow GPT-2 reader always skips the first line: write the header it expects
