@@ -7,7 +7,8 @@ Run A: `deepspeed --num_gpus 1 launch/pretrain_gpt2.py --deepspeed_config config
 --config <preset>` for --steps steps, saving at --save-at (bf16 and NCCL on a GPU, fp32 and gloo on
 CPU: configs/ds/zero2.json says "auto"). Run B: the same command in a new directory that holds
 only A's checkpoint of step --save-at; it resumes there and trains to --steps. Checks: the loss
-falls (mean of A's last five steps below its first five; fewer in a short run), B starts at step --save-at + 1, and
+falls (mean of A's last five steps below its first five; judged from 10 steps on: the dry run's 4 steps on
+random tokens are reported, not judged), B starts at step --save-at + 1, and
 B's losses equal A's for the same steps within --tolerance (relative; bf16 rounding on a GPU,
 exact arithmetic in fp32 on CPU). Also timed: each launch to its first step, and, with
 --plain-launch, benchmarks/plain_gpt2.py as a script on the same data and shape. Everything goes
@@ -91,6 +92,9 @@ def read_losses(ckpt_dir: Path) -> dict[int, float]:
         return {}
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {int(r["step"]): float(r["loss"]) for r in records if "loss" in r}
+
+
+MIN_JUDGED_STEPS = 10  # shorter runs report whether the loss fell without failing on it
 
 
 def judge(a: dict[int, float], b: dict[int, float], steps: int, save_at: int, tol: float) -> dict:
@@ -179,7 +183,8 @@ def main(argv=None) -> int:
         f"resume matches {checks['resume_matches']} (max rel diff {checks['max_rel_diff']})"
     )
     ok = result["a"]["exit_code"] == 0 and result["b"].get("exit_code") == 0
-    return 0 if ok and checks["loss_falls"] and checks["resume_matches"] else 1
+    loss_ok = checks["loss_falls"] or args.steps < MIN_JUDGED_STEPS  # a few steps of noise prove nothing
+    return 0 if ok and loss_ok and checks["resume_matches"] else 1
 
 
 if __name__ == "__main__":
