@@ -195,6 +195,15 @@ def test_init_from_supplies_the_tokenizer_and_refuses_another(data, trained, tmp
     assert "the tokenizer from the tokenizer.* settings is GPT2BPETokenizer, 50,257 ids" in str(err.value)
     with pytest.raises(TokenizerError, match="was trained with HFTokenizer"):
         resolve_tokenizer(TokenizerConfig(), DataConfig(path=data["gpt2"]), trained)
+    # The same vocabulary in another document layout (pretrain, then fine-tune in a chat format):
+    # accepted, with a note saying which tokens changed.
+    eod_id = hf_tokenizer(data).eod
+    other = next(t for t in (1, 2, 3) if t != eod_id)
+    other_token = hf_tokenizer(data).decode([other])
+    relaid = TokenizerConfig("HFTokenizer", tokenizer_model=data["tokenizer.json"], eod_token=other_token)
+    r = resolve_tokenizer(relaid, finetune, trained)
+    assert r.tokenizer.eod == other
+    assert any(f"another document layout (eod {eod_id} -> {other})" in n for n in r.notes), r.notes
 
 
 def test_evaluate_ppl_on_a_dataset_checks_its_tokenizer(data, trained, capsys):

@@ -3,8 +3,9 @@
 In order: the explicit ``tokenizer.*`` settings; else the tokenizer the data was built with (its
 sidecar, megagpt2.data.sidecar; every dataset of a blend must agree); else the one
 ``train.init_from`` was trained with; else GPT-2 BPE. Whatever is chosen must match every dataset
-sidecar and the identity ``train.init_from`` records, or the run is refused with a message naming
-both tokenizers. Datasets without a sidecar (Megatron's) are taken on trust, with a one-line note.
+sidecar exactly and the vocabulary ``train.init_from`` records (its layout tokens may differ: a
+fine-tune may wrap documents otherwise), or the run is refused with a message naming both
+tokenizers. Datasets without a sidecar (Megatron's) are taken on trust, with a one-line note.
 
     resolved = resolve_tokenizer(cfg.tokenizer, cfg.data, cfg.train.init_from)
     cfg.tokenizer = resolved.config      # the run (and its checkpoints) record what was used
@@ -21,6 +22,7 @@ from typing import Any, Optional
 from megagpt2.config import DataConfig, TokenizerConfig
 from megagpt2.data.sidecar import DatasetTokenizer, dataset_tokenizers, describe_identity, same_identity
 from megagpt2.tokenizer import Tokenizer, TokenizerError, build_tokenizer
+from megagpt2.tokenizer.base import layout_differences, vocabulary_identity
 
 DEFAULT = TokenizerConfig(tokenizer_type="GPT2BPETokenizer")
 
@@ -118,13 +120,19 @@ def resolve_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig, init
         tokenizer = _build(config)
     for sidecar in sidecars:
         sidecar.check(tokenizer, source)
-    if ckpt_identity and not same_identity(ckpt_identity, tokenizer.identity()):
-        raise TokenizerError(
-            f"tokenizer mismatch: train.init_from {init_from} was trained with "
-            f"{describe_identity(ckpt_identity)}; the tokenizer from {source} is "
-            f"{describe_identity(tokenizer.identity())}. Its embedding rows mean that tokenizer's tokens: "
-            f"use data tokenized with it (and drop the tokenizer.* settings), or start from another checkpoint.")
     notes = []
+    if ckpt_identity:
+        current = tokenizer.identity()
+        if vocabulary_identity(ckpt_identity) != vocabulary_identity(current):
+            raise TokenizerError(
+                f"tokenizer mismatch: train.init_from {init_from} was trained with "
+                f"{describe_identity(ckpt_identity)}; the tokenizer from {source} is "
+                f"{describe_identity(current)}. Its embedding rows mean that tokenizer's tokens: use data "
+                f"tokenized with it (and drop the tokenizer.* settings), or start from another checkpoint.")
+        changed = layout_differences(ckpt_identity, current)
+        if changed:  # same vocabulary, other document layout: a fine-tune in a new format
+            notes.append(f"train.init_from {init_from} was trained with the same vocabulary in another "
+                         f"document layout ({', '.join(changed)}); this run uses {source}'s")
     bare = [p for p in bare if os.path.isfile(p + ".idx")]  # a missing dataset fails later, by name
     if bare:
         notes.append(f"{', '.join(bare)} {'has' if len(bare) == 1 else 'have'} no tokenizer sidecar "

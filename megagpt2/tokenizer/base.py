@@ -192,6 +192,21 @@ class Tokenizer(abc.ABC):
 LAYOUT_KEYS = ("bos", "newline")
 
 
+def vocabulary_identity(identity: dict) -> dict:
+    """The part of an identity that fixes what each embedding row means: type, size and files.
+
+    The layout tokens (eod, bos, newline) say how documents are wrapped, not what an id is, so a
+    model may be fine-tuned in another layout than it was pretrained in (GPT2-Chinese's
+    ``[MASK] ... [CLS]`` articles, then GPT2-chitchat's ``[CLS] u1 [SEP] u2 [SEP]`` dialogues).
+    """
+    return {k: identity.get(k) for k in ("type", "vocab_size", "files")}
+
+
+def layout_differences(a: dict, b: dict) -> list[str]:
+    """'eod 2 -> 3', 'bos 4 -> 2', ...: how two identities of one vocabulary wrap documents."""
+    return [f"{k} {a.get(k)} -> {b.get(k)}" for k in ("eod",) + LAYOUT_KEYS if a.get(k) != b.get(k)]
+
+
 def check_same_identity(saved: dict, current: dict, where: str = "checkpoint") -> None:
     """Raise a TokenizerError when two tokenizer identities differ, listing every difference.
 
