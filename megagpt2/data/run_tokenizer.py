@@ -132,7 +132,7 @@ def resolve_tokenizer(tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig, init
         changed = layout_differences(ckpt_identity, current)
         if changed:  # same vocabulary, other document layout: a fine-tune in a new format
             notes.append(f"train.init_from {init_from} was trained with the same vocabulary in another "
-                         f"document layout ({', '.join(changed)}); this run uses {source}'s")
+                         f"document layout ({', '.join(changed)}); this run uses the layout from {source}")
     bare = [p for p in bare if os.path.isfile(p + ".idx")]  # a missing dataset fails later, by name
     if bare:
         notes.append(f"{', '.join(bare)} {'has' if len(bare) == 1 else 'have'} no tokenizer sidecar "
