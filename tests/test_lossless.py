@@ -186,7 +186,7 @@ def test_progress_bar_shows_elapsed_eta_and_counts(tmp_path, capsys, caplog, mon
     assert preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", prefix, "--progress"]) == 0
     err = capsys.readouterr().err
     assert re.search(
-        r"preprocess 100%\|.*\| [\d.]+kB/[\d.]+kB \[\d\d:\d\d<\d\d:\d\d, [\d.]+kB/s, "
+        r"preprocess 100%\|.*\| [\d.]+kB/[\d.]+kB \[\d\d:\d\d<\d\d:\d\d, [\d.]+[kMG]?B/s, "  # rate: any unit
         r"30 docs, 30 kept, [\d.]+k tokens\]",
         err,
     ), err
