@@ -94,7 +94,7 @@ def test_generates_only_chinese_vocabulary_tokens_with_unk_banned(trained, tmp_p
     rows = _generate(trained, tmp_path)
     allowed = {tok.newline, tok.eod}
     tokens = [t for row in rows for t in row["tokens"]]
-    assert len(tokens) > 40 and tok.unk not in tokens
+    assert len(tokens) > 40 and tok.unk not in tokens and tok.pad not in tokens
     for t in tokens:
         piece = tok.backend.id_to_token(t)
         assert t in allowed or (len(piece) == 1 and is_cjk(piece)), piece
@@ -140,7 +140,7 @@ def test_chat_prompt_in_chitchat_layout_starts_with_cls(trained, monkeypatch, ca
     )
     prompt, banned = seen[0]
     assert prompt == [tok.bos] + tok.encode("床前明月光，") + [tok.eod]  # [CLS] u1 [SEP]
-    assert set(banned) == {tok.unk, tok.bos, tok.token_id("[MASK]", "x")}  # [CLS] starts dialogues only
+    assert set(banned) == {tok.unk, tok.pad, tok.bos, tok.token_id("[MASK]", "x")}  # [CLS] starts dialogues only
     reply = capsys.readouterr().out.split("bot> ")[1]
     assert not any(c == " " for c in reply.strip())
 

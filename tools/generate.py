@@ -15,7 +15,8 @@ the batch: row i of the whole prompt list samples with seed --seed + i). Generat
 end-of-document token (unless --no-stop-at-eod), at a --stop string (cut from the output), or
 after --max-new-tokens. The chat prompt is the fine-tuning layout of docs/finetuning.md.
 The tokenizer's unknown token ([UNK]) is never generated (unless --allow-unk), nor its
-document-start token while generation stops at the end of the document; special tokens are
+document-start token while generation stops at the end of the document, nor its padding token
+([PAD]); special tokens are
 left out of the printed text. When the tokenizer has a document-start token (--bos-token, or the
 checkpoint's tokenizer.bos_token) every prompt starts with it; a prompt may also name special
 tokens itself ("[CLS]床前明月光" with a BERT vocabulary).
@@ -95,14 +96,16 @@ def read_prompts(args) -> list[str]:
 
 
 def banned_tokens(tokenizer, args) -> tuple[int, ...]:
-    """Ids never generated: --ban-token tokens, the unknown token unless --allow-unk, and the
-    document-start token while generation stops at the end of the document (it can only
-    follow the end-of-document token)."""
+    """Ids never generated: --ban-token tokens, the unknown token unless --allow-unk, the padding
+    token, and the document-start token while generation stops at the end of the document (it can
+    only follow the end-of-document token)."""
     banned = [tokenizer.token_id(t, "--ban-token") for t in getattr(args, "ban_token", [])]
     if tokenizer.unk is not None and not getattr(args, "allow_unk", False):
         banned.append(tokenizer.unk)
     if tokenizer.bos is not None and tokenizer.bos != tokenizer.eod and not args.no_stop_at_eod:
         banned.append(tokenizer.bos)
+    if tokenizer.pad is not None and tokenizer.pad != tokenizer.eod:  # padding never follows text
+        banned.append(tokenizer.pad)
     return tuple(sorted(set(banned)))
 
 

@@ -279,7 +279,8 @@ def print_sample(
     if layout.pp == 1 and layout.dp_rank == 0:
         ids = prompt_ids(tokenizer, prompt, chat_format is not None, model.cfg.n_positions // 2)
         budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
-        banned = tuple(t for t in (tokenizer.unk, tokenizer.bos) if t is not None and t != tokenizer.eod)
+        specials = (tokenizer.unk, tokenizer.bos, tokenizer.pad)
+        banned = tuple(t for t in specials if t is not None and t != tokenizer.eod)
         cfg = SamplingConfig(
             max_new_tokens=max(budget, 1),
             temperature=0.8,
