@@ -51,6 +51,14 @@ class SamplingConfig:
             raise ValueError(f"banned_tokens must be token ids >= 0, got {self.banned_tokens}")
 
 
+def never_generated(tokenizer, allow_unk: bool = False, stop_at_eod: bool = True) -> tuple[int, ...]:
+    """Special ids a model should not sample: the unknown token (unless ``allow_unk``), the padding
+    token, and the document-start token while generation stops at the end of the document (it can
+    only follow the end-of-document token). The end-of-document token itself is never among them."""
+    specials = [tokenizer.pad, None if allow_unk else tokenizer.unk, tokenizer.bos if stop_at_eod else None]
+    return tuple(sorted({t for t in specials if t is not None and t != tokenizer.eod}))
+
+
 def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Ban `cfg.banned_tokens`, then apply repetition penalty (to tokens marked in the (B, V) bool
     `seen`), temperature, top-k and top-p to (B, V) logits; returns float32 with removed tokens

@@ -14,10 +14,9 @@ Decoding uses a KV cache; prompts of a batch are left-padded (a row's output doe
 the batch: row i of the whole prompt list samples with seed --seed + i). Generation stops at the
 end-of-document token (unless --no-stop-at-eod), at a --stop string (cut from the output), or
 after --max-new-tokens. The chat prompt is the fine-tuning layout of docs/finetuning.md.
-The tokenizer's unknown token ([UNK]) is never generated (unless --allow-unk), nor its
-document-start token while generation stops at the end of the document, nor its padding token
-([PAD]); special tokens are
-left out of the printed text. When the tokenizer has a document-start token (--bos-token, or the
+The tokenizer's unknown token ([UNK]) is never generated (unless --allow-unk), nor its padding
+token, nor its document-start token while generation stops at the end of the document; special
+tokens are left out of the printed text. When the tokenizer has a document-start token (--bos-token, or the
 checkpoint's tokenizer.bos_token) every prompt starts with it; a prompt may also name special
 tokens itself ("[CLS]床前明月光" with a BERT vocabulary).
 """
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 from megagpt2.eval.loading import ModelLoadError, add_model_args, model_from_args  # noqa: E402
-from megagpt2.generation import SamplingConfig, generate  # noqa: E402
+from megagpt2.generation import SamplingConfig, generate, never_generated  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -96,17 +95,10 @@ def read_prompts(args) -> list[str]:
 
 
 def banned_tokens(tokenizer, args) -> tuple[int, ...]:
-    """Ids never generated: --ban-token tokens, the unknown token unless --allow-unk, the padding
-    token, and the document-start token while generation stops at the end of the document (it can
-    only follow the end-of-document token)."""
+    """Ids never generated: --ban-token tokens and megagpt2.generation.never_generated's specials."""
     banned = [tokenizer.token_id(t, "--ban-token") for t in getattr(args, "ban_token", [])]
-    if tokenizer.unk is not None and not getattr(args, "allow_unk", False):
-        banned.append(tokenizer.unk)
-    if tokenizer.bos is not None and tokenizer.bos != tokenizer.eod and not args.no_stop_at_eod:
-        banned.append(tokenizer.bos)
-    if tokenizer.pad is not None and tokenizer.pad != tokenizer.eod:  # padding never follows text
-        banned.append(tokenizer.pad)
-    return tuple(sorted(set(banned)))
+    specials = never_generated(tokenizer, getattr(args, "allow_unk", False), not args.no_stop_at_eod)
+    return tuple(sorted({*banned, *specials}))
 
 
 def sampling_config(args, tokenizer, max_new: Optional[int] = None) -> SamplingConfig:

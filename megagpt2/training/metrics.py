@@ -274,20 +274,18 @@ def print_sample(
     is the reply. The sample stops at the end of a document (a turn), never contains the unknown
     or document-start token and is printed without special tokens (readable Chinese with a BERT
     vocabulary)."""
-    from ..generation import SamplingConfig, generate
+    from ..generation import SamplingConfig, generate, never_generated
 
     if layout.pp == 1 and layout.dp_rank == 0:
         ids = prompt_ids(tokenizer, prompt, chat_format is not None, model.cfg.n_positions // 2)
         budget = min(max_new_tokens, model.cfg.n_positions - len(ids))
-        specials = (tokenizer.unk, tokenizer.bos, tokenizer.pad)
-        banned = tuple(t for t in specials if t is not None and t != tokenizer.eod)
         cfg = SamplingConfig(
             max_new_tokens=max(budget, 1),
             temperature=0.8,
             top_k=40,
             seed=0,
             stop_token=tokenizer.eod,
-            banned_tokens=banned,
+            banned_tokens=never_generated(tokenizer),
         )
         out = generate(model, [ids], cfg, pad_id=tokenizer.eod)[0]
         model.train()
