@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from anywhere in the checkout
+
+from benchmarks.cpu_ranks import run_ranks  # noqa: E402
 
 
 def _model_config(shape: str):
@@ -117,12 +118,9 @@ def _round(engine, ps, root: Path, rank: int, i: int) -> dict:
     return out
 
 
-def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _rank_main(rank: int, world: int, args) -> dict:
+    """Every shape's rounds, as each rank measured them (run on each of `--dp` ranks)."""
     import logging
-    from datetime import timedelta
 
     import deepspeed
     import torch
@@ -133,21 +131,16 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=1800))
-    try:
-        ps = build_process_groups(ParallelLayout.for_world(world, rank=rank), 1800)
-        results = {}
-        for shape in args.shapes:
-            engine, n = _engine(shape, ps, args.zero)
-            rounds = [_round(engine, ps, Path(args.dir) / shape, rank, i) for i in range(args.repeat)]
-            slowest = [None] * world
-            dist.all_gather_object(slowest, rounds)
-            results[shape] = (n, slowest)
-            del engine
-        if rank == 0:
-            queue.put(results)
-    finally:
-        dist.destroy_process_group()
+    ps = build_process_groups(ParallelLayout.for_world(world, rank=rank), 1800)
+    results = {}
+    for shape in args.shapes:
+        engine, n = _engine(shape, ps, args.zero)
+        rounds = [_round(engine, ps, Path(args.dir) / shape, rank, i) for i in range(args.repeat)]
+        slowest = [None] * world
+        dist.all_gather_object(slowest, rounds)
+        results[shape] = (n, slowest)
+        del engine
+    return results
 
 
 def report(args, results: dict) -> None:
@@ -173,20 +166,6 @@ def report(args, results: dict) -> None:
         )
 
 
-def _wait(queue, procs) -> Optional[dict]:
-    """Rank 0's results, or None as soon as a rank has died."""
-    import queue as queue_mod
-
-    while True:
-        try:
-            return queue.get(timeout=2)
-        except queue_mod.Empty:
-            if any(proc.exitcode not in (None, 0) for proc in procs):
-                for proc in procs:
-                    proc.kill()
-                return None
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -204,24 +183,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     scratch = None
     if args.dir is None:
         scratch = args.dir = tempfile.mkdtemp(prefix="bench_checkpoint_")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, args.dp, port, args, queue)) for r in range(args.dp)]
     try:
-        for proc in procs:
-            proc.start()
-        results = _wait(queue, procs)
-        for proc in procs:
-            proc.join()
+        results = run_ranks(_rank_main, args.dp, args)
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    if results is None or any(proc.exitcode for proc in procs):
+    if results is None:
         print("error: a rank failed (see its traceback above)", file=sys.stderr)
         return 1
     report(args, results)

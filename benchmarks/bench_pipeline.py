@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Optional, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the checkout
+
+from benchmarks.cpu_ranks import run_ranks  # noqa: E402
 
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
 
@@ -97,12 +98,9 @@ def _run_schedule(args, schedule: str, groups) -> dict:
     return {"step_s": statistics.median(steps), "bubble": statistics.median(bubbles)}
 
 
-def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _rank_main(rank: int, world: int, args) -> list[dict]:
+    """Every schedule's figures on every rank (run on each of `--pp` ranks)."""
     import logging
-    from datetime import timedelta
 
     import deepspeed
     import torch
@@ -113,16 +111,11 @@ def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(1)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
-    try:
-        groups = build_process_groups(ParallelLayout.for_world(world, pp=args.pp, rank=rank), 300)
-        results = {s: _run_schedule(args, s, groups) for s in args.schedules}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            queue.put(gathered)
-    finally:
-        dist.destroy_process_group()
+    groups = build_process_groups(ParallelLayout.for_world(world, pp=args.pp, rank=rank), 300)
+    results = {s: _run_schedule(args, s, groups) for s in args.schedules}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    return gathered
 
 
 def theory(schedule: str, m: int, p: int, v: int) -> float:
@@ -171,20 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"unknown schedule {bad[0]!r}; choose from {', '.join(SCHEDULES)}")
     if args.n_layer % (args.pp * args.virtual):
         ap.error(f"--n-layer {args.n_layer} must be divisible by --pp x --virtual = {args.pp * args.virtual}")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_rank_main, args=(r, args.pp, port, args, queue)) for r in range(args.pp)]
-    for proc in procs:
-        proc.start()
-    per_rank = queue.get(timeout=1800)
-    for proc in procs:
-        proc.join()
-    if any(proc.exitcode for proc in procs):
+    per_rank = run_ranks(_rank_main, args.pp, args, timeout_s=300)
+    if per_rank is None:
         print("error: a rank failed (see its traceback above)", file=sys.stderr)
         return 1
     report(args, per_rank)
