@@ -97,7 +97,10 @@ def shape_config(name: str, args: argparse.Namespace, data_prefix: str):
 
 
 def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device: torch.device):
-    """(step function, objects to free) for megagpt2's Trainer at this shape, ZeRO-2 on one rank."""
+    """(step function, objects to free) for megagpt2's Trainer at this shape, ZeRO-2 over the ranks of
+    the running process group (one here; profile_step.py --ranks 2 runs two)."""
+    import torch.distributed as dist
+
     from megagpt2.parallel import build_process_groups
     from megagpt2.training.plan import plan_run
     from megagpt2.training.trainer import Trainer
@@ -106,9 +109,9 @@ def megagpt2_row(cfg, kernels: str, attention: str, compiled: bool, x, y, device
     ds = json.loads((ROOT / "configs/ds/zero2.json").read_text())
     ds.update(train_micro_batch_size_per_gpu=x.shape[0], gradient_accumulation_steps=1)
     ds.pop("train_batch_size", None)
-    plan = plan_run(cfg, ds, world_size=1)
+    plan = plan_run(cfg, ds, world_size=dist.get_world_size(), rank=dist.get_rank())  # the caller started the group
     plan.ds.check_device(device.type == "cuda")
-    trainer = Trainer(plan, build_process_groups(plan.layout), device)  # one rank: run() started the group
+    trainer = Trainer(plan, build_process_groups(plan.layout), device)
     trainer.data = FixedBatches(x, y)  # pyright: ignore[reportAttributeAccessIssue]  (a stand-in)
     return (lambda: trainer.train_step().loss), [trainer]
 

@@ -1,6 +1,6 @@
 """Run a benchmark function on N spawned CPU (gloo) ranks and return rank 0's result.
 
-Shared by bench_checkpoint.py and bench_pipeline.py. `target(rank, world, args)` runs inside a
+Shared by bench_checkpoint.py, bench_pipeline.py and profile_step.py. `target(rank, world, args)` runs inside a
 process group that is already initialised; rank 0's return value travels back over a queue.
 
 Each rank ends with `os._exit` once its work is done and its process group destroyed. A normal
@@ -24,7 +24,12 @@ from typing import Any, Callable, Optional
 
 def _rank(target: Callable[[int, int, Any], Any], rank: int, world: int, port: int, timeout_s: float, args, queue):
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     import torch.distributed as dist
 

@@ -19,7 +19,6 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import sys
 import tempfile
@@ -33,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_train  # noqa: E402
+from benchmarks.cpu_ranks import run_ranks  # noqa: E402
 from benchmarks.train_rows import make_token_file  # noqa: E402
 
 COLLECTIVE_WORDS = ("all_reduce", "allreduce", "reduce_scatter", "all_gather", "allgather", "broadcast", "barrier")
@@ -118,15 +118,12 @@ def run(rank: int, args) -> list[dict]:
     return out
 
 
-def _rank_main(rank: int, args, port: int, result_path: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(args.ranks), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _rank_main(rank: int, world: int, args) -> list:
+    import logging
+
     torch.set_num_threads(1)
-    with bench_train.one_rank_group(torch.device("cpu")):  # joins the env's world (size --ranks)
-        rows = run(rank, args)
-    if rank == 0:
-        Path(result_path).write_text(json.dumps(rows))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return run(rank, args)
 
 
 def main(argv=None) -> int:
@@ -143,13 +140,13 @@ def main(argv=None) -> int:
     args.dropout, args.no_compile = 0.0, True
     tmp = tempfile.TemporaryDirectory(prefix="profile_step_")
     args.data_prefix = make_token_file(Path(tmp.name), 50257)
-    result = str(Path(tmp.name) / "rows.json")
-    from torch.multiprocessing.spawn import spawn
-
-    from megagpt2.distributed import _free_port
-
-    spawn(_rank_main, args=(args, _free_port(), result), nprocs=args.ranks, join=True)
-    rows = json.loads(Path(result).read_text())
+    try:
+        rows = run_ranks(_rank_main, args.ranks, args, timeout_s=600)
+    finally:
+        tmp.cleanup()
+    if rows is None:
+        print("error: a rank failed (see its traceback above)", file=sys.stderr)
+        return 1
     for r in rows:
         print(f"\n== {r['impl']}: {r['ms_median']:.1f} ms/step (this machine, as measured)")
         print(
@@ -161,7 +158,6 @@ def main(argv=None) -> int:
         print("\n".join("     " + line for line in r["python"]))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.cleanup()
     return 0
 
 

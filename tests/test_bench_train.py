@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -99,3 +100,20 @@ def test_plain_reference_matches_megagpt2_model():
     plain.load_state_dict(ours.state_dict())
     x, y = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
     assert abs(plain(x, y).item() - ours(x, y).item()) < 1e-5
+
+
+def test_profile_step_runs_zero2_over_two_ranks(monkeypatch, capsys):
+    """benchmarks/profile_step.py --ranks 2 (it was refused once: its trainer planned for one rank).
+    Counts, not times, are asserted: two ZeRO-2 ranks communicate every step, and the printed
+    figures are rank 0's."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import profile_step  # the spawned ranks import it by this name too
+
+    args = ["--ranks", "2", "--steps", "1", "--warmup", "1", "--seq", "16", "--micro-batch", "1"]
+    assert profile_step.main(args) == 0
+    out = capsys.readouterr().out
+    assert "megagpt2 trainer step, ZeRO-2, 2 rank(s)" in out and "plain:eager" not in out
+    collectives = re.search(r"allocations \([\d.]+ MiB\), (\d+) collectives", out)
+    assert collectives and int(collectives.group(1)) > 0, out
