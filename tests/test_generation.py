@@ -13,7 +13,7 @@ from megagpt2.config import ModelConfig
 from megagpt2.generation import SamplingConfig, filter_logits, generate, left_pad
 from megagpt2.model import GPT2
 from megagpt2.parallel import ProcessGroups
-from tests.dist_utils import run_distributed
+from tests.dist_utils import free_port, run_distributed
 from tools import generate as generate_tool
 
 PROMPTS = [[5, 17, 3], [40, 41, 42, 43, 44, 45, 46], [9], [60, 2, 60, 2, 60]]
@@ -252,7 +252,11 @@ def test_tool_errors(hf_dir, tmp_path, capsys):
 
 
 # -- tensor parallel ----------------------------------------------------------------------------
-def _tp_worker(rank, world, hf, out_path):
+def _tp_worker(rank, world, hf, out_path, own_port):
+    import os
+
+    import torch.distributed as dist
+
     from megagpt2.eval import load_model, stream_nll
 
     model, tok, _ = load_model(hf, tp=world)
@@ -261,39 +265,29 @@ def _tp_worker(rank, world, hf, out_path):
         model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod, return_logits=True
     )
     nll, n = stream_nll(model, tok.encode("the cat sat on the mat " * 8), window=16, stride=8)
-    assert (
-        generate_tool.main(
-            [
-                "--load",
-                hf,
-                "--tp",
-                str(world),
-                "--prompt",
-                "Hi",
-                "--top-k",
-                "9",
-                "--max-new-tokens",
-                "5",
-                "--output",
-                out_path,
-            ]
-        )
-        == 0
-    )
-    return rows, logits, nll, n
+    flags = ["--load", hf, "--tp", str(world), "--prompt", "Hi", "--top-k", "9", "--max-new-tokens", "5"]
+    assert generate_tool.main(flags + ["--output", out_path]) == 0
+    kept_callers_group = dist.is_initialized()
+    # As under torchrun: no group running, the tool starts its own and must end it when done
+    # (left to interpreter exit, gloo aborted about one two-rank run in four).
+    dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(own_port)
+    assert generate_tool.main(flags + ["--output", out_path + ".own"]) == 0
+    return rows, logits, nll, n, kept_callers_group, dist.is_initialized()
 
 
 def test_tp2_generation_and_scoring_equal_tp1(hf_dir, tmp_path):
     from megagpt2.eval import load_model, stream_nll
 
-    results = run_distributed(_tp_worker, 2, args=(str(hf_dir), str(tmp_path / "tp2.jsonl")))
+    results = run_distributed(_tp_worker, 2, args=(str(hf_dir), str(tmp_path / "tp2.jsonl"), free_port()))
     model, tok, _ = load_model(str(hf_dir))
     cfg = SamplingConfig(max_new_tokens=6, temperature=0.0)
     rows, logits = generate(
         model, [tok.encode("Hello world"), tok.encode("A")], cfg, pad_id=tok.eod, return_logits=True
     )
     nll, n = stream_nll(model, tok.encode("the cat sat on the mat " * 8), window=16, stride=8)
-    for r_rows, r_logits, r_nll, r_n in results:
+    for r_rows, r_logits, r_nll, r_n, kept_callers_group, own_group_left in results:
+        assert kept_callers_group and not own_group_left
         assert r_rows == rows and r_n == n
         assert (r_logits - logits).abs().max().item() < 1e-5
         assert abs(r_nll - nll) <= 1e-6 * abs(nll)
@@ -315,3 +309,4 @@ def test_tp2_generation_and_scoring_equal_tp1(hf_dir, tmp_path):
         == 0
     )
     assert _tool_lines(tmp_path / "tp2.jsonl") == _tool_lines(tmp_path / "tp1.jsonl")
+    assert _tool_lines(tmp_path / "tp2.jsonl.own") == _tool_lines(tmp_path / "tp1.jsonl")

@@ -168,13 +168,15 @@ def test_results_file_is_lm_evals_own(runs):
 
 
 def _tp_worker(rank, world, argv, out):
+    import torch.distributed as dist
+
     argv = [*argv[:-1], out, "--tp", str(world)]
-    return evaluate_tool.main(argv)
+    return evaluate_tool.main(argv), dist.is_initialized()  # the caller's group is left running
 
 
 def test_tp2_equals_tp1(runs, tmp_path):
     out = str(tmp_path / "tp2.json")
-    assert run_distributed(_tp_worker, 2, args=(runs["argv"], out), timeout=600) == [0, 0]
+    assert run_distributed(_tp_worker, 2, args=(runs["argv"], out), timeout=600) == [(0, True), (0, True)]
     tp2, tp1 = json.loads(open(out).read()), runs["ours"]
     for task in TASKS:
         for key, value in tp1["results"][task].items():

@@ -35,6 +35,7 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megagpt2.distributed import finish_distributed  # noqa: E402
 from megagpt2.eval import (  # noqa: E402
     ModelLoadError,
     count_words,
@@ -312,7 +313,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.task == "lm_eval":
             from megagpt2.eval.harness import main_lm_eval
 
-            return main_lm_eval(args)
+            code = main_lm_eval(args)
+            finish_distributed()
+            return code
         model, tokenizer, meta, groups = model_from_args(args)
         if args.task == "ppl" and args.data_path:
             tokenizer = dataset_tokenizer(args, model, tokenizer, meta)
@@ -341,6 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(args.output, "w", encoding="utf-8") as f:
                 json.dump(result, f, indent=2)
             print(f"results written to {args.output}")
+    finish_distributed()  # with --tp under torchrun: every rank done, then the groups end
     return 0
 
 

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch.distributed as dist  # noqa: E402
 
+from megagpt2.distributed import finish_distributed  # noqa: E402
 from megagpt2.eval.loading import ModelLoadError, add_model_args, model_from_args  # noqa: E402
 from megagpt2.generation import SamplingConfig, generate, never_generated  # noqa: E402
 
@@ -250,6 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ModelLoadError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finish_distributed()  # with --tp under torchrun: every rank done, then the groups end
     return 0
 
 

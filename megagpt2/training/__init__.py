@@ -98,9 +98,7 @@ def _quiet_libraries() -> None:
 
 
 def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals) -> int:
-    import torch.distributed as dist
-
-    from ..distributed import init_distributed
+    from ..distributed import finish_distributed, init_distributed
     from ..parallel import build_process_groups
     from .trainer import Trainer, describe
 
@@ -111,8 +109,7 @@ def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals
         if _any_rank(refusal is not None):  # every rank learns rank 0's outcome and exits 2 with it
             if refusal is not None:
                 print(f"error: {refusal}", file=sys.stderr, flush=True)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            finish_distributed()  # every rank agreed to stop
             return 2
         if lock is not None:
             signals.on_exit_now.append(lock.release)
@@ -123,9 +120,7 @@ def _train(plan: RunPlan, env: LaunchEnv, device: torch.device, signals: Signals
         if env.rank == 0:
             print(describe(plan, trainer.model.num_parameters()), flush=True)
         result = trainer.train()
-        if dist.is_initialized():
-            dist.barrier()  # every rank has written its part of the last checkpoint
-            dist.destroy_process_group()
+        finish_distributed()  # every rank has written its part of the last checkpoint
         return signals.exit_code(result["stop_code"])
     finally:
         if lock is not None:
