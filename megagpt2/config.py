@@ -2,13 +2,14 @@
 
 Everything a run needs outside DeepSpeed's own settings lives here; DeepSpeed settings (batch
 sizes, ZeRO stage, precision, clipping) live only in configs/ds/*.json and are checked against
-this tree by the run plan (megagpt2.training.plan). `validate` checks the fields and their
-combinations; the plan adds what needs the world size, the files and the tokenizer. Both run
-before any process group exists, so a bad value fails fast with a message that names the field.
+this tree by the run plan (megagpt2.training.plan). `validate` (megagpt2.config_checks) checks the
+fields and their combinations; the plan adds what needs the world size, the files and the
+tokenizer. Both run before any process group exists, so a bad value fails fast with a message
+that names the field.
 
 The comment after each field is its description: the trainer's `--help` lists every key with
 it (a test checks that none is missing). Enumerated settings are `Literal` types, checked on load and by
-`validate` in one function (`_check_choice`). This module imports no torch.
+`validate` in one function (`check_choice`). This module imports no torch.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent."""
 
 
-# The enumerated settings (checked by _check_choice).
+# The enumerated settings (checked by check_choice).
 Attention = Literal["flash", "fused_softmax", "torch"]
 Kernels = Literal["auto", "triton", "torch", "apex"]
 Schedule = Literal["none", "gpipe", "1f1b", "interleaved"]
@@ -198,18 +199,18 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _literal_of(tp: Any) -> Any:
+def literal_of(tp: Any) -> Any:
     """The Literal of an enumerated field (also inside Optional[...]), else None."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return next((a for a in typing.get_args(tp) if typing.get_origin(a) is Literal), None)
     return tp if typing.get_origin(tp) is Literal else None
 
 
-def _check_choice(value: Any, tp: Any, dotted: str) -> Any:
+def check_choice(value: Any, tp: Any, dotted: str) -> Any:
     """The one check of enumerated settings: `value` must be one of the Literal's choices."""
     choices = typing.get_args(tp)
     if value not in choices:
@@ -226,7 +227,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         return _coerce(value, args[0], where)
     if origin is Literal:
-        return _check_choice(value, tp, where)
+        return check_choice(value, tp, where)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -266,7 +267,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None
             f"{_did_you_mean(section, sections)}"
         )
     sub = getattr(cfg, section)
-    types_ = _field_types(type(sub))
+    types_ = field_types(type(sub))
     if key not in types_:
         raise ConfigError(
             f"{source}: unknown key {section}.{key}{_did_you_mean(key, types_, section + '.')}; "
@@ -359,7 +360,7 @@ def _override_value(cfg: Config, section: str, key: str, text: str) -> Any:
     string field, so `--tokenizer.bos_token=[MASK]` needs no quotes."""
     value = yaml.safe_load(text) if text.strip() else ""
     sub = getattr(cfg, section, None)
-    tp = _field_types(type(sub)).get(key) if dataclasses.is_dataclass(sub) else None
+    tp = field_types(type(sub)).get(key) if dataclasses.is_dataclass(sub) else None
     if isinstance(value, (list, dict)) and tp in (str, Optional[str]):
         return text
     return value
@@ -372,95 +373,6 @@ def config_from_dict(doc: dict) -> Config:
         for key, value in values.items():
             _apply(cfg, section, key, value, "stored config")
     return cfg
-
-
-def validate(cfg: Config) -> None:
-    """Check every field and their combinations; raise ConfigError naming the field and fix.
-
-    What needs more than the config (world size, pipeline split, files, tokenizer, DeepSpeed
-    JSON) is checked by the run plan (megagpt2.training.plan)."""
-    errors: list[str] = []
-    for section in dataclasses.fields(Config):
-        sub = getattr(cfg, section.name)
-        for key, tp in _field_types(type(sub)).items():
-            choice, value = _literal_of(tp), getattr(sub, key)
-            if choice is not None and value is not None:  # None: unset Optional (tokenizer: the dataset's)
-                try:
-                    _check_choice(value, choice, f"{section.name}.{key}")
-                except ConfigError as e:
-                    errors.append(str(e))
-    errors += _range_errors(cfg) + _shape_errors(cfg)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-
-
-def _range_errors(cfg: Config) -> list[str]:
-    errors = []
-    for dotted in (
-        "model.n_layer",
-        "model.n_embd",
-        "model.n_head",
-        "model.n_positions",
-        "model.vocab_size",
-        "model.make_vocab_size_divisible_by",
-        "parallel.tp",
-        "parallel.pp",
-        "parallel.virtual_stages",
-        "data.seq_length",
-        "train.steps",
-        "logging.interval",
-        "parallel.timeout_seconds",
-    ):
-        section, key = dotted.split(".")
-        if getattr(getattr(cfg, section), key) < 1:
-            errors.append(f"{dotted} must be >= 1, got {getattr(getattr(cfg, section), key)}")
-    for dotted in ("model.dropout", "model.attn_dropout"):
-        section, key = dotted.split(".")
-        if not 0.0 <= getattr(getattr(cfg, section), key) < 1.0:
-            errors.append(f"{dotted} must be in [0, 1)")
-    if cfg.optim.min_lr > cfg.optim.lr:
-        errors.append(f"optim.min_lr={cfg.optim.min_lr} exceeds optim.lr={cfg.optim.lr}")
-    if cfg.train.eval_interval < 0 or cfg.train.eval_steps < 1:
-        errors.append("train.eval_interval must be >= 0 (0 = off) and train.eval_steps >= 1")
-    if cfg.optim.warmup_steps < 0:
-        errors.append("optim.warmup_steps must be >= 0")
-    if cfg.checkpoint.keep_last < 1:
-        errors.append("checkpoint.keep_last must be >= 1")
-    if cfg.checkpoint.dir is not None and not cfg.checkpoint.dir.strip():
-        errors.append("checkpoint.dir is empty: give a directory, auto (runs/<YAML file stem>) or none (save nothing)")
-    if cfg.train.max_skipped_steps < 1:
-        errors.append(
-            f"train.max_skipped_steps must be >= 1 (a run must not skip non-finite steps forever), "
-            f"got {cfg.train.max_skipped_steps}"
-        )
-    if cfg.checkpoint.tag is not None and not re.fullmatch(r"step_\d{8}", cfg.checkpoint.tag):
-        errors.append(f"checkpoint.tag={cfg.checkpoint.tag!r} is not a checkpoint name such as step_00000400")
-    return errors
-
-
-def _shape_errors(cfg: Config) -> list[str]:
-    """Model shape against tensor parallelism and the sequence length."""
-    errors, m, par = [], cfg.model, cfg.parallel
-    if m.n_head >= 1 and m.n_embd % m.n_head:
-        errors.append(f"model.n_head={m.n_head} must divide model.n_embd={m.n_embd} (pick n_embd a multiple of n_head)")
-    if par.tp >= 1:
-        if m.n_head % par.tp:
-            errors.append(f"model.n_head={m.n_head} is not divisible by parallel.tp={par.tp}")
-        if m.n_embd % par.tp:
-            errors.append(f"model.n_embd={m.n_embd} is not divisible by parallel.tp={par.tp}")
-        if m.make_vocab_size_divisible_by >= 1 and m.padded_vocab_size % par.tp:
-            errors.append(
-                f"padded vocabulary {m.padded_vocab_size} is not divisible by parallel.tp="
-                f"{par.tp}; set model.make_vocab_size_divisible_by to a multiple of {par.tp}"
-            )
-    if par.sequence_parallel and par.tp >= 1 and cfg.data.seq_length % par.tp:
-        errors.append(
-            f"data.seq_length={cfg.data.seq_length} must be divisible by parallel.tp="
-            f"{par.tp} with parallel.sequence_parallel"
-        )
-    if cfg.data.seq_length > m.n_positions:
-        errors.append(f"data.seq_length={cfg.data.seq_length} exceeds model.n_positions={m.n_positions}")
-    return errors
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from megagpt2.config import ConfigError, load_config, validate
+from megagpt2.config import ConfigError, load_config
+from megagpt2.config_checks import validate
 from megagpt2.data.finetune import build_finetune_datasets
 from megagpt2.data.indexed import IndexedDataset
 from megagpt2.tokenizer import TokenizerError, build_tokenizer

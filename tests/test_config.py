@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megagpt2.config import Config, ConfigError, config_from_dict, dump_yaml, load_config, validate
+from megagpt2.config import Config, ConfigError, config_from_dict, dump_yaml, load_config
+from megagpt2.config_checks import validate
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "gpt2"
 

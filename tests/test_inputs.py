@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megagpt2.config import Config, ConfigError, load_config, validate
+from megagpt2.config import Config, ConfigError, load_config
+from megagpt2.config_checks import validate
 from megagpt2.training.plan import PlanError, plan_run
 from tests.train_utils import ds_config, make_dataset, tiny_config
 

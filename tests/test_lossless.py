@@ -149,7 +149,8 @@ def test_docs_and_help_list_exactly_what_each_preset_does(capsys):
 def test_fine_tuning_config_names_the_same_presets():
     import typing
 
-    from megagpt2.config import Clean, Config, ConfigError, validate
+    from megagpt2.config import Clean, Config, ConfigError
+    from megagpt2.config_checks import validate
 
     assert typing.get_args(Clean) == tuple(PRESETS)
     cfg = Config()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megagpt2.config import ConfigError, load_config, validate  # noqa: E402
+from megagpt2.config import ConfigError, load_config  # noqa: E402
+from megagpt2.config_checks import validate  # noqa: E402
 from megagpt2.ds_config import DeepSpeedConfig, DSConfigError  # noqa: E402
 from megagpt2.memory import MemoryEstimate, estimate_run  # noqa: E402
 

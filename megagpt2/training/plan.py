@@ -6,7 +6,7 @@ Nothing here talks to another process or imports torch, so a mistake fails in we
 second with one message (the entry prints it on the first rank only and exits 2). Checks run
 cheapest first and stop at the first group that fails:
 
-  1. the config's fields and their combinations (config.validate);
+  1. the config's fields and their combinations (config_checks.validate);
   2. the layout (world size over tp x pp), the DeepSpeed JSON (keys DeepSpeed has) and its batch sizes for that
      data-parallel size, the pipeline split and schedule: the same `partition` the stages are
      built from and the same `check_layout` the schedule runs;
@@ -30,7 +30,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from ..config import Config, ConfigError, resolve_run_dir, validate
+from ..config import Config, ConfigError, resolve_run_dir
+from ..config_checks import validate
 from ..ds_config import DeepSpeedConfig, DSConfigError
 from ..parallel import ParallelLayout, ParallelLayoutError
 from ..pipeline import StageLayout, check_layout, partition
