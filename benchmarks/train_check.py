@@ -114,29 +114,12 @@ def judge(a: dict[int, float], b: dict[int, float], steps: int, save_at: int, to
 
 def plain_launch(args: argparse.Namespace, log_path: Path) -> dict:
     """Launch to first step of benchmarks/plain_gpt2.py on the same data and model shape."""
-    from benchmarks.train_rows import _time_to_first_step
+    from benchmarks.train_rows import _time_to_first_step, plain_command
     from megagpt2.config import load_config
 
     cfg = load_config(str(ROOT / args.config), [o.lstrip("-") for o in args.override])
     m, seq = cfg.model, cfg.data.seq_length
-    cmd = [
-        sys.executable,
-        "benchmarks/plain_gpt2.py",
-        "--data",
-        args.data + ".bin",
-        "--steps",
-        "2",
-        "--n-layer",
-        str(m.n_layer),
-        "--n-embd",
-        str(m.n_embd),
-        "--n-head",
-        str(m.n_head),
-        "--seq",
-        str(seq),
-        "--batch",
-        "8",
-    ]
+    cmd = plain_command(args.data, m.n_layer, m.n_embd, m.n_head, seq)
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
     return _time_to_first_step(cmd, ROOT, timeout=300)

@@ -106,6 +106,22 @@ def _time_to_first_step(cmd: list[str], cwd: Path, timeout: float) -> dict:
     return {"seconds": seconds, "exit_code": proc.returncode}
 
 
+def plain_command(data_prefix: str, n_layer: int, n_embd: int, n_head: int, seq: int) -> list[str]:
+    """benchmarks/plain_gpt2.py for two steps of 8 sequences of this shape: the launch-time baseline."""
+    shape = ["--n-layer", str(n_layer), "--n-embd", str(n_embd), "--n-head", str(n_head), "--seq", str(seq)]
+    return [
+        sys.executable,
+        "benchmarks/plain_gpt2.py",
+        "--data",
+        data_prefix + ".bin",
+        "--steps",
+        "2",
+        *shape,
+        "--batch",
+        "8",
+    ]
+
+
 def launch_times(
     preset: str, data_prefix: str, device: torch.device, presets: dict, root: Path, timeout: float = 300.0
 ) -> list[dict]:
@@ -133,25 +149,9 @@ def launch_times(
         "--logging.sample_prompt=",
         f"--train.device={device.type}",
     ]
-    plain = [
-        "benchmarks/plain_gpt2.py",
-        "--data",
-        data_prefix + ".bin",
-        "--steps",
-        "2",
-        "--n-layer",
-        str(m.n_layer),
-        "--n-embd",
-        str(m.n_embd),
-        "--n-head",
-        str(m.n_head),
-        "--seq",
-        str(seq),
-        "--batch",
-        "8",
-    ]
+    plain = plain_command(data_prefix, m.n_layer, m.n_embd, m.n_head, seq)
     runs = [
-        ("plain script (python benchmarks/plain_gpt2.py)", [sys.executable] + plain),
+        ("plain script (python benchmarks/plain_gpt2.py)", plain),
         ("megagpt2 (python launch/pretrain_gpt2.py)", [sys.executable] + entry),
     ]
     launcher = Path(sys.executable).with_name("deepspeed")
