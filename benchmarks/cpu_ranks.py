@@ -1,7 +1,8 @@
 """Run a benchmark function on N spawned CPU (gloo) ranks and return rank 0's result.
 
-Shared by bench_checkpoint.py, bench_pipeline.py and profile_step.py. `target(rank, world, args)` runs inside a
-process group that is already initialised; rank 0's return value travels back over a queue.
+Shared by bench_checkpoint.py, bench_pipeline.py and profile_step.py. `target(rank, world, args)`
+runs inside a process group that is already initialised; rank 0's return value travels back over
+a queue.
 
 Each rank ends with `os._exit` once its work is done and its process group destroyed. A normal
 interpreter exit is not safe here: a gloo worker thread may still be releasing its last
