@@ -103,7 +103,7 @@ def test_plain_reference_matches_megagpt2_model():
 
 
 def test_profile_step_runs_zero2_over_two_ranks(monkeypatch, capsys):
-    """benchmarks/profile_step.py --ranks 2 (it was refused once: its trainer planned for one rank).
+    """benchmarks/profile_step.py --ranks 2 (it used to be refused: its trainer planned for one rank).
     Counts, not times, are asserted: two ZeRO-2 ranks communicate every step, and the printed
     figures are rank 0's."""
     from pathlib import Path
