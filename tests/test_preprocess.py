@@ -194,6 +194,30 @@ def test_same_output_for_any_worker_count(tmp_path):
     assert ds.num_documents == 120 and all(ds[i][-1] == 50256 for i in range(120))
 
 
+def _sigterm_is_default(chunk) -> bool:  # stands in for process_chunk inside the pool's workers
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_pool_workers_die_on_sigterm_whatever_the_caller_installed(monkeypatch, tokenizer):
+    """The pool ends its workers with SIGTERM. A caller's handler that does not exit (a trainer's
+    stop request once stayed installed in the test process) was inherited through fork, the
+    workers survived and the pool waited for them forever (4 of 11 runs hung)."""
+    import signal
+
+    from megagpt2.corpus.cleaning import CleaningConfig
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        monkeypatch.setattr(pipeline, "process_chunk", _sigterm_is_default)
+        settings = ({}, True, "<u2", CleaningConfig(), False)
+        results = list(pipeline._ordered_results(iter([[{}]] * 12), 3, settings, tokenizer))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert results == [True] * 12
+
+
 def test_cleaning_switches(tmp_path, tokenizer):
     texts = ["The caf\u00c3\u00a9 is open   today.\r\n\r\n\r\n\r\nCome in.", "Repeat me please.", "repeat   ME please."]
     write_jsonl(str(tmp_path / "in.jsonl"), texts)

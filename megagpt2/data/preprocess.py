@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import Counter, deque
@@ -65,6 +66,14 @@ def _init_worker(settings: tuple, tokenizer=None) -> None:
     _WORKER.update(settings=settings, append_eod=append_eod, prepend_bos=prepend_bos, dtype=np.dtype(dtype),
                    tokenizer=tokenizer or build_tokenizer(**tokenizer_kwargs),
                    stages=DocumentStages(cleaning))
+
+
+def _start_pool_worker(settings: tuple) -> None:
+    """A pool worker's first step: die on SIGTERM, whatever handler it inherited through fork
+    (the pool ends its workers with SIGTERM; a caller's handler that does not exit, such as a
+    trainer's stop request, left the pool waiting for its workers forever), then `_init_worker`."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(settings)
 
 
 def _tokenize(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +161,7 @@ def _ordered_results(chunks, workers: int, settings: tuple, tokenizer):
         yield from map(process_chunk, chunks)
         return
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "fork")
-    with context.Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
+    with context.Pool(workers, initializer=_start_pool_worker, initargs=(settings,)) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(process_chunk, (chunk,)))
