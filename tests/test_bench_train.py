@@ -1,12 +1,14 @@
 """benchmarks/bench_train.py on CPU at a tiny shape: every implementation runs, from the same
 weights and tokens (their first losses agree), a failing row is an error row, a shape that does
-not fit is skipped, and main() leaves no process group behind. Figures are not asserted on."""
+not fit is skipped, and main() leaves no process group or signal handler behind. Figures are not
+asserted on."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 
 import pytest
 import torch
@@ -38,8 +40,11 @@ def figures(tmp_path_factory):
     bench = load_benchmark("bench_train")
     out = tmp_path_factory.mktemp("bench") / "train.json"
     env_before = dict(os.environ)
+    handlers_before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     assert bench.main(ARGS + ["--out", str(out)]) == 0
     assert not torch.distributed.is_initialized() and dict(os.environ) == env_before
+    # A Trainer built in code leaves the process's signal handlers alone (the entry installs its own).
+    assert {sig: signal.getsignal(sig) for sig in handlers_before} == handlers_before
     return json.loads(out.read_text())
 
 

@@ -62,7 +62,9 @@ class Trainer:
         )
         self.scalars = Scalars(cfg.logging.tensorboard_dir, enabled=self.layout.rank == 0)
         self.step = 0
-        self.signals = signals or Signals()
+        # The entry passes the Signals it installed first thing; a Trainer built in code (tests,
+        # benchmarks, a notebook) leaves the process's signal handlers alone.
+        self.signals = signals if signals is not None else Signals(install=False)
         self.stop_code = 0  # why the loop stopped early (signals.SIGTERM, ...); 0: it did not
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.peak = peak_tflops(device)
